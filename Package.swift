@@ -1,0 +1,67 @@
+// swift-tools-version:6.2
+// 6.2 is needed for `.treatAllWarnings(as: .error)`; every target still compiles in Swift 6 language mode.
+import PackageDescription
+
+/// Zero warnings, enforced on our own targets only (SwiftPM never applies this to dependencies).
+let strict: [SwiftSetting] = [.treatAllWarnings(as: .error)]
+
+let package = Package(
+    name: "Stoker",
+    platforms: [.macOS(.v15)],
+    products: [
+        .library(name: "Stoker", targets: ["Stoker"]),
+        .library(name: "StokerTestSupport", targets: ["StokerTestSupport"]),
+        .executable(name: "stoker", targets: ["stoker"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
+        .package(url: "https://github.com/apple/swift-log", from: "1.6.0"),
+    ],
+    targets: [
+        // libpq, through pkg-config (the headers live in /usr/include/postgresql on Debian).
+        .systemLibrary(
+            name: "CStokerLibPQ",
+            pkgConfig: "libpq",
+            providers: [.apt(["libpq-dev"]), .brew(["libpq"])]
+        ),
+        // Small C helpers for what Swift's Glibc module does not export (_GNU_SOURCE posix_spawn extensions).
+        .target(name: "CStokerSystem"),
+        .target(
+            name: "Stoker",
+            dependencies: [
+                "CStokerLibPQ",
+                .product(name: "Logging", package: "swift-log"),
+            ],
+            swiftSettings: strict
+        ),
+        .executableTarget(
+            name: "stoker",
+            dependencies: [
+                "Stoker",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            ],
+            swiftSettings: strict
+        ),
+        // A throwaway PostgreSQL for tests (and later the CLI's demo): see DESIGN.md §7.
+        .target(
+            name: "StokerTestSupport",
+            dependencies: ["CStokerLibPQ", "CStokerSystem"],
+            swiftSettings: strict
+        ),
+        .testTarget(
+            name: "StokerTests",
+            dependencies: ["Stoker"],
+            swiftSettings: strict
+        ),
+        .testTarget(
+            name: "StokerTestSupportTests",
+            dependencies: ["StokerTestSupport"],
+            swiftSettings: strict
+        ),
+        .testTarget(
+            name: "StokerIntegrationTests",
+            dependencies: ["Stoker", "StokerTestSupport"],
+            swiftSettings: strict
+        ),
+    ]
+)

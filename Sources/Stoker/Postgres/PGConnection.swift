@@ -1,0 +1,415 @@
+import CStokerLibPQ
+
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#endif
+
+/// One libpq connection (`PGconn`).
+///
+/// Deliberately **not** `Sendable`: it is created on the thread that owns it (see ``PostgresSession``) and the
+/// compiler refuses to let it leave that thread. Every call here may block on the network, so none of them may run
+/// on Swift's cooperative thread pool.
+final class PGConnection {
+    private let raw: OpaquePointer
+    let configuration: ConnectionConfiguration
+    /// Notifications libpq has received but nobody has taken yet.
+    private var notifications: [PostgresNotification] = []
+    /// The server's `max_identifier_length`, read on connect.
+    private(set) var maximumIdentifierLength = SQLName.defaultMaximumLength
+    /// `true` when the backend pid libpq got in the protocol differs from `pg_backend_pid()`: a proxy sits between.
+    private(set) var isBehindProxy = false
+
+    /// Connects (blocking), then checks that the server can carry Stoker: PostgreSQL ≥ 14, a read-write primary,
+    /// and no transaction-pooling proxy in between.
+    init(_ configuration: ConnectionConfiguration) throws(StokerError) {
+        self.configuration = configuration
+        var keywords = configuration.options.map(\.keyword)
+        var values = configuration.options.map(\.value)
+        if configuration.value(for: "fallback_application_name") == nil {
+            keywords.append("fallback_application_name")
+            values.append("stoker")
+        }
+        if configuration.value(for: "client_encoding") == nil {
+            keywords.append("client_encoding")
+            values.append("UTF8")
+        }
+        let connection = withCStringArray(keywords) { keywordPointers in
+            withCStringArray(values) { valuePointers in
+                PQconnectdbParams(keywordPointers, valuePointers, 0)
+            }
+        }
+        guard let connection else {
+            throw StokerError(.connectionFailed, "libpq could not allocate a connection (out of memory).")
+        }
+        guard PQstatus(connection) == CONNECTION_OK else {
+            let message = configuration.redactor.scrub(trimmed(String(cString: PQerrorMessage(connection))))
+            PQfinish(connection)
+            throw Self.connectFailure(message, connection: configuration.redactedDescription)
+        }
+        self.raw = connection
+        try verifyServer()
+    }
+
+    deinit {
+        PQfinish(raw)
+    }
+
+    // MARK: - Facts about the session
+
+    /// The description of this connection with the password removed (the host and port libpq actually used).
+    var redactedDescription: String {
+        let host = PQhost(raw).map { String(cString: $0) } ?? ""
+        let port = PQport(raw).map { String(cString: $0) } ?? ""
+        let database = PQdb(raw).map { String(cString: $0) } ?? ""
+        let user = PQuser(raw).map { String(cString: $0) } ?? ""
+        return "host=\(host) port=\(port) dbname=\(database) user=\(user)"
+    }
+
+    /// The server version as an integer, e.g. 150018 for 15.18.
+    var serverVersion: Int { Int(PQserverVersion(raw)) }
+
+    /// The backend pid libpq received when the session started (a proxy may invent its own).
+    var protocolBackendPID: Int32 { PQbackendPID(raw) }
+
+    /// The socket to `poll` on; it changes only on reconnect, which makes a new `PGConnection`.
+    var socket: Int32 { PQsocket(raw) }
+
+    /// `false` once libpq has seen the connection break.
+    var isHealthy: Bool { PQstatus(raw) == CONNECTION_OK }
+
+    // MARK: - Statements
+
+    /// Runs one statement with bound parameters (text format; `nil` is NULL). Values are never spliced into SQL.
+    @discardableResult
+    func execute(_ sql: String, _ parameters: [String?] = []) throws(StokerError) -> QueryResult {
+        if sql.utf8.contains(0) {
+            throw StokerError(.invalidParameter, "The SQL text contains a NUL byte.")
+        }
+        for (index, parameter) in parameters.enumerated() where parameter?.utf8.contains(0) == true {
+            throw StokerError(
+                .invalidParameter,
+                "Parameter $\(index + 1) contains a NUL byte, which PostgreSQL text cannot hold; "
+                    + "remove it or store the value as bytea."
+            )
+        }
+        let result = withOptionalCStringArray(parameters) { pointers in
+            PQexecParams(raw, sql, Int32(parameters.count), nil, pointers, nil, nil, 0)
+        }
+        defer { if let result { PQclear(result) } }
+        drainNotifications()
+        return try makeResult(result)
+    }
+
+    /// Runs SQL that may hold several statements and no parameters (simple query protocol), e.g. a migration file.
+    @discardableResult
+    func executeScript(_ sql: String) throws(StokerError) -> QueryResult {
+        if sql.utf8.contains(0) {
+            throw StokerError(.invalidParameter, "The SQL text contains a NUL byte.")
+        }
+        let result = PQexec(raw, sql)
+        defer { if let result { PQclear(result) } }
+        drainNotifications()
+        return try makeResult(result)
+    }
+
+    /// Runs `body` inside BEGIN … COMMIT; rolls back when it throws (if the connection still stands).
+    @discardableResult
+    func transaction<T>(_ body: () throws -> T) throws -> T {
+        try execute("BEGIN")
+        do {
+            let value = try body()
+            try execute("COMMIT")
+            return value
+        } catch {
+            if isHealthy, PQtransactionStatus(raw) != PQTRANS_IDLE {
+                _ = try? execute("ROLLBACK")
+            }
+            throw error
+        }
+    }
+
+    private func makeResult(_ result: OpaquePointer?) throws(StokerError) -> QueryResult {
+        guard let result else {
+            throw failure(sqlState: nil, serverMessage: trimmed(String(cString: PQerrorMessage(raw))))
+        }
+        switch PQresultStatus(result) {
+        case PGRES_COMMAND_OK, PGRES_EMPTY_QUERY:
+            return QueryResult(columns: [], rows: [], affectedRows: Self.affectedRows(result))
+        case PGRES_TUPLES_OK:
+            let columnCount = Int(PQnfields(result))
+            let rowCount = Int(PQntuples(result))
+            let columns = (0..<columnCount).map { String(cString: PQfname(result, Int32($0))) }
+            var rows: [QueryResult.Row] = []
+            rows.reserveCapacity(rowCount)
+            for row in 0..<Int32(rowCount) {
+                var values: [String?] = []
+                values.reserveCapacity(columnCount)
+                for column in 0..<Int32(columnCount) {
+                    if PQgetisnull(result, row, column) != 0 {
+                        values.append(nil)
+                    } else {
+                        let length = Int(PQgetlength(result, row, column))
+                        let bytes = UnsafeRawBufferPointer(start: PQgetvalue(result, row, column), count: length)
+                        values.append(String(decoding: bytes, as: UTF8.self))
+                    }
+                }
+                rows.append(QueryResult.Row(values: values))
+            }
+            return QueryResult(columns: columns, rows: rows, affectedRows: nil)
+        default:
+            let sqlState = Self.field(result, "C")
+            var message = Self.field(result, "M") ?? trimmed(String(cString: PQresultErrorMessage(result)))
+            if let detail = Self.field(result, "D") { message += " DETAIL: \(detail)" }
+            if let hint = Self.field(result, "H") { message += " HINT: \(hint)" }
+            throw failure(sqlState: sqlState, serverMessage: message)
+        }
+    }
+
+    private func failure(sqlState: String?, serverMessage: String) -> StokerError {
+        let scrubbed = configuration.redactor.scrub(serverMessage)
+        if !isHealthy {
+            return StokerError(
+                .connectionLost,
+                "The connection to PostgreSQL was lost.",
+                sqlState: sqlState,
+                serverMessage: scrubbed,
+                connection: redactedDescription
+            )
+        }
+        return StokerError(
+            .queryFailed,
+            "PostgreSQL rejected the statement.",
+            sqlState: sqlState,
+            serverMessage: scrubbed,
+            connection: redactedDescription
+        )
+    }
+
+    private static func field(_ result: OpaquePointer, _ code: Unicode.Scalar) -> String? {
+        PQresultErrorField(result, Int32(code.value)).map { String(cString: $0) }
+    }
+
+    private static func affectedRows(_ result: OpaquePointer) -> Int? {
+        guard let text = PQcmdTuples(result) else { return nil }
+        return Int(String(cString: text))
+    }
+
+    // MARK: - Names
+
+    /// Quotes a name with libpq's `PQescapeIdentifier`, after ``SQLName/validate(_:kind:maximumLength:)``.
+    func quoteIdentifier(_ name: String, kind: String = "name") throws(StokerError) -> String {
+        try SQLName.validate(name, kind: kind, maximumLength: maximumIdentifierLength)
+        guard let quoted = PQescapeIdentifier(raw, name, name.utf8.count) else {
+            throw StokerError(
+                .invalidIdentifier,
+                "libpq could not quote the \(kind): \(trimmed(String(cString: PQerrorMessage(raw))))"
+            )
+        }
+        defer { PQfreemem(quoted) }
+        return String(cString: quoted)
+    }
+
+    // MARK: - LISTEN / NOTIFY
+
+    /// The largest payload `NOTIFY` accepts (the server's limit is "shorter than 8000 bytes").
+    static let maximumPayloadLength = 7999
+
+    func listen(_ channel: String) throws(StokerError) {
+        try execute("LISTEN \(quoteIdentifier(channel, kind: "channel name"))")
+    }
+
+    func unlisten(_ channel: String) throws(StokerError) {
+        try execute("UNLISTEN \(quoteIdentifier(channel, kind: "channel name"))")
+    }
+
+    func notify(_ channel: String, payload: String) throws(StokerError) {
+        try SQLName.validate(channel, kind: "channel name", maximumLength: maximumIdentifierLength)
+        if payload.utf8.count > Self.maximumPayloadLength {
+            throw StokerError(
+                .invalidParameter,
+                "The notification payload is \(payload.utf8.count) bytes; PostgreSQL accepts at most "
+                    + "\(Self.maximumPayloadLength). Send a key and keep the data in a table."
+            )
+        }
+        try execute("SELECT pg_notify($1, $2)", [channel, payload])
+    }
+
+    /// Hands out the notifications received so far (after statements and ``waitForNotifications(until:wakeDescriptor:)``).
+    func takeNotifications() -> [PostgresNotification] {
+        defer { notifications.removeAll() }
+        return notifications
+    }
+
+    /// Reads whatever arrived on the socket; throws ``StokerError/Code/connectionLost`` when the connection broke.
+    func consumeInput() throws(StokerError) {
+        if PQconsumeInput(raw) == 0 || !isHealthy {
+            throw StokerError(
+                .connectionLost,
+                "The connection to PostgreSQL was lost.",
+                serverMessage: configuration.redactor.scrub(trimmed(String(cString: PQerrorMessage(raw)))),
+                connection: redactedDescription
+            )
+        }
+        drainNotifications()
+    }
+
+    private func drainNotifications() {
+        while let notify = PQnotifies(raw) {
+            notifications.append(
+                PostgresNotification(
+                    channel: String(cString: notify.pointee.relname),
+                    payload: String(cString: notify.pointee.extra),
+                    senderPID: notify.pointee.be_pid
+                )
+            )
+            PQfreemem(notify)
+        }
+    }
+
+    enum WaitOutcome: Equatable {
+        /// At least one notification is ready in ``takeNotifications()``.
+        case notified
+        /// `wakeDescriptor` (an eventfd) was written to; its counter has been reset.
+        case woken
+        /// The deadline passed with nothing to report.
+        case deadlineReached
+    }
+
+    /// Sleeps in `poll(2)` on the connection's socket (and `wakeDescriptor`, when given) until a notification arrives,
+    /// the wake descriptor fires or `deadline` passes (`nil`: no deadline). No busy loop, no sleep loop: the thread
+    /// wakes only when the kernel has something for it or the deadline is due. `pollCount` counts the `poll` calls.
+    func waitForNotifications(
+        until deadline: ContinuousClock.Instant?,
+        wakeDescriptor: Int32? = nil,
+        pollCount: inout Int
+    ) throws(StokerError) -> WaitOutcome {
+        drainNotifications()
+        if !notifications.isEmpty { return .notified }
+        while true {
+            var descriptors = [pollfd(fd: socket, events: Int16(POLLIN), revents: 0)]
+            if let wakeDescriptor {
+                descriptors.append(pollfd(fd: wakeDescriptor, events: Int16(POLLIN), revents: 0))
+            }
+            let timeout = deadline.map { Self.milliseconds(until: $0) } ?? -1
+            pollCount += 1
+            let ready = poll(&descriptors, nfds_t(descriptors.count), timeout)
+            if ready < 0 {
+                if errno == EINTR { continue }
+                throw StokerError(.connectionLost, "poll(2) failed with errno \(errno).", connection: redactedDescription)
+            }
+            if ready == 0 {
+                if let deadline, ContinuousClock.now >= deadline { return .deadlineReached }
+                continue
+            }
+            if descriptors[0].revents != 0 {
+                try consumeInput()
+                if !notifications.isEmpty { return .notified }
+            }
+            if descriptors.count > 1, descriptors[1].revents != 0 {
+                var counter: UInt64 = 0
+                _ = read(descriptors[1].fd, &counter, MemoryLayout<UInt64>.size)
+                return .woken
+            }
+        }
+    }
+
+    /// Milliseconds until `deadline`, rounded up so that a poll never returns just before it is due.
+    private static func milliseconds(until deadline: ContinuousClock.Instant) -> Int32 {
+        let remaining = ContinuousClock.now.duration(to: deadline)
+        if remaining <= .zero { return 0 }
+        let (seconds, attoseconds) = remaining.components
+        let milliseconds = seconds * 1000 + (attoseconds + 999_999_999_999_999) / 1_000_000_000_000_000
+        return Int32(clamping: milliseconds)
+    }
+
+    // MARK: - Server checks
+
+    /// Refuses servers Stoker cannot be correct on (see ``ServerRequirements``).
+    private func verifyServer() throws(StokerError) {
+        let facts = try execute(
+            """
+            SELECT pg_is_in_recovery(), current_setting('transaction_read_only'), pg_backend_pid(),
+                   current_setting('max_identifier_length')
+            """
+        ).singleRow()
+        // Separate statements are separate transactions: a transaction-pooling proxy may hand each to another backend.
+        let secondPID = try execute("SELECT pg_backend_pid()").singleRow().int32(0)
+        let thirdPID = try execute("SELECT pg_backend_pid()").singleRow().int32(0)
+        let report = ServerRequirements.Facts(
+            serverVersion: serverVersion,
+            inRecovery: try facts.bool(0),
+            transactionReadOnly: try facts.string(1) == "on",
+            protocolBackendPID: protocolBackendPID,
+            backendPIDs: [try facts.int32(2), secondPID, thirdPID]
+        )
+        do {
+            isBehindProxy = try ServerRequirements.check(report)
+        } catch var error {
+            error.connection = redactedDescription
+            throw error
+        }
+        maximumIdentifierLength = (try? facts.int(3)) ?? SQLName.defaultMaximumLength
+    }
+
+    // MARK: - Connect failures
+
+    /// Sorts libpq's connect failure message into a code. libpq has no SQLSTATE for a failed connection, so this reads
+    /// the (English, C-locale) message libpq and the server give; anything unrecognised stays `.connectionFailed`.
+    static func connectFailure(_ message: String, connection: String) -> StokerError {
+        let lower = message.lowercased()
+        func has(_ fragments: String...) -> Bool { fragments.contains { lower.contains($0) } }
+        let code: StokerError.Code
+        let advice: String
+        if lower.hasPrefix("invalid "), has("connection option", "value:", "port number") {
+            code = .invalidConnectionString
+            advice = "libpq refused a value in the connection string. Fix the parameter named below."
+        } else if has("timeout expired") {
+            code = .connectionTimeout
+            advice = "No PostgreSQL server answered within connect_timeout. Check the host, the port and the network path."
+        } else if has("database \"") && has("does not exist") {
+            code = .databaseNotFound
+            advice = "The database does not exist on the server. Create it or fix dbname."
+        } else if has(
+            "password authentication failed", "authentication failed", "no password supplied",
+            "no pg_hba.conf entry", "pg_hba.conf rejects", "password is required"
+        ) || (has("role \"") && has("does not exist")) {
+            code = .authenticationFailed
+            advice = "PostgreSQL refused the credentials. Check the user name and password (or ~/.pgpass, PGPASSWORD) "
+                + "and that pg_hba.conf admits this client."
+        } else if has("ssl", "certificate", "tls") {
+            code = .tlsFailed
+            advice = "TLS could not be set up or the server's certificate was refused. Check sslmode, sslrootcert "
+                + "and that the host name matches the certificate."
+        } else if has("read-only", "hot standby", "in recovery", "is not in read-write") {
+            code = .readOnlySession
+            advice = "The server refused a read-write session (target_session_attrs). Point Stoker at the primary."
+        } else {
+            code = .connectionFailed
+            advice = "Could not connect to PostgreSQL. Check the host, the port and that the server is running."
+        }
+        return StokerError(code, advice, serverMessage: message, connection: connection)
+    }
+}
+
+/// Calls `body` with a NULL-terminated array of C strings that live for the duration of the call.
+private func withCStringArray<R>(_ strings: [String], _ body: (UnsafePointer<UnsafePointer<CChar>?>) -> R) -> R {
+    let duplicates = strings.map { strdup($0) }
+    defer { duplicates.forEach { free($0) } }
+    var pointers: [UnsafePointer<CChar>?] = duplicates.map { $0.map { UnsafePointer($0) } }
+    pointers.append(nil)
+    return pointers.withUnsafeBufferPointer { body($0.baseAddress!) }
+}
+
+/// Like `withCStringArray`, for parameter values where `nil` stands for SQL NULL (no terminator).
+private func withOptionalCStringArray<R>(
+    _ strings: [String?],
+    _ body: (UnsafePointer<UnsafePointer<CChar>?>?) -> R
+) -> R {
+    if strings.isEmpty { return body(nil) }
+    let duplicates = strings.map { $0.map { strdup($0) } ?? nil }
+    defer { duplicates.forEach { free($0) } }
+    let pointers: [UnsafePointer<CChar>?] = duplicates.map { $0.map { UnsafePointer($0) } }
+    return pointers.withUnsafeBufferPointer { body($0.baseAddress!) }
+}

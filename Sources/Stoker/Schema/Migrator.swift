@@ -1,0 +1,290 @@
+import Logging
+
+/// What a migration run found and did.
+public struct MigrationReport: Sendable, Equatable {
+    /// The versions this run applied (empty when the schema was already current).
+    public var applied: [Int]
+    /// The highest version this library knows, now present in the database.
+    public var current: Int
+    /// Versions recorded in the database that this library does not know: a newer Stoker migrated it. They are
+    /// accepted as long as everything this version needs is still there (the schema check passed).
+    public var newerVersions: [Int]
+}
+
+/// Schema management: applies the migrations in `sql/`, checks the schema, grants a least-privilege role.
+///
+/// Every entry point takes a libpq connection string (URL or `key=value`; the `PG*` environment fills in what it
+/// leaves out) and a schema name (default `stoker`).
+public enum StokerSchema {
+    /// The schema Stoker uses unless told otherwise.
+    public static let defaultSchema = "stoker"
+    /// The first key of the transaction-level advisory lock that serialises migration runs (the second is
+    /// `hashtext(schema)`). Distinct from the node and election namespaces.
+    public static let migrationLockNamespace: Int32 = 0x5354_4B4D  // "STKM"
+
+    /// Schema names are at most this long: notification channels are `<schema>:<cluster id>` and PostgreSQL channel
+    /// names are at most 63 bytes.
+    public static let maximumSchemaNameLength = 52
+
+    /// Applies every migration the database lacks, in one transaction under an advisory transaction lock, so many
+    /// processes may call this at once: one applies, the others wait and find the work done. Then checks that the
+    /// schema holds everything this version needs. Idempotent.
+    ///
+    /// - Throws: ``StokerError`` — `.migrationFailed` (nothing was committed), `.schemaMismatch` (a tampered schema,
+    ///   named), or a connection error.
+    @discardableResult
+    public static func migrate(
+        connection: String,
+        schema: String = defaultSchema,
+        logger: Logger = Logger(label: "stoker", factory: { _ in SwiftLogNoOpLogHandler() })
+    ) async throws -> MigrationReport {
+        try validate(schema: schema)
+        let session = try await PostgresSession.connect(connection)
+        defer { session.requestClose() }
+        let report = try await session.run { connection in
+            try Migrator(schema: schema).migrate(on: connection)
+        }
+        if !report.applied.isEmpty {
+            logger.notice(
+                "applied Stoker migrations",
+                metadata: ["stoker.schema": "\(schema)", "stoker.migrations": "\(report.applied)"]
+            )
+        }
+        if !report.newerVersions.isEmpty {
+            logger.warning(
+                "the database holds Stoker migrations newer than this library",
+                metadata: ["stoker.schema": "\(schema)", "stoker.migrations": "\(report.newerVersions)"]
+            )
+        }
+        return report
+    }
+
+    /// Checks, without changing anything, that every migration is applied unaltered and the schema is intact.
+    @discardableResult
+    public static func verify(connection: String, schema: String = defaultSchema) async throws -> MigrationReport {
+        try validate(schema: schema)
+        let session = try await PostgresSession.connect(connection)
+        defer { session.requestClose() }
+        return try await session.run { connection in
+            try Migrator(schema: schema).verify(on: connection)
+        }
+    }
+
+    /// Grants `role` exactly what a Stoker node needs on an already migrated schema (see the README's
+    /// "Least privilege"); run it as the schema's owner.
+    public static func grant(to role: String, connection: String, schema: String = defaultSchema) async throws {
+        try validate(schema: schema)
+        let session = try await PostgresSession.connect(connection)
+        defer { session.requestClose() }
+        try await session.run { connection in
+            let sql = try grantStatements(
+                schema: connection.quoteIdentifier(schema, kind: "schema name"),
+                role: connection.quoteIdentifier(role, kind: "role name")
+            )
+            try connection.transaction { try connection.executeScript(sql) }
+        }
+    }
+
+    /// The grants of ``grant(to:connection:schema:)`` for already quoted names.
+    static func grantStatements(schema: String, role: String) -> String {
+        """
+        GRANT USAGE ON SCHEMA \(schema) TO \(role);
+        GRANT SELECT ON \(schema).migrations TO \(role);
+        GRANT SELECT, INSERT ON \(schema).clusters TO \(role);
+        GRANT SELECT, INSERT, UPDATE, DELETE ON \(schema).nodes TO \(role);
+        GRANT SELECT, INSERT, UPDATE ON \(schema).elections TO \(role);
+        GRANT EXECUTE ON FUNCTION \(schema).fence(text, text, bigint) TO \(role);
+        """
+    }
+
+    static func validate(schema: String) throws(StokerError) {
+        try SQLName.validate(schema, kind: "schema name", maximumLength: maximumSchemaNameLength)
+    }
+}
+
+/// Runs on a session's own thread (it blocks).
+struct Migrator {
+    let schema: String
+    var migrations: [Migration] = Migration.all
+
+    init(schema: String, migrations: [Migration] = Migration.all) {
+        self.schema = schema
+        self.migrations = migrations
+    }
+
+    func migrate(on connection: PGConnection) throws -> MigrationReport {
+        let quoted = try connection.quoteIdentifier(schema, kind: "schema name")
+        return try connection.transaction {
+            try connection.execute(
+                "SELECT pg_advisory_xact_lock($1::int4, hashtext($2))",
+                [String(StokerSchema.migrationLockNamespace), schema]
+            )
+            let schemaExists = try connection.execute(
+                "SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)",
+                [schema]
+            ).singleRow().bool(0)
+            if !schemaExists {
+                do {
+                    try connection.execute("CREATE SCHEMA \(quoted)")
+                } catch let error as StokerError {
+                    throw migrationError("could not create schema \(schema)", cause: error)
+                }
+            }
+            try connection.execute("SET LOCAL search_path TO \(quoted), pg_temp")
+            let recorded = try recordedVersions(on: connection)
+            try checkRecordedChecksums(recorded, on: connection)
+            var applied: [Int] = []
+            for migration in migrations where recorded[migration.version] == nil {
+                do {
+                    try connection.executeScript(migration.sql)
+                    try connection.execute(
+                        """
+                        INSERT INTO migrations (version, name, checksum)
+                        VALUES ($1, $2, encode(sha256(convert_to($3, 'UTF8')), 'hex'))
+                        """,
+                        [String(migration.version), migration.name, migration.sql]
+                    )
+                } catch let error as StokerError {
+                    throw migrationError("migration \(migration.fileName) failed", cause: error)
+                }
+                applied.append(migration.version)
+            }
+            try checkManifest(on: connection)
+            return MigrationReport(
+                applied: applied,
+                current: migrations.last?.version ?? 0,
+                newerVersions: newer(than: recorded)
+            )
+        }
+    }
+
+    func verify(on connection: PGConnection) throws -> MigrationReport {
+        let quoted = try connection.quoteIdentifier(schema, kind: "schema name")
+        return try connection.transaction {
+            try connection.execute("SET LOCAL search_path TO \(quoted), pg_temp")
+            let recorded = try recordedVersions(on: connection)
+            let missing = migrations.filter { recorded[$0.version] == nil }.map(\.fileName)
+            if !missing.isEmpty {
+                throw StokerError(
+                    .schemaMismatch,
+                    "Schema \(schema) lacks migrations \(missing.joined(separator: ", ")); run `stoker migrate` "
+                        + "(or StokerSchema.migrate) as the schema owner.",
+                    connection: connection.redactedDescription
+                )
+            }
+            try checkRecordedChecksums(recorded, on: connection)
+            try checkManifest(on: connection)
+            return MigrationReport(
+                applied: [],
+                current: migrations.last?.version ?? 0,
+                newerVersions: newer(than: recorded)
+            )
+        }
+    }
+
+    private func newer(than recorded: [Int: String]) -> [Int] {
+        let known = Set(migrations.map(\.version))
+        return recorded.keys.filter { !known.contains($0) }.sorted()
+    }
+
+    /// version → recorded checksum; empty when the migrations table does not exist yet.
+    private func recordedVersions(on connection: PGConnection) throws -> [Int: String] {
+        let tableExists = try connection.execute(
+            """
+            SELECT EXISTS (SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                           WHERE n.nspname = $1 AND c.relname = 'migrations')
+            """,
+            [schema]
+        ).singleRow().bool(0)
+        guard tableExists else { return [:] }
+        var recorded: [Int: String] = [:]
+        for row in try connection.execute("SELECT version, checksum FROM migrations").rows {
+            recorded[try row.int(0)] = try row.string(1)
+        }
+        return recorded
+    }
+
+    /// A recorded migration whose checksum differs from the library's copy was edited after it was applied (or the
+    /// table was tampered with): refuse, naming the file.
+    private func checkRecordedChecksums(_ recorded: [Int: String], on connection: PGConnection) throws {
+        for migration in migrations {
+            guard let checksum = recorded[migration.version] else { continue }
+            let expected = try connection.execute(
+                "SELECT encode(sha256(convert_to($1, 'UTF8')), 'hex')",
+                [migration.sql]
+            ).singleRow().string(0)
+            if checksum != expected {
+                throw StokerError(
+                    .schemaMismatch,
+                    "Migration \(migration.fileName) was recorded in \(schema).migrations with checksum "
+                        + "\(checksum.prefix(12))…, but this version of Stoker carries \(expected.prefix(12))…: the "
+                        + "file or the table was changed after it was applied. Restore the schema from sql/ .",
+                    connection: connection.redactedDescription
+                )
+            }
+        }
+    }
+
+    private func checkManifest(on connection: PGConnection) throws {
+        let columns = try connection.execute(
+            """
+            SELECT c.relname, a.attname, format_type(a.atttypid, a.atttypmod)
+              FROM pg_class c
+              JOIN pg_namespace n ON n.oid = c.relnamespace
+              JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+             WHERE n.nspname = $1 AND c.relkind IN ('r', 'p')
+            """,
+            [schema]
+        ).rows.map { row in (table: try row.string(0), column: try row.string(1), type: try row.string(2)) }
+        let functions = try connection.execute(
+            """
+            SELECT p.proname || '(' || pg_get_function_identity_arguments(p.oid) || ')'
+              FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+             WHERE n.nspname = $1
+            """,
+            [schema]
+        ).rows.map { try $0.string(0) }
+        var triggers: [String: Bool] = [:]
+        for row in try connection.execute(
+            """
+            SELECT c.relname || '.' || t.tgname, t.tgenabled <> 'D'
+              FROM pg_trigger t
+              JOIN pg_class c ON c.oid = t.tgrelid
+              JOIN pg_namespace n ON n.oid = c.relnamespace
+             WHERE n.nspname = $1 AND NOT t.tgisinternal
+            """,
+            [schema]
+        ).rows {
+            triggers[try row.string(0)] = try row.bool(1)
+        }
+        let problems = SchemaManifest.differences(
+            schema: schema,
+            columns: columns,
+            functions: Set(functions),
+            triggers: triggers
+        )
+        if !problems.isEmpty {
+            throw StokerError(
+                .schemaMismatch,
+                "The Stoker schema was altered: \(problems.joined(separator: "; ")). Restore it from sql/ "
+                    + "(or drop the schema and run `stoker migrate` again).",
+                connection: connection.redactedDescription
+            )
+        }
+    }
+
+    private func migrationError(_ what: String, cause: StokerError) -> StokerError {
+        var hint = ""
+        if cause.sqlState == "42501" {
+            hint = " The role lacks a privilege: run `stoker migrate` as the owner of the schema (or a role that may "
+                + "create it), then grant the node's role what the README lists."
+        }
+        return StokerError(
+            .migrationFailed,
+            "\(what); nothing was committed.\(hint)",
+            sqlState: cause.sqlState,
+            serverMessage: cause.serverMessage,
+            connection: cause.connection
+        )
+    }
+}

@@ -1,0 +1,120 @@
+import ArgumentParser
+import Logging
+import Stoker
+
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#endif
+
+@main
+struct StokerCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "stoker",
+        abstract: "Leader election on PostgreSQL: keep a piece of work running always, and once.",
+        subcommands: [Migrate.self]
+    )
+}
+
+/// Options every subcommand that talks to PostgreSQL shares.
+struct ConnectionOptions: ParsableArguments {
+    @Option(
+        name: .long,
+        help: ArgumentHelp(
+            "libpq connection URL or key=value string.",
+            discussion: "Default: $DATABASE_URL, else libpq's PG* environment variables (PGHOST, PGUSER, …)."
+        )
+    )
+    var url: String?
+
+    @Option(name: .long, help: "The schema Stoker's tables live in.")
+    var schema: String = StokerSchema.defaultSchema
+
+    var connection: String {
+        if let url { return url }
+        if let fromEnvironment = getenv("DATABASE_URL") { return String(cString: fromEnvironment) }
+        return ""
+    }
+}
+
+struct Migrate: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Apply Stoker's schema migrations (safe to run from many processes at once).",
+        discussion: """
+            Applies the missing files of sql/ in one transaction under an advisory lock, then checks that the \
+            schema is intact. Run it as the schema's owner; --grant-to then gives a node's least-privilege role \
+            what it needs.
+            """
+    )
+
+    @OptionGroup var options: ConnectionOptions
+
+    @Flag(name: .long, help: "Only check that the schema is current and intact; change nothing.")
+    var check = false
+
+    @Option(name: .customLong("grant-to"), help: "After migrating, grant this role what a Stoker node needs.")
+    var grantTo: String?
+
+    func run() async throws {
+        do {
+            let report: MigrationReport
+            if check {
+                report = try await StokerSchema.verify(connection: options.connection, schema: options.schema)
+                print("schema \(options.schema) is current (version \(report.current))")
+            } else {
+                report = try await StokerSchema.migrate(connection: options.connection, schema: options.schema)
+                if report.applied.isEmpty {
+                    print("schema \(options.schema) was already current (version \(report.current))")
+                } else {
+                    let versions = report.applied.map(String.init).joined(separator: ", ")
+                    print("schema \(options.schema): applied \(versions); now at version \(report.current)")
+                }
+            }
+            if !report.newerVersions.isEmpty {
+                let versions = report.newerVersions.map(String.init).joined(separator: ", ")
+                print("note: the database also holds newer migrations (\(versions)) from a later Stoker")
+            }
+            if let role = grantTo {
+                try await StokerSchema.grant(to: role, connection: options.connection, schema: options.schema)
+                print("granted role \(role) what a Stoker node needs on schema \(options.schema)")
+            }
+        } catch let error as StokerError {
+            // One line, no password: StokerError never holds one.
+            writeStandardError("stoker migrate: \(error)\n")
+            throw ExitCode(1)
+        }
+    }
+}
+
+func writeStandardError(_ text: String) {
+    var line = text.replacingNewlines()
+    if !line.hasSuffix("\n") { line += "\n" }
+    let bytes = Array(line.utf8)
+    var written = 0
+    while written < bytes.count {
+        let result = bytes[written...].withUnsafeBytes { write(STDERR_FILENO, $0.baseAddress, $0.count) }
+        if result <= 0 { break }
+        written += result
+    }
+}
+
+extension String {
+    /// Keeps an error on one line: libpq messages carry newlines and tabs.
+    func replacingNewlines() -> String {
+        var result = ""
+        var pendingSpace = false
+        for character in dropLast(hasSuffix("\n") ? 1 : 0) {
+            if character == "\n" || character == "\t" || character == "\r" {
+                pendingSpace = true
+                continue
+            }
+            if pendingSpace {
+                if result.last != " " { result.append(" ") }
+                pendingSpace = false
+            }
+            result.append(character)
+        }
+        return result + "\n"
+    }
+}

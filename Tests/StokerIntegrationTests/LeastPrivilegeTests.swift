@@ -1,0 +1,138 @@
+import StokerTestSupport
+import Testing
+
+@testable import Stoker
+
+/// The README's least-privilege setup: an owner (not a superuser) migrates and grants; the node's role (neither
+/// owner nor superuser) then runs every statement of the node protocol.
+@Suite("Least privilege")
+struct LeastPrivilegeTests {
+    @Test("a role with only the documented grants runs everything a node does")
+    func nodeRole() async throws {
+        try await withTestDatabase { database in
+            let owner = try await database.createRole(prefix: "stk_owner", password: "owner-pw-1")
+            let app = try await database.createRole(prefix: "stk_app", password: "app-pw-1")
+            try await database.admin("GRANT CREATE ON DATABASE \(database.name) TO \(owner)")
+            let ownerConnection = database.tcpConninfo(user: owner, password: "owner-pw-1")
+            let appConnection = database.tcpConninfo(user: app, password: "app-pw-1")
+
+            // A node's role cannot create the schema: a clear error, nothing committed.
+            do {
+                try await StokerSchema.migrate(connection: appConnection)
+                Issue.record("the node's role created the schema")
+            } catch let error as StokerError {
+                #expect(error.code == .migrationFailed)
+                #expect(error.sqlState == "42501")
+                #expect(error.message.contains("owner"))
+            }
+
+            try await StokerSchema.migrate(connection: ownerConnection)
+            try await StokerSchema.grant(to: app, connection: ownerConnection)
+
+            let facts = try await database.admin(
+                """
+                SELECT r.rolsuper, r.rolcreatedb, r.rolcreaterole, n.nspowner::regrole::text
+                  FROM pg_roles r, pg_namespace n WHERE r.rolname = '\(app)' AND n.nspname = 'stoker'
+                """
+            )
+            #expect(facts.first == ["f", "f", "f", owner])
+
+            // What a node does on start: the migration check finds everything applied.
+            #expect(try await StokerSchema.migrate(connection: appConnection).applied.isEmpty)
+            try await StokerSchema.verify(connection: appConnection)
+
+            let statements = ProtocolStatements(schema: "stoker", quotedSchema: "\"stoker\"")
+            try await withSession(appConnection) { node in
+                let cluster = try await node.query(statements.ensureCluster, ["billing"]).singleRow().int(0)
+                #expect(try await node.query(statements.ensureCluster, ["billing"]).singleRow().int(0) == cluster)
+                try await node.listen(statements.channel(clusterID: cluster))
+                let nodeID = try await node.run { connection in
+                    try connection.transaction {
+                        let id = try connection.execute(
+                            statements.insertNode,
+                            [String(cluster), "node-a", "host-a", "4242", #"{"zone": "a"}"#]
+                        ).singleRow().int(0)
+                        try connection.execute(statements.lockNode, [String(id)])
+                        return id
+                    }
+                }
+                #expect(try await node.query(statements.heartbeat, [String(nodeID)]).affectedRows == 1)
+                #expect(try await node.query(statements.members, [String(cluster)]).rows.count == 1)
+
+                let election = try await node.query(statements.ensureElection, [String(cluster), "importer"])
+                    .singleRow().int(0)
+                let won = try await node.query(statements.tryAcquire, ["{\(election)}"]).rows.map { try $0.int(0) }
+                #expect(won == [election])
+                let term = try await node.query(statements.bumpTerm, [String(election), String(nodeID), "node-a"])
+                    .singleRow().int(0)
+                #expect(term == 1)
+                let leader = try await node.query(statements.whereis, [String(cluster), "importer"]).singleRow()
+                #expect(try leader.int(0) == 1)
+                #expect(try leader.int(1) == nodeID)
+                #expect(try await node.query(statements.fence, ["billing", "importer", "1"]).singleRow().int(0) == 1)
+
+                // Graceful release, in one transaction.
+                let released = try await node.run { connection in
+                    try connection.transaction {
+                        try connection.execute(statements.clearLeader, [String(election), String(nodeID)])
+                        return try connection.execute(statements.unlockElection, [String(election)]).singleRow()
+                            .bool(0)
+                    }
+                }
+                #expect(released)
+                await expectFenceRefused(node, statements, term: 1)
+                #expect(try await node.query(statements.whereis, [String(cluster), "importer"]).rows.isEmpty)
+
+                // A second node dies without a goodbye; the sweep removes it and node_down is sent.
+                let otherPID = try await withSession(appConnection) { other in
+                    try await other.run { connection in
+                        try connection.transaction {
+                            let id = try connection.execute(
+                                statements.insertNode,
+                                [String(cluster), "node-b", "host-b", "4343", "{}"]
+                            ).singleRow().int(0)
+                            try connection.execute(statements.lockNode, [String(id)])
+                        }
+                    }
+                    let pid = try await other.query("SELECT pg_backend_pid()").singleRow().int(0)
+                    try await database.admin("SELECT pg_terminate_backend(\(pid), 10000)")
+                    return pid
+                }
+                #expect(otherPID > 0)
+                let swept = try await node.query(statements.sweep, [String(cluster)]).rows.map { try $0.string(1) }
+                #expect(swept == ["node-b"])
+                #expect(try await node.query(statements.leave, [String(nodeID)]).affectedRows == 1)
+
+                var events: [String] = []
+                for await notification in node.notifications {
+                    events.append(Self.event(in: notification.payload))
+                    if events.count == 6 { break }
+                }
+                // Own changes are delivered to the listener too, after each commit, in commit order.
+                #expect(events == ["node_up", "leader", "released", "node_up", "node_down", "node_down"])
+            }
+        }
+    }
+
+    private func expectFenceRefused(
+        _ session: PostgresSession,
+        _ statements: ProtocolStatements,
+        term: Int,
+        sourceLocation: SourceLocation = #_sourceLocation
+    ) async {
+        do {
+            try await session.query(statements.fence, ["billing", "importer", String(term)])
+            Issue.record("the fence let a stale term through", sourceLocation: sourceLocation)
+        } catch let error as StokerError {
+            #expect(error.sqlState == ProtocolStatements.staleTermSQLState, sourceLocation: sourceLocation)
+        } catch {
+            Issue.record("\(error)", sourceLocation: sourceLocation)
+        }
+    }
+
+    static func event(in payload: String) -> String {
+        // {"event" : "node_up", ...}: the first quoted value.
+        let parts = payload.split(separator: "\"")
+        return parts.count > 3 ? String(parts[3]) : payload
+    }
+}

@@ -1,0 +1,97 @@
+import StokerTestSupport
+import Testing
+
+@testable import Stoker
+
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#endif
+
+/// A fresh database on the shared test server (a private throwaway cluster unless STOKER_TEST_DATABASE_URL is set),
+/// dropped afterwards.
+func withTestDatabase<T: Sendable>(_ body: (TestDatabase) async throws -> T) async throws -> T {
+    try await TestPostgres.shared().withDatabase(body)
+}
+
+/// A fresh database on a cluster whose authentication and TLS the tests control (password auth over TCP, TLS on).
+func withControlledDatabase<T: Sendable>(_ body: (TestDatabase) async throws -> T) async throws -> T {
+    try await TestPostgres.controlled().withDatabase(body)
+}
+
+/// Opens a session, runs `body`, closes the session (also when `body` throws).
+func withSession<T: Sendable>(_ conninfo: String, _ body: (PostgresSession) async throws -> T) async throws -> T {
+    let session = try await PostgresSession.connect(conninfo)
+    do {
+        let value = try await body(session)
+        await session.close()
+        return value
+    } catch {
+        await session.close()
+        throw error
+    }
+}
+
+/// Connects and expects a ``StokerError``; returns it (records an issue if the connection succeeded).
+func connectError(_ conninfo: String, sourceLocation: SourceLocation = #_sourceLocation) async -> StokerError? {
+    do {
+        let session = try await PostgresSession.connect(conninfo)
+        await session.close()
+        Issue.record("the connection succeeded", sourceLocation: sourceLocation)
+        return nil
+    } catch let error as StokerError {
+        return error
+    } catch {
+        Issue.record("not a StokerError: \(error)", sourceLocation: sourceLocation)
+        return nil
+    }
+}
+
+/// Asserts that no text a user could see of `error` holds `secret`.
+func expectNoSecret(_ error: StokerError?, _ secret: String, sourceLocation: SourceLocation = #_sourceLocation) {
+    guard let error else { return }
+    for text in [error.description, error.message, error.serverMessage ?? "", error.connection ?? "", "\(error)"] {
+        #expect(!text.contains(secret), "leaked: \(text)", sourceLocation: sourceLocation)
+    }
+}
+
+/// A loopback TCP listener that never accepts nor answers: a host that swallows the connection attempt.
+final class SilentListener: Sendable {
+    let port: Int
+    private let descriptor: Int32
+
+    init() throws {
+        let descriptor = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        guard descriptor >= 0 else { throw StokerError(.connectionFailed, "socket() failed") }
+        var address = sockaddr_in()
+        address.sin_family = sa_family_t(AF_INET)
+        address.sin_addr.s_addr = inet_addr("127.0.0.1")
+        address.sin_port = 0
+        var length = socklen_t(MemoryLayout<sockaddr_in>.size)
+        let bound = withUnsafeMutablePointer(to: &address) { pointer in
+            pointer.withMemoryRebound(to: sockaddr.self, capacity: 1) { raw -> Int32 in
+                guard bind(descriptor, raw, length) == 0, listen(descriptor, 8) == 0 else { return -1 }
+                return getsockname(descriptor, raw, &length)
+            }
+        }
+        guard bound == 0 else {
+            closeListener(descriptor)
+            throw StokerError(.connectionFailed, "bind/listen failed")
+        }
+        self.descriptor = descriptor
+        port = Int(UInt16(bigEndian: address.sin_port))
+    }
+
+    deinit { closeListener(descriptor) }
+}
+
+private func closeListener(_ descriptor: Int32) {
+    _ = close(descriptor)
+}
+
+/// A closed loopback port: bound then released, so a connection is refused at once.
+func closedPort() throws -> Int {
+    let listener = try SilentListener()
+    return listener.port
+}

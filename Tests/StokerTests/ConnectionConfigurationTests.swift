@@ -1,0 +1,121 @@
+import Testing
+
+@testable import Stoker
+
+@Suite("Connection strings")
+struct ConnectionConfigurationTests {
+    @Test("a URL is parsed by libpq and described without its password")
+    func urlRedacted() throws {
+        let configuration = try ConnectionConfiguration(
+            "postgresql://svc:s3cr%40t-pw@db.internal:6543/app?sslmode=require&connect_timeout=4"
+        )
+        #expect(configuration.value(for: "host") == "db.internal")
+        #expect(configuration.value(for: "port") == "6543")
+        #expect(configuration.value(for: "dbname") == "app")
+        #expect(configuration.value(for: "sslmode") == "require")
+        #expect(configuration.value(for: "password") == "s3cr@t-pw")
+        #expect(configuration.redactedDescription.contains("host=db.internal"))
+        #expect(!configuration.redactedDescription.contains("s3cr"))
+        #expect(configuration.secrets.contains("s3cr@t-pw"))
+    }
+
+    @Test("a key=value string keeps every libpq parameter, several hosts included")
+    func keyValue() throws {
+        let configuration = try ConnectionConfiguration(
+            "host=a,b port=5432,5433 dbname='my db' user=svc password='it\\'s' target_session_attrs=read-write "
+                + "keepalives_idle=5 tcp_user_timeout=3000"
+        )
+        #expect(configuration.value(for: "host") == "a,b")
+        #expect(configuration.value(for: "target_session_attrs") == "read-write")
+        #expect(configuration.value(for: "tcp_user_timeout") == "3000")
+        #expect(configuration.value(for: "password") == "it's")
+        #expect(!configuration.redactedDescription.contains("it's"))
+        #expect(configuration.redactedDescription.contains("dbname='my db'"))
+    }
+
+    @Test("an empty string is valid: libpq takes everything from PG* variables")
+    func empty() throws {
+        let configuration = try ConnectionConfiguration("")
+        #expect(configuration.options.isEmpty)
+    }
+
+    @Test(
+        "malformed strings give .invalidConnectionString and never echo the password",
+        arguments: [
+            "postgresql://user:hunter2%zzsecret@host/db",
+            "postgresql://user:hunter2-secret@[::1/db",
+            "host=x password='hunter2-secret",
+            "host=x password=hunter2-secret bogus_key=1",
+            "postgresql://user@host/db?password=hunter2-secret&nonsense=1",
+            "dbname=x = password=hunter2-secret",
+        ]
+    )
+    func malformed(conninfo: String) {
+        do {
+            _ = try ConnectionConfiguration(conninfo)
+            Issue.record("\(conninfo) was accepted")
+        } catch {
+            #expect(error.code == .invalidConnectionString)
+            #expect(!"\(error)".contains("hunter2"), "\(error)")
+            #expect(!"\(error)".contains("secret"), "\(error)")
+        }
+    }
+
+    @Test("a NUL byte is refused, not truncated")
+    func nulByte() {
+        #expect(throws: StokerError.self) { try ConnectionConfiguration("host=a\0 password=x") }
+    }
+
+    @Test("the redactor removes every secret, longest first")
+    func redactor() {
+        let redactor = Redactor(secrets: ["pw", "pw-long"])
+        #expect(redactor.scrub("a pw-long b pw c") == "a *** b *** c")
+    }
+
+    @Test("errors print one safe description")
+    func description() {
+        let error = StokerError(
+            .queryFailed,
+            "PostgreSQL rejected the statement.",
+            sqlState: "42P01",
+            serverMessage: "relation \"x\" does not exist",
+            connection: "host=h"
+        )
+        #expect(
+            "\(error)"
+                == "StokerError.queryFailed: PostgreSQL rejected the statement. — server said: relation \"x\" does "
+                + "not exist [SQLSTATE 42P01] (connection: host=h)"
+        )
+    }
+}
+
+@Suite("Connect failures are sorted into codes")
+struct ConnectFailureTests {
+    @Test(
+        arguments: [
+            ("connection to server at \"127.0.0.1\", port 1 failed: timeout expired", StokerError.Code.connectionTimeout),
+            (
+                "connection to server at \"127.0.0.1\", port 5432 failed: FATAL:  password authentication failed for "
+                    + "user \"bob\"", .authenticationFailed
+            ),
+            ("connection to server on socket \"/tmp/x\" failed: FATAL:  role \"nobody\" does not exist", .authenticationFailed),
+            ("connection to server on socket \"/tmp/x\" failed: FATAL:  database \"nope\" does not exist", .databaseNotFound),
+            ("connection to server at \"localhost\" failed: root certificate file \"/x\" does not exist", .tlsFailed),
+            (
+                "connection to server at \"localhost\", port 5 failed: server certificate for \"localhost\" does not "
+                    + "match host name \"127.0.0.1\"", .tlsFailed
+            ),
+            ("connection to server at \"h\", port 5 failed: session is read-only", .readOnlySession),
+            ("invalid integer value \"x\" for connection option \"port\"", .invalidConnectionString),
+            ("invalid sslmode value: \"sometimes\"", .invalidConnectionString),
+            ("invalid port number: \"99999\"", .invalidConnectionString),
+            (
+                "connection to server at \"127.0.0.1\", port 1 failed: Connection refused\n\tIs the server running on "
+                    + "that host and accepting TCP/IP connections?", .connectionFailed
+            ),
+        ]
+    )
+    func classify(message: String, code: StokerError.Code) {
+        #expect(PGConnection.connectFailure(message, connection: "host=h").code == code)
+    }
+}

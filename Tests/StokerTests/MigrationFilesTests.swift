@@ -1,0 +1,111 @@
+import Testing
+
+@testable import Stoker
+
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#endif
+
+/// The copy of sql/ the library runs must be byte-identical to sql/ (DESIGN §3).
+@Suite("Embedded migrations")
+struct MigrationFilesTests {
+    /// The repository root, from this file's path.
+    static let root: String = {
+        var path = #filePath
+        for _ in 0..<3 { path = String(path[..<path.lastIndex(of: "/")!]) }
+        return path
+    }()
+
+    static func sqlFiles() throws -> [String] {
+        guard let directory = opendir(root + "/sql") else { throw CocoaLikeError("cannot open \(root)/sql") }
+        defer { closedir(directory) }
+        var names: [String] = []
+        while let entry = readdir(directory) {
+            let name = withUnsafeBytes(of: entry.pointee.d_name) { String(cString: $0.bindMemory(to: CChar.self).baseAddress!) }
+            if name.hasSuffix(".sql"), name.first?.isNumber == true { names.append(name) }
+        }
+        return names.sorted()
+    }
+
+    static func read(_ path: String) throws -> [UInt8] {
+        guard let file = fopen(path, "rb") else { throw CocoaLikeError("cannot open \(path)") }
+        defer { fclose(file) }
+        var bytes: [UInt8] = []
+        var buffer = [UInt8](repeating: 0, count: 65536)
+        while true {
+            let count = fread(&buffer, 1, buffer.count, file)
+            if count == 0 { break }
+            bytes += buffer[0..<count]
+        }
+        return bytes
+    }
+
+    @Test("the same files, in the same order, under the same versions")
+    func sameFiles() throws {
+        #expect(try Self.sqlFiles() == Migration.all.map(\.fileName))
+        #expect(Migration.all.map(\.version) == Array(1...Migration.all.count))
+    }
+
+    @Test("every embedded file is byte-identical to sql/ (if not: run scripts/embed-sql)")
+    func byteIdentical() throws {
+        for migration in Migration.all {
+            let onDisk = try Self.read(Self.root + "/sql/" + migration.fileName)
+            #expect(onDisk == Array(migration.sql.utf8), "\(migration.fileName) differs: run scripts/embed-sql")
+        }
+    }
+}
+
+struct CocoaLikeError: Error, CustomStringConvertible {
+    let description: String
+    init(_ description: String) { self.description = description }
+}
+
+@Suite("Schema manifest")
+struct SchemaManifestTests {
+    typealias Column = (table: String, column: String, type: String)
+
+    static func complete() -> [Column] {
+        SchemaManifest.columns.flatMap { table in table.columns.map { (table.table, $0.name, $0.type) } }
+    }
+
+    static let allTriggers = Dictionary(uniqueKeysWithValues: SchemaManifest.triggers.map { ($0, true) })
+
+    @Test("an intact schema has no differences; extra columns are tolerated")
+    func intact() {
+        let columns = Self.complete() + [("nodes", "added_later", "text")]
+        #expect(
+            SchemaManifest.differences(
+                schema: "s",
+                columns: columns,
+                functions: Set(SchemaManifest.functions),
+                triggers: Self.allTriggers
+            ).isEmpty
+        )
+    }
+
+    @Test("a dropped column, a changed type, a missing table, function or disabled trigger are each named")
+    func tampered() {
+        var columns = Self.complete().filter { !($0.table == "nodes" && $0.column == "heartbeat_at") }
+        columns = columns.map { $0.table == "elections" && $0.column == "term" ? ("elections", "term", "text") : $0 }
+        columns = columns.filter { $0.table != "clusters" }
+        var triggers = Self.allTriggers
+        triggers["nodes.nodes_notify"] = false
+        let problems = SchemaManifest.differences(
+            schema: "s",
+            columns: columns,
+            functions: Set(SchemaManifest.functions.dropLast()),
+            triggers: triggers
+        )
+        #expect(
+            problems == [
+                "table s.clusters is missing",
+                "column s.nodes.heartbeat_at is missing",
+                "column s.elections.term has type text, expected bigint",
+                "function s.fence(p_cluster text, p_election text, p_term bigint) is missing",
+                "trigger nodes.nodes_notify in schema s is disabled",
+            ]
+        )
+    }
+}
