@@ -23,7 +23,9 @@ final class PGConnection {
 
     /// Connects (blocking), then checks that the server can carry Stoker: PostgreSQL ≥ 14, a read-write primary,
     /// and no transaction-pooling proxy in between.
-    init(_ configuration: ConnectionConfiguration) throws(StokerError) {
+    ///
+    /// - Parameter isProbe: `true` for the short-lived second connection of the pooling check (it checks nothing).
+    init(_ configuration: ConnectionConfiguration, isProbe: Bool = false) throws(StokerError) {
         self.configuration = configuration
         var keywords = configuration.options.map(\.keyword)
         var values = configuration.options.map(\.value)
@@ -49,7 +51,7 @@ final class PGConnection {
             throw Self.connectFailure(message, connection: configuration.redactedDescription)
         }
         self.raw = connection
-        try verifyServer()
+        if !isProbe { try verifyServer() }
     }
 
     deinit {
@@ -334,15 +336,30 @@ final class PGConnection {
                    current_setting('max_identifier_length')
             """
         ).singleRow()
-        // Separate statements are separate transactions: a transaction-pooling proxy may hand each to another backend.
-        let secondPID = try execute("SELECT pg_backend_pid()").singleRow().int32(0)
-        let thirdPID = try execute("SELECT pg_backend_pid()").singleRow().int32(0)
+        var pids = [try facts.int32(2)]
+        if pids[0] != protocolBackendPID {
+            // A proxy invented the pid libpq got (PgBouncer does, in every mode). Whether it pools by transaction
+            // shows only under contention — a lone client gets the same idle server back — so make some: a probe
+            // connection holds a transaction open (in transaction mode it is handed the server our last
+            // transaction used), and our next transactions must then run elsewhere.
+            let probe = try PGConnection(configuration, isProbe: true)
+            try probe.execute("BEGIN")
+            pids.append(try probe.execute("SELECT pg_backend_pid()").singleRow().int32(0))
+            pids.append(try execute("SELECT pg_backend_pid()").singleRow().int32(0))
+            pids.append(try execute("SELECT pg_backend_pid()").singleRow().int32(0))
+            _ = try? probe.execute("ROLLBACK")
+            // The probe's own backend is legitimately different: compare it only with ours.
+            if pids[1] != pids[0] && pids[1] != pids[2] && pids[1] != pids[3] { pids.remove(at: 1) }
+        } else {
+            // Separate statements are separate transactions: a pooling proxy may hand each to another backend.
+            pids.append(try execute("SELECT pg_backend_pid()").singleRow().int32(0))
+        }
         let report = ServerRequirements.Facts(
             serverVersion: serverVersion,
             inRecovery: try facts.bool(0),
             transactionReadOnly: try facts.string(1) == "on",
             protocolBackendPID: protocolBackendPID,
-            backendPIDs: [try facts.int32(2), secondPID, thirdPID]
+            backendPIDs: pids
         )
         do {
             isBehindProxy = try ServerRequirements.check(report)
