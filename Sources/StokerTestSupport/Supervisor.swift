@@ -1,0 +1,281 @@
+import CStokerSystem
+import Glibc
+import Synchronization
+
+/// The detached shell that owns one private cluster from `initdb` to `rm -rf` (PITFALLS.md §4).
+///
+/// Arguments: `$1` test pid, `$2` root dir, `$3` TCP port, `$4` PostgreSQL bin dir, `$5` 1 for TLS,
+/// `$6` the user to run as via `runuser` (empty: run directly). It runs `initdb` (and openssl), starts
+/// `postgres` as its own child, writes `setup.log`, then `ready` or `failed`, waits until the test process is gone (pid + start time from /proc, so a zombie or a reused
+/// pid counts as gone) or `stop` exists, stops the cluster with `pg_ctl -m immediate`, and removes the root.
+///
+/// It keeps the test process's stdout open (as fd 9, never written) until the very end: a runner that reads
+/// the test output to EOF, like `swift test`, therefore returns only after every cluster is gone — also
+/// when the test process crashed or was killed.
+let supervisorScript = #"""
+    trap '' INT TERM HUP
+    exec 9>&1 >/dev/null 2>&1
+    umask 022
+    PATH="$PATH:/usr/sbin:/sbin:/usr/bin:/bin"
+    pid=$1 root=$2 port=$3 bin=$4 tls=$5 user=$6
+    as() { if [ -n "$user" ]; then runuser -u "$user" -- "$@"; else "$@"; fi; }
+    st() { sed 's/^.*) //' "/proc/$1/stat" 2>/dev/null; }
+    born=$(st "$pid" | cut -d' ' -f20)
+    alive() { s=$(st "$pid") && [ -n "$s" ] && [ "${s%% *}" != Z ] && [ "$(echo "$s" | cut -d' ' -f20)" = "$born" ]; }
+    cd "$root" || exit 1
+    echo $$ >"$root/supervisor.pid"
+    certificates() {
+      ossl=$(command -v openssl) || { echo "openssl not found in PATH"; return 1; }
+      ec="-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes"
+      printf '%s\n' 'basicConstraints=critical,CA:FALSE' 'keyUsage=critical,digitalSignature,keyEncipherment' \
+        'extendedKeyUsage=serverAuth' 'subjectAltName=DNS:localhost,IP:127.0.0.1' >"$root/server.ext" &&
+      as "$ossl" req -x509 -new $ec -days 7 -subj "/CN=Stoker Test CA" \
+        -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign,cRLSign \
+        -keyout "$root/ca.key" -out "$root/ca.crt" &&
+      as "$ossl" req -new $ec -subj "/CN=localhost" -keyout "$root/server.key" -out "$root/server.csr" &&
+      as "$ossl" x509 -req -in "$root/server.csr" -CA "$root/ca.crt" -CAkey "$root/ca.key" \
+        -CAserial "$root/ca.srl" -CAcreateserial -days 7 -extfile "$root/server.ext" -out "$root/server.crt" &&
+      as chmod 600 "$root/server.key" &&
+      as "$ossl" req -x509 -new $ec -days 7 -subj "/CN=Stoker Unrelated CA" \
+        -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign,cRLSign \
+        -keyout "$root/other-ca.key" -out "$root/other-ca.crt"
+    }
+    running() { s=$(st "$1") && [ -n "$s" ] && [ "${s%% *}" != Z ]; }
+    setup() {
+      as "$bin/initdb" -D "$root/data" -U postgres --auth-local=trust --auth-host=scram-sha-256 \
+        --no-sync --no-instructions -E UTF8 --locale=C || return 1
+      set -- -D "$root/data" -k "$root" -p "$port" -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200
+      if [ "$tls" = 1 ]; then
+        certificates || return 1
+        set -- "$@" -c ssl=on -c "ssl_cert_file=$root/server.crt" -c "ssl_key_file=$root/server.key"
+      fi
+      # Our own child (not daemonised by pg_ctl), so this shell reaps it: no zombie is left for PID 1.
+      as "$bin/postgres" "$@" >"$root/postgres.log" 2>&1 </dev/null &
+      child=$!
+      n=0
+      until sed -n 8p "$root/data/postmaster.pid" 2>/dev/null | grep -q '^ready'; do
+        running "$child" || { echo "postgres exited during startup:"; cat "$root/postgres.log"; return 1; }
+        n=$((n + 1))
+        [ "$n" -le 1200 ] || { echo "postgres not ready after 60 s:"; cat "$root/postgres.log"; return 1; }
+        sleep 0.05
+      done
+    }
+    if setup >"$root/setup.log" 2>&1; then touch "$root/ready"; else touch "$root/failed"; fi
+    while alive && [ ! -e "$root/stop" ]; do sleep 0.2; done
+    if [ -f "$root/data/postmaster.pid" ]; then
+      pm=$(head -n 1 "$root/data/postmaster.pid")
+      as "$bin/pg_ctl" -D "$root/data" -m immediate -w -t 20 stop >/dev/null 2>&1 ||
+        { [ -n "$pm" ] && kill -CONT "$pm" && kill -KILL "$pm"; } >/dev/null 2>&1
+    fi
+    wait
+    rm -rf "$root"
+    """#
+
+/// A process by pid and start time (so a reused pid is not mistaken for it).
+struct ProcessIdentity: Sendable {
+    let pid: Int32
+    let startTime: String
+
+    /// The process whose pid is written in `pidFile`, if it is running now.
+    init?(pidFile: String) {
+        guard let text = Files.contents(pidFile),
+            let pid = Int32(text.split(whereSeparator: \.isWhitespace).first ?? ""),
+            let fields = Self.statFields(pid), fields.count > 19, fields[0] != "Z"
+        else { return nil }
+        self.pid = pid
+        self.startTime = fields[19]
+    }
+
+    /// Whether the process still runs (a zombie or a different process under the same pid does not count).
+    var isRunning: Bool {
+        guard let fields = Self.statFields(pid), fields.count > 19 else { return false }
+        return fields[0] != "Z" && fields[19] == startTime
+    }
+
+    /// `/proc/<pid>/stat` from field 3 (state) on; field 22 (start time) is at index 19.
+    private static func statFields(_ pid: Int32) -> [String]? {
+        guard let stat = Files.contents("/proc/\(pid)/stat"), let close = stat.lastIndex(of: ")") else { return nil }
+        return stat[stat.index(after: close)...].split(separator: " ").map(String.init)
+    }
+}
+
+/// Spawns `argv` with posix_spawn (stdin and stderr on /dev/null, stdout inherited or /dev/null, every other
+/// fd closed, cwd `directory`, an empty signal mask and default dispositions) and waits for it — blocking:
+/// call only on a dedicated thread. Returns the exit status.
+func spawnAndWait(_ argv: [String], directory: String, inheritStandardOutput: Bool) throws -> Int32 {
+    func check(_ rc: Int32, _ what: String) throws {
+        if rc != 0 { throw TestPostgresError("\(what) failed: \(String(cString: strerror(rc)))") }
+    }
+    var actions = posix_spawn_file_actions_t()
+    try check(posix_spawn_file_actions_init(&actions), "posix_spawn_file_actions_init")
+    defer { posix_spawn_file_actions_destroy(&actions) }
+    try check(posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0), "addopen(0)")
+    if !inheritStandardOutput || fcntl(1, F_GETFD) < 0 {
+        try check(posix_spawn_file_actions_addopen(&actions, 1, "/dev/null", O_WRONLY, 0), "addopen(1)")
+    }
+    try check(posix_spawn_file_actions_addopen(&actions, 2, "/dev/null", O_WRONLY, 0), "addopen(2)")
+    try check(stoker_spawn_file_actions_addclosefrom(&actions, 3), "addclosefrom_np(3)")
+    try check(stoker_spawn_file_actions_addchdir(&actions, directory), "addchdir_np")
+
+    var attributes = posix_spawnattr_t()
+    try check(posix_spawnattr_init(&attributes), "posix_spawnattr_init")
+    defer { posix_spawnattr_destroy(&attributes) }
+    // Pool threads block most signals; without this the supervisor and postgres would inherit that mask.
+    var mask = sigset_t()
+    sigemptyset(&mask)
+    try check(posix_spawnattr_setsigmask(&attributes, &mask), "posix_spawnattr_setsigmask")
+    var defaults = sigset_t()
+    sigfillset(&defaults)
+    try check(posix_spawnattr_setsigdefault(&attributes, &defaults), "posix_spawnattr_setsigdefault")
+    try check(
+        posix_spawnattr_setflags(&attributes, Int16(POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF)),
+        "posix_spawnattr_setflags")
+
+    let arguments: [UnsafeMutablePointer<CChar>?] = argv.map { strdup($0) } + [nil]
+    defer { for argument in arguments { free(argument) } }
+    var pid = pid_t()
+    let rc = arguments.withUnsafeBufferPointer { argvBuffer in
+        posix_spawn(&pid, argv[0], &actions, &attributes, argvBuffer.baseAddress!, stoker_environ())
+    }
+    try check(rc, "posix_spawn(\(argv[0]))")
+
+    var status: Int32 = 0
+    while waitpid(pid, &status, 0) < 0 {
+        guard errno == EINTR else {
+            throw TestPostgresError("waitpid failed: \(String(cString: strerror(errno)))")
+        }
+    }
+    // WIFEXITED / WEXITSTATUS are macros Swift cannot import.
+    return status & 0x7f == 0 ? (status >> 8) & 0xff : 128 + (status & 0x7f)
+}
+
+/// The roots of every private cluster this process has started and not yet seen removed, and the
+/// process-wide safety nets that stop them: an `atexit` handler and the orphan watchdog.
+enum ClusterRegistry {
+    /// Registered cluster roots. Read by the atexit handler, so it must be a global, not instance state.
+    static let roots = Mutex<Set<String>>([])
+
+    /// Records `root` (installing the atexit handler and the watchdog on first use).
+    static func register(_ root: String) {
+        _ = processHooks
+        roots.withLock { _ = $0.insert(root) }
+    }
+
+    /// Forgets `root` (its supervisor removed it).
+    static func unregister(_ root: String) {
+        roots.withLock { _ = $0.remove(root) }
+    }
+
+    /// Installed once, when the first private cluster starts.
+    private static let processHooks: Void = {
+        // A C function pointer: the closure captures nothing and reads only globals.
+        atexit { ClusterRegistry.stopAllAtExit() }
+        startOrphanWatchdog()
+    }()
+
+    /// Asks every registered cluster's supervisor to stop and waits up to 5 s for the roots to vanish.
+    static func stopAllAtExit() {
+        let pending = roots.withLock { $0 }
+        guard !pending.isEmpty else { return }
+        for root in pending { Files.touch(root + "/stop") }
+        let deadline = ContinuousClock.now.advanced(by: .seconds(5))
+        while pending.contains(where: Files.exists) && ContinuousClock.now < deadline {
+            usleep(20_000)
+        }
+    }
+
+    /// `swift test` killed with SIGKILL/SIGTERM leaves the test binary running as an orphan (it has its own
+    /// process group). A thread notices the parent change and kills this process, so the supervisors see
+    /// it gone and clean up. Disabled with STOKER_TEST_ORPHAN_WATCHDOG=0, or when the parent is already
+    /// init (nothing to watch).
+    private static func startOrphanWatchdog() {
+        if Files.environment("STOKER_TEST_ORPHAN_WATCHDOG") == "0" { return }
+        let parent = getppid()
+        guard parent > 1 else { return }
+        try? startDetachedThread {
+            while true {
+                usleep(250_000)
+                if getppid() != parent { kill(getpid(), SIGKILL) }
+            }
+        }
+    }
+}
+
+/// Where a private cluster's programs come from and who runs them.
+struct ClusterHost {
+    /// The directory holding `initdb` and `pg_ctl`.
+    var binDirectory: String
+    /// The user to run initdb/pg_ctl/openssl as (`postgres` when we are root), or nil to run them directly.
+    var runAs: (name: String, uid: uid_t, gid: gid_t)?
+    /// Absolute path of `setsid`.
+    var setsid: String
+
+    static func discover() throws -> ClusterHost {
+        let bin = try findBinDirectory()
+        guard let setsid = ["/usr/bin/setsid", "/bin/setsid"].first(where: Files.isExecutable) else {
+            throw TestPostgresError("setsid not found in /usr/bin or /bin (util-linux is required)")
+        }
+        var runAs: (name: String, uid: uid_t, gid: gid_t)?
+        if geteuid() == 0 {
+            // initdb refuses to run as root.
+            guard let user = lookUpUser("postgres") else {
+                throw TestPostgresError("running as root, but there is no `postgres` user to run initdb as")
+            }
+            runAs = ("postgres", user.uid, user.gid)
+        }
+        return ClusterHost(binDirectory: bin, runAs: runAs, setsid: setsid)
+    }
+
+    /// `$PATH` first (symlinks resolved to the real bin dir), then the highest /usr/lib/postgresql/*/bin.
+    private static func findBinDirectory() throws -> String {
+        func usable(_ dir: String) -> Bool {
+            Files.isExecutable(dir + "/initdb") && Files.isExecutable(dir + "/pg_ctl")
+        }
+        for dir in (Files.environment("PATH") ?? "").split(separator: ":").map(String.init) {
+            let candidate = dir + "/pg_ctl"
+            guard Files.isExecutable(candidate), let real = Files.realPath(candidate) else { continue }
+            let realDir = String(real[..<(real.lastIndex(of: "/") ?? real.endIndex)])
+            if usable(realDir) { return realDir }
+        }
+        let base = "/usr/lib/postgresql"
+        let versions = Files.list(base)
+            .filter { usable("\(base)/\($0)/bin") }
+            .sorted { lhs, rhs in
+                let l = lhs.split(separator: ".").map { Int($0) ?? 0 }
+                let r = rhs.split(separator: ".").map { Int($0) ?? 0 }
+                return l.lexicographicallyPrecedes(r)
+            }
+        if let newest = versions.last { return "\(base)/\(newest)/bin" }
+        throw TestPostgresError(
+            "PostgreSQL server programs (initdb, pg_ctl) not found in $PATH or /usr/lib/postgresql/*/bin; "
+                + "install PostgreSQL or point STOKER_TEST_DATABASE_URL at an existing server")
+    }
+
+    private static func lookUpUser(_ name: String) -> (uid: uid_t, gid: gid_t)? {
+        var entry = passwd()
+        var found: UnsafeMutablePointer<passwd>?
+        var buffer = [CChar](repeating: 0, count: 16_384)
+        let rc = getpwnam_r(name, &entry, &buffer, buffer.count, &found)
+        guard rc == 0, found != nil else { return nil }
+        return (entry.pw_uid, entry.pw_gid)
+    }
+
+    /// A TCP port on 127.0.0.1 that was free a moment ago (bind :0, getsockname, close).
+    static func freeLoopbackPort() throws -> Int {
+        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        guard fd >= 0 else { throw TestPostgresError("socket failed: \(String(cString: strerror(errno)))") }
+        defer { close(fd) }
+        var address = sockaddr_in()
+        address.sin_family = sa_family_t(AF_INET)
+        address.sin_port = 0
+        address.sin_addr.s_addr = UInt32(0x7f00_0001).bigEndian
+        var length = socklen_t(MemoryLayout<sockaddr_in>.size)
+        let bound = withUnsafeMutablePointer(to: &address) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { pointer in
+                bind(fd, pointer, length) == 0 && getsockname(fd, pointer, &length) == 0
+            }
+        }
+        guard bound else { throw TestPostgresError("bind 127.0.0.1:0 failed: \(String(cString: strerror(errno)))") }
+        return Int(UInt16(bigEndian: address.sin_port))
+    }
+}
