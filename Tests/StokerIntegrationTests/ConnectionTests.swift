@@ -58,6 +58,25 @@ struct ConnectionTests {
         withExtendedLifetime(silent) {}
     }
 
+    @Test("several hosts: libpq skips a dead one and connects to the next (multi-host + connect_timeout kept)")
+    func multiHost() async throws {
+        let silent = try SilentListener()
+        let refusedPort = try closedPort()
+        try await withControlledDatabase { database in
+            let role = try await database.createRole(password: Self.secret)
+            let server = database.server
+            let conninfo =
+                "host=127.0.0.1,127.0.0.1,\(server.host) port=\(refusedPort),\(silent.port),\(server.port) "
+                + "dbname=\(database.name) user=\(role) password=\(Self.secret) connect_timeout=2 "
+                + "target_session_attrs=read-write keepalives_idle=5 tcp_user_timeout=5000"
+            let port = try await withSession(conninfo) { session in
+                try await session.query("SELECT inet_server_port()").singleRow().int(0)
+            }
+            #expect(port == server.port)
+        }
+        withExtendedLifetime(silent) {}
+    }
+
     @Test("a closed port → .connectionFailed")
     func refused() async throws {
         let port = try closedPort()

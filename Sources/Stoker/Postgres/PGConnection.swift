@@ -51,6 +51,10 @@ final class PGConnection {
             throw Self.connectFailure(message, connection: configuration.redactedDescription)
         }
         self.raw = connection
+        // libpq's default notice processor prints to stderr (e.g. the FATAL of an administrator's
+        // pg_terminate_backend on an idle session). A library must not write there: the loss is reported through
+        // `.connectionLost` and the server's message instead.
+        PQsetNoticeProcessor(connection, { _, _ in }, nil)
         if !isProbe { try verifyServer() }
     }
 
