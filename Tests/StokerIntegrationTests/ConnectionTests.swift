@@ -24,7 +24,8 @@ struct ConnectionTests {
             #expect(error?.serverMessage?.contains("password authentication failed") == true)
             expectNoSecret(error, Self.secret)
 
-            let url = "postgresql://\(role):\(Self.secret)@\(database.server.host):\(database.server.port)/\(database.name)"
+            let url =
+                "postgresql://\(role):\(Self.secret)@\(database.server.host):\(database.server.port)/\(database.name)"
             let viaURL = await connectError(url)
             #expect(viaURL?.code == .authenticationFailed)
             expectNoSecret(viaURL, Self.secret)
@@ -141,19 +142,24 @@ struct ConnectionTests {
 
 @Suite("Statements: bound values, typed results, transactions")
 struct StatementTests {
-    @Test("bound values round-trip quotes, backslashes, unicode and 1 MB", arguments: [
-        "it's \"quoted\"; DROP TABLE x; --",
-        #"back\slash \\ \n not a newline"#,
-        "unicode: żółć 🚀 ∑ 日本語 \u{200B}",
-        "",
-        String(repeating: "0123456789abcdef", count: 65536),  // 1 MiB
-    ])
+    @Test(
+        "bound values round-trip quotes, backslashes, unicode and 1 MB",
+        arguments: [
+            "it's \"quoted\"; DROP TABLE x; --",
+            #"back\slash \\ \n not a newline"#,
+            "unicode: żółć 🚀 ∑ 日本語 \u{200B}",
+            "",
+            String(repeating: "0123456789abcdef", count: 65536),  // 1 MiB
+        ])
     func roundTrip(value: String) async throws {
         try await withTestDatabase { database in
             try await withSession(database.conninfo) { session in
-                let row = try await session.query("SELECT $1::text, octet_length($1::text), $2::text IS NULL", [
-                    value, nil,
-                ]).singleRow()
+                let row = try await session.query(
+                    "SELECT $1::text, octet_length($1::text), $2::text IS NULL",
+                    [
+                        value, nil,
+                    ]
+                ).singleRow()
                 #expect(try row.string(0) == value)
                 #expect(try row.int(1) == value.utf8.count)
                 #expect(try row.bool(2))
@@ -240,7 +246,8 @@ struct NotificationTests {
                 let idle = try await listener.run { connection -> (PGConnection.WaitOutcome, Int, Duration) in
                     var polls = 0
                     let start = ContinuousClock.now
-                    let outcome = try connection.waitForNotifications(until: start + .milliseconds(150), pollCount: &polls)
+                    let outcome = try connection.waitForNotifications(
+                        until: start + .milliseconds(150), pollCount: &polls)
                     return (outcome, polls, start.duration(to: .now))
                 }
                 #expect(idle.0 == .deadlineReached)

@@ -71,7 +71,10 @@ struct MigrationTests {
                 "column stoker.elections.term has type integer, expected bigint"
             ),
             ("DROP FUNCTION stoker.fence(text, text, bigint)", "function stoker.fence("),
-            ("ALTER TABLE stoker.nodes DISABLE TRIGGER nodes_notify", "trigger nodes.nodes_notify in schema stoker is disabled"),
+            (
+                "ALTER TABLE stoker.nodes DISABLE TRIGGER nodes_notify",
+                "trigger nodes.nodes_notify in schema stoker is disabled"
+            ),
             ("UPDATE stoker.migrations SET checksum = 'abc' WHERE version = 1", "001_initial.sql was recorded"),
         ]
     )

@@ -4,9 +4,9 @@ import Testing
 @testable import Stoker
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #elseif canImport(Darwin)
-import Darwin
+    import Darwin
 #endif
 
 /// A fresh database on the shared test server (a private throwaway cluster unless STOKER_TEST_DATABASE_URL is set),

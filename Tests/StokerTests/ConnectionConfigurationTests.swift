@@ -93,13 +93,22 @@ struct ConnectionConfigurationTests {
 struct ConnectFailureTests {
     @Test(
         arguments: [
-            ("connection to server at \"127.0.0.1\", port 1 failed: timeout expired", StokerError.Code.connectionTimeout),
+            (
+                "connection to server at \"127.0.0.1\", port 1 failed: timeout expired",
+                StokerError.Code.connectionTimeout
+            ),
             (
                 "connection to server at \"127.0.0.1\", port 5432 failed: FATAL:  password authentication failed for "
                     + "user \"bob\"", .authenticationFailed
             ),
-            ("connection to server on socket \"/tmp/x\" failed: FATAL:  role \"nobody\" does not exist", .authenticationFailed),
-            ("connection to server on socket \"/tmp/x\" failed: FATAL:  database \"nope\" does not exist", .databaseNotFound),
+            (
+                "connection to server on socket \"/tmp/x\" failed: FATAL:  role \"nobody\" does not exist",
+                .authenticationFailed
+            ),
+            (
+                "connection to server on socket \"/tmp/x\" failed: FATAL:  database \"nope\" does not exist",
+                .databaseNotFound
+            ),
             ("connection to server at \"localhost\" failed: root certificate file \"/x\" does not exist", .tlsFailed),
             (
                 "connection to server at \"localhost\", port 5 failed: server certificate for \"localhost\" does not "

@@ -3,9 +3,9 @@ import Testing
 @testable import Stoker
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #elseif canImport(Darwin)
-import Darwin
+    import Darwin
 #endif
 
 /// The copy of sql/ the library runs must be byte-identical to sql/ (DESIGN §3).
@@ -23,7 +23,9 @@ struct MigrationFilesTests {
         defer { closedir(directory) }
         var names: [String] = []
         while let entry = readdir(directory) {
-            let name = withUnsafeBytes(of: entry.pointee.d_name) { String(cString: $0.bindMemory(to: CChar.self).baseAddress!) }
+            let name = withUnsafeBytes(of: entry.pointee.d_name) {
+                String(cString: $0.bindMemory(to: CChar.self).baseAddress!)
+            }
             if name.hasSuffix(".sql"), name.first?.isNumber == true { names.append(name) }
         }
         return names.sorted()

@@ -83,7 +83,9 @@ struct SQLNameTests {
         }
     }
 
-    @Test("names up to 63 bytes, quotes and unicode included, pass", arguments: ["stoker", "we\"ird name", "ünï", String(repeating: "x", count: 63)])
+    @Test(
+        "names up to 63 bytes, quotes and unicode included, pass",
+        arguments: ["stoker", "we\"ird name", "ünï", String(repeating: "x", count: 63)])
     func accepted(name: String) throws {
         try SQLName.validate(name, kind: "schema name")
     }

@@ -1,9 +1,9 @@
 import CStokerLibPQ
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #elseif canImport(Darwin)
-import Darwin
+    import Darwin
 #endif
 
 /// A parsed libpq connection string: a `postgresql://` URL or a `key=value` list.

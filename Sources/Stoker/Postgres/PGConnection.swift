@@ -1,9 +1,9 @@
 import CStokerLibPQ
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #elseif canImport(Darwin)
-import Darwin
+    import Darwin
 #endif
 
 /// One libpq connection (`PGconn`).
@@ -100,7 +100,7 @@ final class PGConnection {
                     + "remove it or store the value as bytea."
             )
         }
-        let result = withOptionalCStringArray(parameters) { pointers in
+        let result = withCStringArray(parameters) { pointers in
             PQexecParams(raw, sql, Int32(parameters.count), nil, pointers, nil, nil, 0)
         }
         defer { if let result { PQclear(result) } }
@@ -303,7 +303,8 @@ final class PGConnection {
             let ready = poll(&descriptors, nfds_t(descriptors.count), timeout)
             if ready < 0 {
                 if errno == EINTR { continue }
-                throw StokerError(.connectionLost, "poll(2) failed with errno \(errno).", connection: redactedDescription)
+                throw StokerError(
+                    .connectionLost, "poll(2) failed with errno \(errno).", connection: redactedDescription)
             }
             if ready == 0 {
                 if let deadline, ContinuousClock.now >= deadline { return .deadlineReached }
@@ -388,7 +389,8 @@ final class PGConnection {
             advice = "libpq refused a value in the connection string. Fix the parameter named below."
         } else if has("timeout expired") {
             code = .connectionTimeout
-            advice = "No PostgreSQL server answered within connect_timeout. Check the host, the port and the network path."
+            advice =
+                "No PostgreSQL server answered within connect_timeout. Check the host, the port and the network path."
         } else if has("database \"") && has("does not exist") {
             code = .databaseNotFound
             advice = "The database does not exist on the server. Create it or fix dbname."
@@ -397,11 +399,13 @@ final class PGConnection {
             "no pg_hba.conf entry", "pg_hba.conf rejects", "password is required"
         ) || (has("role \"") && has("does not exist")) {
             code = .authenticationFailed
-            advice = "PostgreSQL refused the credentials. Check the user name and password (or ~/.pgpass, PGPASSWORD) "
+            advice =
+                "PostgreSQL refused the credentials. Check the user name and password (or ~/.pgpass, PGPASSWORD) "
                 + "and that pg_hba.conf admits this client."
         } else if has("ssl", "certificate", "tls") {
             code = .tlsFailed
-            advice = "TLS could not be set up or the server's certificate was refused. Check sslmode, sslrootcert "
+            advice =
+                "TLS could not be set up or the server's certificate was refused. Check sslmode, sslrootcert "
                 + "and that the host name matches the certificate."
         } else if has("read-only", "hot standby", "in recovery", "is not in read-write") {
             code = .readOnlySession
@@ -414,23 +418,13 @@ final class PGConnection {
     }
 }
 
-/// Calls `body` with a NULL-terminated array of C strings that live for the duration of the call.
-private func withCStringArray<R>(_ strings: [String], _ body: (UnsafePointer<UnsafePointer<CChar>?>) -> R) -> R {
-    let duplicates = strings.map { strdup($0) }
-    defer { duplicates.forEach { free($0) } }
-    var pointers: [UnsafePointer<CChar>?] = duplicates.map { $0.map { UnsafePointer($0) } }
-    pointers.append(nil)
-    return pointers.withUnsafeBufferPointer { body($0.baseAddress!) }
-}
-
-/// Like `withCStringArray`, for parameter values where `nil` stands for SQL NULL (no terminator).
-private func withOptionalCStringArray<R>(
-    _ strings: [String?],
-    _ body: (UnsafePointer<UnsafePointer<CChar>?>?) -> R
-) -> R {
-    if strings.isEmpty { return body(nil) }
+/// Calls `body` with a NULL-terminated array of C strings (`nil` entries stay NULL: SQL NULL for parameters) that
+/// live for the duration of the call.
+private func withCStringArray<R>(_ strings: [String?], _ body: (UnsafePointer<UnsafePointer<CChar>?>) -> R) -> R {
     let duplicates = strings.map { $0.map { strdup($0) } ?? nil }
-    defer { duplicates.forEach { free($0) } }
-    let pointers: [UnsafePointer<CChar>?] = duplicates.map { $0.map { UnsafePointer($0) } }
+    defer {
+        for duplicate in duplicates { free(duplicate) }
+    }
+    let pointers: [UnsafePointer<CChar>?] = duplicates.map { $0.map { UnsafePointer($0) } } + [nil]
     return pointers.withUnsafeBufferPointer { body($0.baseAddress!) }
 }

@@ -2,9 +2,9 @@ import CStokerLibPQ
 import Synchronization
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #elseif canImport(Darwin)
-import Darwin
+    import Darwin
 #endif
 
 /// A PostgreSQL session owned by one dedicated thread.

@@ -17,7 +17,8 @@ struct QueryResult: Sendable {
 
         func string(_ column: Int) throws(StokerError) -> String {
             guard column < values.count else {
-                throw StokerError(.unexpectedResult, "The result has \(values.count) columns; column \(column) was read.")
+                throw StokerError(
+                    .unexpectedResult, "The result has \(values.count) columns; column \(column) was read.")
             }
             guard let value = values[column] else {
                 throw StokerError(.unexpectedResult, "Column \(column) is NULL where a value was expected.")

@@ -13,7 +13,8 @@ enum SQLName {
             throw StokerError(.invalidIdentifier, "The \(kind) is empty; give it a name.")
         }
         if name.utf8.contains(0) {
-            throw StokerError(.invalidIdentifier, "The \(kind) contains a NUL byte, which PostgreSQL names cannot hold.")
+            throw StokerError(
+                .invalidIdentifier, "The \(kind) contains a NUL byte, which PostgreSQL names cannot hold.")
         }
         let length = name.utf8.count
         if length > maximumLength {

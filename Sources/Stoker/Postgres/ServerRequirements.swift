@@ -54,6 +54,7 @@ enum ServerRequirements {
     }
 
     static func versionText(_ version: Int) -> String {
-        version >= 100000 ? "\(version / 10000).\(version % 10000)" : "\(version / 10000).\(version / 100 % 100).\(version % 100)"
+        version >= 100000
+            ? "\(version / 10000).\(version % 10000)" : "\(version / 10000).\(version / 100 % 100).\(version % 100)"
     }
 }

@@ -18,15 +18,30 @@ struct Migration: Sendable, Equatable {
 /// a changed type, a missing function or a disabled trigger is reported by name instead of failing later.
 enum SchemaManifest {
     static let columns: [(table: String, columns: [(name: String, type: String)])] = [
-        ("migrations", [("version", "integer"), ("name", "text"), ("checksum", "text"),
-                        ("applied_at", "timestamp with time zone")]),
+        (
+            "migrations",
+            [
+                ("version", "integer"), ("name", "text"), ("checksum", "text"),
+                ("applied_at", "timestamp with time zone"),
+            ]
+        ),
         ("clusters", [("id", "integer"), ("name", "text")]),
-        ("nodes", [("id", "integer"), ("cluster_id", "integer"), ("name", "text"), ("host", "text"),
-                   ("pid", "integer"), ("backend_pid", "integer"), ("started_at", "timestamp with time zone"),
-                   ("heartbeat_at", "timestamp with time zone"), ("draining", "boolean"), ("metadata", "jsonb")]),
-        ("elections", [("id", "integer"), ("cluster_id", "integer"), ("name", "text"), ("term", "bigint"),
-                       ("leader_node", "integer"), ("leader_name", "text"),
-                       ("leader_since", "timestamp with time zone")]),
+        (
+            "nodes",
+            [
+                ("id", "integer"), ("cluster_id", "integer"), ("name", "text"), ("host", "text"),
+                ("pid", "integer"), ("backend_pid", "integer"), ("started_at", "timestamp with time zone"),
+                ("heartbeat_at", "timestamp with time zone"), ("draining", "boolean"), ("metadata", "jsonb"),
+            ]
+        ),
+        (
+            "elections",
+            [
+                ("id", "integer"), ("cluster_id", "integer"), ("name", "text"), ("term", "bigint"),
+                ("leader_node", "integer"), ("leader_name", "text"),
+                ("leader_since", "timestamp with time zone"),
+            ]
+        ),
     ]
     /// `name(identity arguments)` as `pg_get_function_identity_arguments` prints them.
     static let functions = [

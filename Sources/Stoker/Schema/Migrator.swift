@@ -107,11 +107,6 @@ struct Migrator {
     let schema: String
     var migrations: [Migration] = Migration.all
 
-    init(schema: String, migrations: [Migration] = Migration.all) {
-        self.schema = schema
-        self.migrations = migrations
-    }
-
     func migrate(on connection: PGConnection) throws -> MigrationReport {
         let quoted = try connection.quoteIdentifier(schema, kind: "schema name")
         return try connection.transaction {
@@ -276,7 +271,8 @@ struct Migrator {
     private func migrationError(_ what: String, cause: StokerError) -> StokerError {
         var hint = ""
         if cause.sqlState == "42501" {
-            hint = " The role lacks a privilege: run `stoker migrate` as the owner of the schema (or a role that may "
+            hint =
+                " The role lacks a privilege: run `stoker migrate` as the owner of the schema (or a role that may "
                 + "create it), then grant the node's role what the README lists."
         }
         return StokerError(
