@@ -2,6 +2,7 @@
 #include "CStokerSystem.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <unistd.h>
 
 extern char **environ;
@@ -30,4 +31,8 @@ int stoker_spawn_file_actions_addchdir(posix_spawn_file_actions_t *actions, cons
 
 char *const *stoker_environ(void) {
     return environ;
+}
+
+int stoker_pipe_cloexec(int fds[2]) {
+    return pipe2(fds, O_CLOEXEC);
 }

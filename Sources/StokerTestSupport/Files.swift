@@ -37,6 +37,20 @@ enum Files {
         return String(decoding: bytes, as: UTF8.self)
     }
 
+    /// Creates or truncates `path` (mode 0644) and writes `text` to it.
+    static func write(_ path: String, _ text: String) throws {
+        let fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
+        guard fd >= 0 else { throw TestPostgresError("cannot create \(path): \(String(cString: strerror(errno)))") }
+        defer { close(fd) }
+        var bytes = Array(text.utf8)[...]
+        while !bytes.isEmpty {
+            let n = bytes.withUnsafeBytes { Glibc.write(fd, $0.baseAddress, $0.count) }
+            if n < 0 && errno == EINTR { continue }
+            guard n > 0 else { throw TestPostgresError("cannot write \(path): \(String(cString: strerror(errno)))") }
+            bytes = bytes.dropFirst(n)
+        }
+    }
+
     /// The canonical absolute path of `path` (symlinks resolved), or nil.
     static func realPath(_ path: String) -> String? {
         guard let resolved = realpath(path, nil) else { return nil }

@@ -6,8 +6,11 @@ import Synchronization
 ///
 /// Arguments: `$1` test pid, `$2` root dir, `$3` TCP port, `$4` PostgreSQL bin dir, `$5` 1 for TLS,
 /// `$6` the user to run as via `runuser` (empty: run directly). It runs `initdb` (and openssl), starts
-/// `postgres` as its own child, writes `setup.log`, then `ready` or `failed`, waits until the test process is gone (pid + start time from /proc, so a zombie or a reused
-/// pid counts as gone) or `stop` exists, stops the cluster with `pg_ctl -m immediate`, and removes the root.
+/// `postgres` as its own child, writes `setup.log`, then `ready` or `failed`, waits until the test process is gone
+/// (pid + start time from /proc, so a zombie or a reused pid counts as gone) or `stop` exists, stops the cluster with
+/// `pg_ctl -m immediate`, and removes the root. Meanwhile it serves restart requests: for each file
+/// `restart-<token>` it stops postgres (`-m immediate`), starts it again with the same settings, and writes
+/// `restarted-<token>` (or `restart-failed-<token>`, details in `restart.log`).
 ///
 /// It keeps the test process's stdout open (as fd 9, never written) until the very end: a runner that reads
 /// the test output to EOF, like `swift test`, therefore returns only after every cluster is gone — also
@@ -41,32 +44,56 @@ let supervisorScript = #"""
         -keyout "$root/other-ca.key" -out "$root/other-ca.crt"
     }
     running() { s=$(st "$1") && [ -n "$s" ] && [ "${s%% *}" != Z ]; }
-    setup() {
-      as "$bin/initdb" -D "$root/data" -U postgres --auth-local=trust --auth-host=scram-sha-256 \
-        --no-sync --no-instructions -E UTF8 --locale=C || return 1
+    # Starts postgres as our own child (not daemonised by pg_ctl, so this shell reaps it: no zombie is left for
+    # PID 1) and waits until its postmaster.pid (a new one: not the previous postmaster's) says ready.
+    launch() {
       set -- -D "$root/data" -k "$root" -p "$port" -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200
       if [ "$tls" = 1 ]; then
-        certificates || return 1
         set -- "$@" -c ssl=on -c "ssl_cert_file=$root/server.crt" -c "ssl_key_file=$root/server.key"
       fi
-      # Our own child (not daemonised by pg_ctl), so this shell reaps it: no zombie is left for PID 1.
-      as "$bin/postgres" "$@" >"$root/postgres.log" 2>&1 </dev/null &
+      previous=$(head -n 1 "$root/data/postmaster.pid" 2>/dev/null)
+      as "$bin/postgres" "$@" >>"$root/postgres.log" 2>&1 </dev/null &
       child=$!
       n=0
-      until sed -n 8p "$root/data/postmaster.pid" 2>/dev/null | grep -q '^ready'; do
-        running "$child" || { echo "postgres exited during startup:"; cat "$root/postgres.log"; return 1; }
+      until sed -n 8p "$root/data/postmaster.pid" 2>/dev/null | grep -q '^ready' &&
+            [ "$(head -n 1 "$root/data/postmaster.pid" 2>/dev/null)" != "$previous" ]; do
+        running "$child" || { echo "postgres exited during startup:"; tail -n 50 "$root/postgres.log"; return 1; }
         n=$((n + 1))
-        [ "$n" -le 1200 ] || { echo "postgres not ready after 60 s:"; cat "$root/postgres.log"; return 1; }
+        [ "$n" -le 1200 ] || { echo "postgres not ready after 60 s:"; tail -n 50 "$root/postgres.log"; return 1; }
         sleep 0.05
       done
     }
+    # Immediate shutdown (like a crash: no checkpoint, clients cut off), then reap the child.
+    stop_postgres() {
+      if [ -f "$root/data/postmaster.pid" ]; then
+        pm=$(head -n 1 "$root/data/postmaster.pid")
+        as "$bin/pg_ctl" -D "$root/data" -m immediate -w -t 20 stop >/dev/null 2>&1 ||
+          { [ -n "$pm" ] && kill -CONT "$pm" && kill -KILL "$pm"; } >/dev/null 2>&1
+      fi
+      [ -z "$child" ] || wait "$child"
+    }
+    # Serves the requests `restart-<token>` given as arguments: stop, launch, then `restarted-<token>` (or
+    # `restart-failed-<token>`, with restart.log) for each.
+    restart() {
+      for request in "$@"; do rm -f "$request"; done
+      stop_postgres
+      if launch >>"$root/restart.log" 2>&1; then outcome=restarted; else outcome=restart-failed; fi
+      for request in "$@"; do touch "$root/$outcome-${request##*/restart-}"; done
+    }
+    setup() {
+      as "$bin/initdb" -D "$root/data" -U postgres --auth-local=trust --auth-host=scram-sha-256 \
+        --no-sync --no-instructions -E UTF8 --locale=C || return 1
+      if [ "$tls" = 1 ]; then certificates || return 1; fi
+      launch
+    }
+    child=
     if setup >"$root/setup.log" 2>&1; then touch "$root/ready"; else touch "$root/failed"; fi
-    while alive && [ ! -e "$root/stop" ]; do sleep 0.2; done
-    if [ -f "$root/data/postmaster.pid" ]; then
-      pm=$(head -n 1 "$root/data/postmaster.pid")
-      as "$bin/pg_ctl" -D "$root/data" -m immediate -w -t 20 stop >/dev/null 2>&1 ||
-        { [ -n "$pm" ] && kill -CONT "$pm" && kill -KILL "$pm"; } >/dev/null 2>&1
-    fi
+    while alive && [ ! -e "$root/stop" ]; do
+      set -- "$root"/restart-*
+      [ ! -e "$1" ] || restart "$@"
+      sleep 0.2
+    done
+    stop_postgres
     wait
     rm -rf "$root"
     """#
@@ -101,52 +128,12 @@ struct ProcessIdentity: Sendable {
 
 /// Spawns `argv` with posix_spawn (stdin and stderr on /dev/null, stdout inherited or /dev/null, every other
 /// fd closed, cwd `directory`, an empty signal mask and default dispositions) and waits for it — blocking:
-/// call only on a dedicated thread. Returns the exit status.
+/// call only on a dedicated thread. Returns the exit status (or 128 + signal).
 func spawnAndWait(_ argv: [String], directory: String, inheritStandardOutput: Bool) throws -> Int32 {
-    func check(_ rc: Int32, _ what: String) throws {
-        if rc != 0 { throw TestPostgresError("\(what) failed: \(String(cString: strerror(rc)))") }
-    }
-    var actions = posix_spawn_file_actions_t()
-    try check(posix_spawn_file_actions_init(&actions), "posix_spawn_file_actions_init")
-    defer { posix_spawn_file_actions_destroy(&actions) }
-    try check(posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0), "addopen(0)")
-    if !inheritStandardOutput || fcntl(1, F_GETFD) < 0 {
-        try check(posix_spawn_file_actions_addopen(&actions, 1, "/dev/null", O_WRONLY, 0), "addopen(1)")
-    }
-    try check(posix_spawn_file_actions_addopen(&actions, 2, "/dev/null", O_WRONLY, 0), "addopen(2)")
-    try check(stoker_spawn_file_actions_addclosefrom(&actions, 3), "addclosefrom_np(3)")
-    try check(stoker_spawn_file_actions_addchdir(&actions, directory), "addchdir_np")
-
-    var attributes = posix_spawnattr_t()
-    try check(posix_spawnattr_init(&attributes), "posix_spawnattr_init")
-    defer { posix_spawnattr_destroy(&attributes) }
-    // Pool threads block most signals; without this the supervisor and postgres would inherit that mask.
-    var mask = sigset_t()
-    sigemptyset(&mask)
-    try check(posix_spawnattr_setsigmask(&attributes, &mask), "posix_spawnattr_setsigmask")
-    var defaults = sigset_t()
-    sigfillset(&defaults)
-    try check(posix_spawnattr_setsigdefault(&attributes, &defaults), "posix_spawnattr_setsigdefault")
-    try check(
-        posix_spawnattr_setflags(&attributes, Int16(POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF)),
-        "posix_spawnattr_setflags")
-
-    let arguments: [UnsafeMutablePointer<CChar>?] = argv.map { strdup($0) } + [nil]
-    defer { for argument in arguments { free(argument) } }
-    var pid = pid_t()
-    let rc = arguments.withUnsafeBufferPointer { argvBuffer in
-        posix_spawn(&pid, argv[0], &actions, &attributes, argvBuffer.baseAddress!, stoker_environ())
-    }
-    try check(rc, "posix_spawn(\(argv[0]))")
-
-    var status: Int32 = 0
-    while waitpid(pid, &status, 0) < 0 {
-        guard errno == EINTR else {
-            throw TestPostgresError("waitpid failed: \(String(cString: strerror(errno)))")
-        }
-    }
-    // WIFEXITED / WEXITSTATUS are macros Swift cannot import.
-    return status & 0x7f == 0 ? (status >> 8) & 0xff : 128 + (status & 0x7f)
+    let pid = try spawnChild(
+        argv, directory: directory, standardOutput: inheritStandardOutput ? .inherit : .null,
+        standardError: .null)
+    return try waitForExit(pid)
 }
 
 /// The roots of every private cluster this process has started and not yet seen removed, and the

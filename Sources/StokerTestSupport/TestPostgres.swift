@@ -299,6 +299,49 @@ public final class TestPostgres: Sendable {
         return firstError
     }
 
+    // MARK: - Faults
+
+    /// Restarts a private cluster like `pg_ctl restart -m immediate` (DESIGN.md §7): its supervisor stops the
+    /// postmaster in immediate mode — every session is cut off without a goodbye and nothing is checkpointed, as in a
+    /// crash — and starts it again on the same data directory, socket directory and port. Returns once the server
+    /// accepts connections again (waits asynchronously, up to 60 s).
+    ///
+    /// This disrupts every test using the cluster, so a test that restarts should start its own with
+    /// ``start(_:)`` rather than use ``shared()`` or ``controlled()`` (allowed, but their other users fail).
+    /// Concurrent calls may be served by a single restart.
+    ///
+    /// - Throws: ``TestPostgresError`` for an external server, a stopped cluster, or (with the log) a failed start.
+    public func restart() async throws {
+        guard isPrivate, let root = socketDirectory else {
+            throw TestPostgresError("restart() needs a private cluster; this server is external (\(host):\(port))")
+        }
+        let token = SQL.randomHex(16)
+        guard Files.exists(root + "/ready"), Files.touch(root + "/restart-" + token) else {
+            throw TestPostgresError("cannot restart the cluster in \(root): it is stopped or was never ready")
+        }
+        let deadline = ContinuousClock.now.advanced(by: .seconds(60))
+        while true {
+            if Files.exists(root + "/restarted-" + token) {
+                unlink(root + "/restarted-" + token)
+                return
+            }
+            var problem: String?
+            if Files.exists(root + "/restart-failed-" + token) {
+                unlink(root + "/restart-failed-" + token)
+                problem = "PostgreSQL did not come back after the restart"
+            } else if !Files.exists(root) || Files.exists(root + "/stop") {
+                problem = "the cluster was stopped during the restart"
+            } else if ContinuousClock.now >= deadline {
+                problem = "the restart did not finish within 60 s"
+            }
+            if let problem {
+                let log = Files.contents(root + "/restart.log") ?? "(no restart.log)"
+                throw TestPostgresError("\(problem) in \(root); restart.log:\n\(Files.tail(log))")
+            }
+            await pauseBriefly()
+        }
+    }
+
     // MARK: - Stopping
 
     /// Stops a private cluster started with ``start(_:)`` and waits (asynchronously, up to 30 s) until its

@@ -118,7 +118,7 @@ private func existsSQL(role: String) -> String {
 }
 
 /// PIDs of processes whose command line mentions `text` (scans /proc/*/cmdline).
-private func processes(mentioning text: String) -> [Int32] {
+func processes(mentioning text: String) -> [Int32] {
     let me = ProcessInfo.processInfo.processIdentifier
     let entries = (try? FileManager.default.contentsOfDirectory(atPath: "/proc")) ?? []
     return entries.compactMap { entry -> Int32? in

@@ -19,6 +19,10 @@ int stoker_spawn_file_actions_addclosefrom(posix_spawn_file_actions_t *actions, 
  * Returns 0 or an errno value (ENOSYS where the platform lacks it). */
 int stoker_spawn_file_actions_addchdir(posix_spawn_file_actions_t *actions, const char *path);
 
+/* pipe2(fds, O_CLOEXEC): a pipe whose both ends are closed on exec, created atomically (no other thread's
+ * fork/exec can inherit it in between). Returns 0, or -1 with errno set. */
+int stoker_pipe_cloexec(int fds[2]);
+
 /* The process environment (`environ`), which Swift 6 rejects as shared mutable state. */
 char *const *stoker_environ(void);
 
