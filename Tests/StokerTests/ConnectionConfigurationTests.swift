@@ -61,6 +61,54 @@ struct ConnectionConfigurationTests {
         }
     }
 
+    /// Strings a reviewer built to slip a password past the redaction (each once leaked whole or in part).
+    @Test(
+        "no password, nor a piece of one, survives in an error or the description",
+        arguments: [
+            " postgresql://svc:S3cr3tPW@db/app",
+            "postgresql+psycopg2://svc:S3cr3tPW@db/app",
+            "postgres:/svc:S3cr3tPW@db/app",
+            "jdbc:postgresql://svc:S3cr3tPW@db/app",
+            "host=db password:S3cr3tPW",
+            "host=db user=svc S3cr3tPW",
+            "host=db PASSWORD=S3cr3tPW",
+            "postgresql://svc:S3c?r3tPW%zz@db/app",
+            "postgresql://svc:S3c/r3tPW@db:5432/app",
+            "postgresql://svc:S3c@r3tPW@db/app",
+            "dbname=postgresql://svc:S3cr3tPW@db/app",
+            "dbname='host=x password=S3cr3tPW'",
+            "host=db password = 'S3cr3tPW' user=svc",
+            "postgresql://svc@db/app?password=S3cr3tPW",
+        ]
+    )
+    func noLeak(conninfo: String) {
+        var texts: [String] = []
+        do {
+            let configuration = try ConnectionConfiguration(conninfo)
+            texts.append(configuration.redactedDescription)
+            texts.append(configuration.redactor.scrub("FATAL: database \"\(conninfo)\" does not exist"))
+        } catch {
+            texts += [error.description, error.message, error.serverMessage ?? ""]
+        }
+        for text in texts {
+            for fragment in ["S3cr3tPW", "r3tPW", "S3c"] {
+                #expect(!text.contains(fragment), "\(fragment) leaked in: \(text)")
+            }
+        }
+    }
+
+    @Test("a parse error keeps the keywords it names and hides everything else it quotes")
+    func parseErrorText() {
+        #expect(
+            ConnectionConfiguration.hidingQuotedText(#"missing "=" after "hunter2" in connection info string"#)
+                == #"missing "=" after "…" in connection info string"#
+        )
+        #expect(
+            ConnectionConfiguration.hidingQuotedText(#"invalid value for "sslmode": "x""#)
+                == #"invalid value for "sslmode": "x""#
+        )
+    }
+
     @Test("a NUL byte is refused, not truncated")
     func nulByte() {
         #expect(throws: StokerError.self) { try ConnectionConfiguration("host=a\0 password=x") }
@@ -125,6 +173,6 @@ struct ConnectFailureTests {
         ]
     )
     func classify(message: String, code: StokerError.Code) {
-        #expect(PGConnection.connectFailure(message, connection: "host=h").code == code)
+        #expect(PGConnection.connectFailure(message, redactor: Redactor(secrets: []), connection: "host=h").code == code)
     }
 }

@@ -23,6 +23,13 @@ struct ConnectionConfiguration: Sendable {
     /// Strings that must never appear in an error or a log line.
     let secrets: [String]
 
+    private struct Entry {
+        let keyword: String
+        let value: String
+        let isSecret: Bool
+        let isShown: Bool
+    }
+
     /// Parses `conninfo`. An empty string is valid: everything then comes from the `PG*` environment.
     init(_ conninfo: String) throws(StokerError) {
         if conninfo.utf8.contains(0) {
@@ -31,7 +38,28 @@ struct ConnectionConfiguration: Sendable {
                 "The connection string contains a NUL byte; remove it (libpq would silently cut the string there)."
             )
         }
-        let heuristicSecrets = Self.rawSecrets(in: conninfo) + Self.environmentSecrets()
+        try Self.refuseAmbiguousURL(conninfo)
+        // As PQconnectdb would: a dbname that itself looks like a connection string is a database name here, not
+        // expanded (only PQconnectdbParams' expand_dbname does that). rawSecrets still finds a password in it.
+        let entries = try Self.parse(conninfo)
+        let secrets = entries.filter(\.isSecret).map(\.value) + Self.rawSecrets(in: conninfo)
+            + Self.environmentSecrets()
+        self.secrets = Array(Set(secrets.filter { !$0.isEmpty }))
+        self.options = entries.map { ($0.keyword, $0.value) }
+        self.redactedDescription = Redactor(secrets: self.secrets).scrub(
+            entries.filter(\.isShown).map { "\($0.keyword)=\(Self.quoteForDisplay($0.value))" }
+                .joined(separator: " ")
+        )
+    }
+
+    /// The value the string set for `keyword`, if any.
+    func value(for keyword: String) -> String? {
+        options.last(where: { $0.keyword == keyword })?.value
+    }
+
+    var redactor: Redactor { Redactor(secrets: secrets) }
+
+    private static func parse(_ conninfo: String) throws(StokerError) -> [Entry] {
         var errorMessage: UnsafeMutablePointer<CChar>?
         guard let parsed = PQconninfoParse(conninfo, &errorMessage) else {
             let libpqMessage = errorMessage.map { String(cString: $0) } ?? "out of memory"
@@ -41,40 +69,84 @@ struct ConnectionConfiguration: Sendable {
                 "The connection string could not be parsed. Use a URL such as "
                     + "postgresql://user@host:5432/dbname?sslmode=require or a key=value list such as "
                     + "\"host=db port=5432 dbname=app user=svc\".",
-                serverMessage: Redactor(secrets: heuristicSecrets).scrub(trimmed(libpqMessage))
+                serverMessage: hidingQuotedText(trimmed(libpqMessage))
             )
         }
         defer { PQconninfoFree(parsed) }
-
-        var options: [(keyword: String, value: String)] = []
-        var shown: [String] = []
-        var secrets = heuristicSecrets
+        var entries: [Entry] = []
         var index = 0
         while let keywordPointer = parsed[index].keyword {
             defer { index += 1 }
             guard let valuePointer = parsed[index].val else { continue }
-            let keyword = String(cString: keywordPointer)
-            let value = String(cString: valuePointer)
-            options.append((keyword, value))
+            // libpq marks password fields ("password", "sslpassword") with dispchar "*", debug ones with "D".
             let display = parsed[index].dispchar.map { String(cString: $0) } ?? ""
-            if display == "*" {
-                // libpq marks password fields ("password", "sslpassword") with dispchar "*": never shown.
-                if !value.isEmpty { secrets.append(value) }
-            } else if display != "D" {
-                shown.append("\(keyword)=\(Self.quoteForDisplay(value))")
-            }
+            entries.append(
+                Entry(
+                    keyword: String(cString: keywordPointer),
+                    value: String(cString: valuePointer),
+                    isSecret: display == "*",
+                    isShown: display != "*" && display != "D"
+                )
+            )
         }
-        self.options = options
-        self.secrets = Array(Set(secrets.filter { !$0.isEmpty }))
-        self.redactedDescription = shown.joined(separator: " ")
+        return entries
     }
 
-    /// The value the string set for `keyword`, if any.
-    func value(for keyword: String) -> String? {
-        options.last(where: { $0.keyword == keyword })?.value
+    /// Every keyword libpq knows: the only quoted words of a parse error that are safe to repeat.
+    private static let knownKeywords: Set<String> = {
+        guard let defaults = PQconndefaults() else { return [] }
+        defer { PQconninfoFree(defaults) }
+        var keywords: Set<String> = []
+        var index = 0
+        while let keyword = defaults[index].keyword {
+            keywords.insert(String(cString: keyword))
+            index += 1
+        }
+        return keywords
+    }()
+
+    /// A parse error quotes the piece of the string it stumbled on — which may be a password (`missing "=" after
+    /// "hunter2"`, `invalid percent-encoded token: "pa%zz"`). Keep quoted keywords and single characters, hide the rest.
+    static func hidingQuotedText(_ message: String) -> String {
+        var result = ""
+        var rest = Substring(message)
+        while let open = rest.firstIndex(of: "\"") {
+            result += rest[...open]
+            let afterOpen = rest.index(after: open)
+            guard let close = rest[afterOpen...].firstIndex(of: "\"") else {
+                result += "…"
+                return result
+            }
+            let quoted = rest[afterOpen..<close]
+            result += quoted.count <= 1 || knownKeywords.contains(String(quoted)) ? String(quoted) : "…"
+            result += "\""
+            rest = rest[rest.index(after: close)...]
+        }
+        return result + rest
     }
 
-    var redactor: Redactor { Redactor(secrets: secrets) }
+    /// libpq ends a URL's user info at the first `@` or `/`: a password holding a raw `@` or `/` is split into host,
+    /// port and database instead, where no redaction can recognise it. Refuse such URLs without echoing them.
+    private static func refuseAmbiguousURL(_ conninfo: String) throws(StokerError) {
+        let lower = conninfo.lowercased()
+        guard lower.hasPrefix("postgresql://") || lower.hasPrefix("postgres://"),
+            let scheme = conninfo.firstRange(of: "://")
+        else { return }
+        let rest = conninfo[scheme.upperBound...]
+        let firstSlash = rest.firstIndex(of: "/") ?? rest.endIndex
+        var afterUserInfo = rest
+        if let firstAt = rest.firstIndex(of: "@"), firstAt < firstSlash {
+            afterUserInfo = rest[rest.index(after: firstAt)...]
+        }
+        let hostAndPath = afterUserInfo[..<(afterUserInfo.firstIndex(of: "?") ?? afterUserInfo.endIndex)]
+        if hostAndPath.contains("@") {
+            throw StokerError(
+                .invalidConnectionString,
+                "The URL holds an '@' that libpq would not read as the end of the user info: percent-encode '@' "
+                    + "as %40 and '/' as %2F in the user name and password."
+            )
+        }
+    }
 
     private static func quoteForDisplay(_ value: String) -> String {
         if !value.isEmpty, !value.contains(where: { $0 == " " || $0 == "'" || $0 == "\\" }) { return value }
@@ -86,63 +158,61 @@ struct ConnectionConfiguration: Sendable {
         return quoted + "'"
     }
 
-    /// Password text as it stands in a string that libpq may fail to parse (and then quote back in its message):
-    /// the password part of a URL's user info, raw and percent-decoded, and the value of a `password=` keyword.
+    /// Password text as it stands in the raw string, found without libpq (whose parse may have failed or split the
+    /// string differently): the password of every `scheme://user:password@` in it, raw and percent-decoded, every
+    /// `password=` query parameter, and the value of every `password=` keyword. Over-matching is harmless: these
+    /// strings are only ever removed from messages.
     static func rawSecrets(in conninfo: String) -> [String] {
         var found: [String] = []
-        let lower = conninfo.lowercased()
-        if lower.hasPrefix("postgresql://") || lower.hasPrefix("postgres://"),
-            let schemeEnd = conninfo.firstRange(of: "://")
-        {
-            var rest = conninfo[schemeEnd.upperBound...]
-            if let query = rest.firstIndex(of: "?") { rest = rest[..<query] }
-            if let at = rest.lastIndex(of: "@") {
-                let userInfo = rest[..<at]
-                if let colon = userInfo.firstIndex(of: ":") {
-                    let password = String(userInfo[userInfo.index(after: colon)...])
-                    found.append(password)
-                    if let decoded = percentDecoded(password) { found.append(decoded) }
+        func add(_ candidate: Substring) {
+            let value = String(candidate)
+            found.append(value)
+            if let decoded = percentDecoded(value) { found.append(decoded) }
+            if value.hasSuffix("'") { found.append(String(value.dropLast())) }
+        }
+        // URLs, wherever they stand (a leading space, "jdbc:postgresql://", a dbname holding a URL).
+        var searchFrom = conninfo.startIndex
+        while let scheme = conninfo[searchFrom...].firstRange(of: "://") {
+            searchFrom = scheme.upperBound
+            let rest = conninfo[scheme.upperBound...].prefix { $0 != " " && $0 != "\t" && $0 != "\n" }
+            if let at = rest.lastIndex(of: "@"), let colon = rest[..<at].firstIndex(of: ":") {
+                add(rest[rest.index(after: colon)..<at])
+            }
+            if let query = rest.firstIndex(of: "?") {
+                for pair in rest[rest.index(after: query)...].split(separator: "&") {
+                    let parts = pair.split(separator: "=", maxSplits: 1)
+                    if parts.count == 2, parts[0].lowercased().hasSuffix("password") { add(parts[1]) }
                 }
             }
-            // A password given as a query parameter: ?password=...
-            for pair in conninfo.split(separator: "?").dropFirst().joined(separator: "?").split(separator: "&") {
-                let parts = pair.split(separator: "=", maxSplits: 1)
-                if parts.count == 2, parts[0].lowercased().hasSuffix("password") {
-                    found.append(String(parts[1]))
-                    if let decoded = percentDecoded(String(parts[1])) { found.append(decoded) }
-                }
-            }
-        } else {
-            // key=value form: scan for password= / sslpassword= and take the (possibly quoted) value.
-            var scalars = Substring(conninfo)
-            while let range = scalars.firstRange(of: "password") {
-                var cursor = range.upperBound
-                scalars = scalars[range.upperBound...]
-                while cursor < conninfo.endIndex, conninfo[cursor] == " " { cursor = conninfo.index(after: cursor) }
-                guard cursor < conninfo.endIndex, conninfo[cursor] == "=" else { continue }
+        }
+        // key=value: the (possibly quoted) value after every "password" keyword.
+        var rest = Substring(conninfo)
+        while let keyword = rest.firstRange(of: "password") {
+            var cursor = keyword.upperBound
+            rest = conninfo[keyword.upperBound...]
+            while cursor < conninfo.endIndex, conninfo[cursor] == " " { cursor = conninfo.index(after: cursor) }
+            guard cursor < conninfo.endIndex, conninfo[cursor] == "=" else { continue }
+            cursor = conninfo.index(after: cursor)
+            while cursor < conninfo.endIndex, conninfo[cursor] == " " { cursor = conninfo.index(after: cursor) }
+            var value = ""
+            if cursor < conninfo.endIndex, conninfo[cursor] == "'" {
                 cursor = conninfo.index(after: cursor)
-                while cursor < conninfo.endIndex, conninfo[cursor] == " " { cursor = conninfo.index(after: cursor) }
-                guard cursor < conninfo.endIndex else { break }
-                var value = ""
-                if conninfo[cursor] == "'" {
+                while cursor < conninfo.endIndex, conninfo[cursor] != "'" {
+                    if conninfo[cursor] == "\\" {
+                        cursor = conninfo.index(after: cursor)
+                        if cursor == conninfo.endIndex { break }
+                    }
+                    value.append(conninfo[cursor])
                     cursor = conninfo.index(after: cursor)
-                    while cursor < conninfo.endIndex, conninfo[cursor] != "'" {
-                        if conninfo[cursor] == "\\" {
-                            cursor = conninfo.index(after: cursor)
-                            if cursor == conninfo.endIndex { break }
-                        }
-                        value.append(conninfo[cursor])
-                        cursor = conninfo.index(after: cursor)
-                    }
-                } else {
-                    while cursor < conninfo.endIndex, conninfo[cursor] != " " {
-                        value.append(conninfo[cursor])
-                        cursor = conninfo.index(after: cursor)
-                    }
                 }
-                found.append(value)
-                scalars = conninfo[cursor...]
+            } else {
+                while cursor < conninfo.endIndex, conninfo[cursor] != " " {
+                    value.append(conninfo[cursor])
+                    cursor = conninfo.index(after: cursor)
+                }
             }
+            add(Substring(value))
+            rest = conninfo[cursor...]
         }
         return found.filter { !$0.isEmpty }
     }

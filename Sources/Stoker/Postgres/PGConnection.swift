@@ -33,10 +33,9 @@ final class PGConnection {
             keywords.append("fallback_application_name")
             values.append("stoker")
         }
-        if configuration.value(for: "client_encoding") == nil {
-            keywords.append("client_encoding")
-            values.append("UTF8")
-        }
+        // Swift strings are UTF-8: always ask for it, whatever the string or PGCLIENTENCODING said.
+        keywords.append("client_encoding")
+        values.append("UTF8")
         let connection = withCStringArray(keywords) { keywordPointers in
             withCStringArray(values) { valuePointers in
                 PQconnectdbParams(keywordPointers, valuePointers, 0)
@@ -46,9 +45,9 @@ final class PGConnection {
             throw StokerError(.connectionFailed, "libpq could not allocate a connection (out of memory).")
         }
         guard PQstatus(connection) == CONNECTION_OK else {
-            let message = configuration.redactor.scrub(trimmed(String(cString: PQerrorMessage(connection))))
+            let message = trimmed(String(cString: PQerrorMessage(connection)))
             PQfinish(connection)
-            throw Self.connectFailure(message, connection: configuration.redactedDescription)
+            throw Self.connectFailure(message, redactor: configuration.redactor, connection: configuration.redactedDescription)
         }
         self.raw = connection
         // libpq's default notice processor prints to stderr (e.g. the FATAL of an administrator's
@@ -348,8 +347,21 @@ final class PGConnection {
             // connection holds a transaction open (in transaction mode it is handed the server our last
             // transaction used), and our next transactions must then run elsewhere.
             let probe = try PGConnection(configuration, isProbe: true)
-            try probe.execute("BEGIN")
-            pids.append(try probe.execute("SELECT pg_backend_pid()").singleRow().int32(0))
+            do {
+                try probe.execute("BEGIN")
+                pids.append(try probe.execute("SELECT pg_backend_pid()").singleRow().int32(0))
+            } catch {
+                // PgBouncer in statement mode refuses transaction blocks (and drops the client).
+                throw StokerError(
+                    .pooledConnection,
+                    "The connection goes through a proxy that refuses transaction blocks (PgBouncer in statement "
+                        + "mode), which breaks session advisory locks and LISTEN. Connect Stoker directly to "
+                        + "PostgreSQL, or through a pool in session mode (PgBouncer pool_mode=session).",
+                    sqlState: error.sqlState,
+                    serverMessage: error.serverMessage,
+                    connection: redactedDescription
+                )
+            }
             pids.append(try execute("SELECT pg_backend_pid()").singleRow().int32(0))
             pids.append(try execute("SELECT pg_backend_pid()").singleRow().int32(0))
             _ = try? probe.execute("ROLLBACK")
@@ -379,7 +391,8 @@ final class PGConnection {
 
     /// Sorts libpq's connect failure message into a code. libpq has no SQLSTATE for a failed connection, so this reads
     /// the (English, C-locale) message libpq and the server give; anything unrecognised stays `.connectionFailed`.
-    static func connectFailure(_ message: String, connection: String) -> StokerError {
+    /// The code is chosen on libpq's raw message, before redaction (a password such as "failed" must not change it).
+    static func connectFailure(_ message: String, redactor: Redactor, connection: String) -> StokerError {
         let lower = message.lowercased()
         func has(_ fragments: String...) -> Bool { fragments.contains { lower.contains($0) } }
         let code: StokerError.Code
@@ -414,7 +427,7 @@ final class PGConnection {
             code = .connectionFailed
             advice = "Could not connect to PostgreSQL. Check the host, the port and that the server is running."
         }
-        return StokerError(code, advice, serverMessage: message, connection: connection)
+        return StokerError(code, advice, serverMessage: redactor.scrub(message), connection: connection)
     }
 }
 
