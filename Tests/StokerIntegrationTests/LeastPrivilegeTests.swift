@@ -41,10 +41,11 @@ struct LeastPrivilegeTests {
             #expect(try await StokerSchema.migrate(connection: appConnection).applied.isEmpty)
             try await StokerSchema.verify(connection: appConnection)
 
-            let statements = ProtocolStatements(schema: "stoker", quotedSchema: "\"stoker\"")
             try await withSession(appConnection) { node in
-                let cluster = try await node.query(statements.ensureCluster, ["billing"]).singleRow().int(0)
-                #expect(try await node.query(statements.ensureCluster, ["billing"]).singleRow().int(0) == cluster)
+                let key = try await node.query(ProtocolStatements.lockNamespaceQuery, ["stoker"]).singleRow().int32(0)
+                let statements = ProtocolStatements(schema: "stoker", quotedSchema: "\"stoker\"", lockNamespace: key)
+                let cluster = try await node.run { try statements.ensureCluster("billing", on: $0) }
+                #expect(try await node.run { try statements.ensureCluster("billing", on: $0) } == cluster)
                 try await node.listen(statements.channel(clusterID: cluster))
                 let nodeID = try await node.run { connection in
                     try connection.transaction {
@@ -52,15 +53,16 @@ struct LeastPrivilegeTests {
                             statements.insertNode,
                             [String(cluster), "node-a", "host-a", "4242", #"{"zone": "a"}"#]
                         ).singleRow().int(0)
-                        try connection.execute(statements.lockNode, [String(id)])
+                        #expect(try connection.execute(statements.lockNode, [String(id)]).singleRow().bool(0))
                         return id
                     }
                 }
                 #expect(try await node.query(statements.heartbeat, [String(nodeID)]).affectedRows == 1)
                 #expect(try await node.query(statements.members, [String(cluster)]).rows.count == 1)
 
-                let election = try await node.query(statements.ensureElection, [String(cluster), "importer"])
-                    .singleRow().int(0)
+                let election = try await node.run {
+                    try statements.ensureElection(cluster: cluster, name: "importer", on: $0)
+                }
                 let won = try await node.query(statements.tryAcquire, ["{\(election)}"]).rows.map { try $0.int(0) }
                 #expect(won == [election])
                 let term = try await node.query(statements.bumpTerm, [String(election), String(nodeID), "node-a"])
@@ -91,7 +93,7 @@ struct LeastPrivilegeTests {
                                 statements.insertNode,
                                 [String(cluster), "node-b", "host-b", "4343", "{}"]
                             ).singleRow().int(0)
-                            try connection.execute(statements.lockNode, [String(id)])
+                            #expect(try connection.execute(statements.lockNode, [String(id)]).singleRow().bool(0))
                         }
                     }
                     let pid = try await other.query("SELECT pg_backend_pid()").singleRow().int(0)

@@ -76,6 +76,19 @@ struct MigrationTests {
                 "trigger nodes.nodes_notify in schema stoker is disabled"
             ),
             ("UPDATE stoker.migrations SET checksum = 'abc' WHERE version = 1", "001_initial.sql was recorded"),
+            (
+                "ALTER TABLE stoker.nodes ENABLE REPLICA TRIGGER nodes_notify",
+                "trigger nodes.nodes_notify in schema stoker is disabled"
+            ),
+            (
+                """
+                CREATE OR REPLACE FUNCTION stoker.fence(p_cluster text, p_election text, p_term bigint) RETURNS bigint
+                LANGUAGE plpgsql SECURITY DEFINER SET search_path = stoker, pg_temp AS $$ BEGIN RETURN p_term; END $$
+                """,
+                "fence(p_cluster text, p_election text, p_term bigint) was changed"
+            ),
+            ("ALTER FUNCTION stoker.fence(text, text, bigint) SECURITY INVOKER", "should be SECURITY DEFINER"),
+            ("ALTER FUNCTION stoker.fence(text, text, bigint) RESET search_path", "no longer pins its search_path"),
         ]
     )
     func tampered(change: String, named: String) async throws {
@@ -92,6 +105,74 @@ struct MigrationTests {
                 } catch let error as StokerError {
                     #expect(error.code == .schemaMismatch)
                     #expect(error.message.contains(named), "\(error)")
+                }
+            }
+        }
+    }
+
+    @Test("two Stoker schemas in one database never share a lock key")
+    func schemasApart() async throws {
+        try await withTestDatabase { database in
+            /// Migrates `schema`, creates node 1 and election 1 in it, and takes both their locks on `session`.
+            @Sendable func takeLocks(_ schema: String, on session: PostgresSession) async throws -> Bool {
+                try await StokerSchema.migrate(connection: database.conninfo, schema: schema)
+                return try await session.run { connection in
+                    let key = try connection.execute(ProtocolStatements.lockNamespaceQuery, [schema]).singleRow()
+                        .int32(0)
+                    let statements = ProtocolStatements(
+                        schema: schema,
+                        quotedSchema: try connection.quoteIdentifier(schema),
+                        lockNamespace: key
+                    )
+                    let cluster = try statements.ensureCluster("c", on: connection)
+                    let election = try statements.ensureElection(cluster: cluster, name: "e", on: connection)
+                    let node = try connection.execute(statements.insertNode, [String(cluster), "n", "h", "1", "{}"])
+                        .singleRow().int(0)
+                    guard node == 1, election == 1 else { return false }
+                    let nodeLock = try connection.execute(statements.lockNode, [String(node)]).singleRow().bool(0)
+                    let electionLocks = try connection.execute(statements.tryAcquire, ["{\(election)}"]).rows.count
+                    return nodeLock && electionLocks == 1
+                }
+            }
+            // Both sessions stay open: schema two takes its locks while schema one still holds its own.
+            try await withSession(database.conninfo) { one in
+                #expect(try await takeLocks("one", on: one))
+                try await withSession(database.conninfo) { two in
+                    let tookBoth = try await takeLocks("two", on: two)
+                    #expect(tookBoth, "schema two's keys collided with schema one's")
+                }
+            }
+        }
+    }
+
+    @Test("a concurrent first insert of a cluster still yields its id (the empty answer is retried)")
+    func concurrentEnsure() async throws {
+        try await withTestDatabase { database in
+            try await StokerSchema.migrate(connection: database.conninfo)
+            let key = try await withSession(database.conninfo) { session in
+                try await session.query(ProtocolStatements.lockNamespaceQuery, ["stoker"]).singleRow().int32(0)
+            }
+            let statements = ProtocolStatements(schema: "stoker", quotedSchema: "\"stoker\"", lockNamespace: key)
+            try await withSession(database.conninfo) { first in
+                try await first.query("BEGIN")
+                try await first.query("INSERT INTO stoker.clusters (name) VALUES ('race')")
+                try await withSession(database.conninfo) { second in
+                    let secondPID = try await second.query("SELECT pg_backend_pid()").singleRow().int(0)
+                    async let id = second.run { try statements.ensureCluster("race", on: $0) }
+                    // Wait (bounded) until the second session is blocked on the first one's uncommitted row.
+                    var waiting = false
+                    for _ in 0..<3000 where !waiting {
+                        waiting = try await first.query(
+                            "SELECT wait_event_type = 'Lock' FROM pg_stat_activity WHERE pid = $1",
+                            [String(secondPID)]
+                        ).singleRow().bool(0)
+                        if !waiting { try await Task.sleep(for: .milliseconds(10)) }
+                    }
+                    #expect(waiting, "the second insert never waited for the first")
+                    try await first.query("COMMIT")
+                    let committed = try await first.query("SELECT id FROM stoker.clusters WHERE name = 'race'")
+                        .singleRow().int(0)
+                    #expect(try await id == committed)
                 }
             }
         }

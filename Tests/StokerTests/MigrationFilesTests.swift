@@ -72,32 +72,59 @@ struct SchemaManifestTests {
         SchemaManifest.columns.flatMap { table in table.columns.map { (table.table, $0.name, $0.type) } }
     }
 
-    static let allTriggers = Dictionary(uniqueKeysWithValues: SchemaManifest.triggers.map { ($0, true) })
+    static func functions() -> [SchemaManifest.FoundFunction] {
+        let bodies = SchemaManifest.expectedBodies(in: Migration.all)
+        return SchemaManifest.functions.map {
+            SchemaManifest.FoundFunction(
+                signature: $0.signature,
+                body: bodies[$0.name] ?? "",
+                securityDefiner: $0.securityDefiner,
+                settings: ["search_path=\"s\", pg_temp"]
+            )
+        }
+    }
+
+    static func triggers() -> [String: SchemaManifest.FoundTrigger] {
+        SchemaManifest.triggers.mapValues { SchemaManifest.FoundTrigger(fires: true, function: $0) }
+    }
+
+    @Test("the bodies of every function are found in the migrations")
+    func bodies() {
+        let bodies = SchemaManifest.expectedBodies(in: Migration.all)
+        #expect(Set(bodies.keys) == Set(SchemaManifest.functions.map(\.name)))
+        #expect(bodies["fence"]?.contains("FOR SHARE OF e") == true)
+        #expect(bodies["fence"]?.hasPrefix("\nDECLARE") == true)
+    }
 
     @Test("an intact schema has no differences; extra columns are tolerated")
     func intact() {
         let columns = Self.complete() + [("nodes", "added_later", "text")]
-        #expect(
-            SchemaManifest.differences(
-                schema: "s",
-                columns: columns,
-                functions: Set(SchemaManifest.functions),
-                triggers: Self.allTriggers
-            ).isEmpty
+        let problems = SchemaManifest.differences(
+            schema: "s",
+            columns: columns,
+            functions: Self.functions(),
+            triggers: Self.triggers()
         )
+        #expect(problems.isEmpty, "\(problems)")
     }
 
-    @Test("a dropped column, a changed type, a missing table, function or disabled trigger are each named")
+    @Test("each kind of tampering is named")
     func tampered() {
         var columns = Self.complete().filter { !($0.table == "nodes" && $0.column == "heartbeat_at") }
         columns = columns.map { $0.table == "elections" && $0.column == "term" ? ("elections", "term", "text") : $0 }
         columns = columns.filter { $0.table != "clusters" }
-        var triggers = Self.allTriggers
-        triggers["nodes.nodes_notify"] = false
+        var functions = Self.functions().filter { $0.signature != "notify_node_change()" }
+        functions = functions.map { function in
+            guard function.signature.hasPrefix("fence(") else { return function }
+            return .init(signature: function.signature, body: "BEGIN RETURN p_term; END", securityDefiner: false, settings: [])
+        }
+        var triggers = Self.triggers()
+        triggers["nodes.nodes_notify"] = .init(fires: false, function: "notify_node_change")
+        triggers["elections.elections_notify"] = .init(fires: true, function: "something_else")
         let problems = SchemaManifest.differences(
             schema: "s",
             columns: columns,
-            functions: Set(SchemaManifest.functions.dropLast()),
+            functions: functions,
             triggers: triggers
         )
         #expect(
@@ -105,7 +132,11 @@ struct SchemaManifestTests {
                 "table s.clusters is missing",
                 "column s.nodes.heartbeat_at is missing",
                 "column s.elections.term has type text, expected bigint",
-                "function s.fence(p_cluster text, p_election text, p_term bigint) is missing",
+                "function s.notify_node_change() is missing",
+                "function s.fence(p_cluster text, p_election text, p_term bigint) was changed: its body differs from sql/",
+                "function s.fence(p_cluster text, p_election text, p_term bigint) should be SECURITY DEFINER",
+                "function s.fence(p_cluster text, p_election text, p_term bigint) no longer pins its search_path",
+                "trigger elections.elections_notify in schema s calls something_else, expected notify_election_change",
                 "trigger nodes.nodes_notify in schema s is disabled",
             ]
         )

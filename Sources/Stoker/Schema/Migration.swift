@@ -14,8 +14,9 @@ struct Migration: Sendable, Equatable {
     }
 }
 
-/// What the schema must contain for this version of Stoker: checked after every migration run, so a dropped column,
-/// a changed type, a missing function or a disabled trigger is reported by name instead of failing later.
+/// What the schema must contain for this version of Stoker: checked after every migration run and by `verify`, so a
+/// dropped column, a changed type, an edited or missing function, or a disabled trigger is reported by name instead
+/// of failing later — or, worse, silently (a fence that no longer checks, a trigger that no longer notifies).
 enum SchemaManifest {
     static let columns: [(table: String, columns: [(name: String, type: String)])] = [
         (
@@ -43,21 +44,68 @@ enum SchemaManifest {
             ]
         ),
     ]
-    /// `name(identity arguments)` as `pg_get_function_identity_arguments` prints them.
+
+    struct ExpectedFunction: Sendable {
+        /// `name(identity arguments)` as `pg_get_function_identity_arguments` prints them.
+        let signature: String
+        let name: String
+        let securityDefiner: Bool
+    }
+
     static let functions = [
-        "notify_node_change()",
-        "notify_election_change()",
-        "fence(p_cluster text, p_election text, p_term bigint)",
+        ExpectedFunction(signature: "notify_node_change()", name: "notify_node_change", securityDefiner: false),
+        ExpectedFunction(signature: "notify_election_change()", name: "notify_election_change", securityDefiner: false),
+        ExpectedFunction(
+            signature: "fence(p_cluster text, p_election text, p_term bigint)",
+            name: "fence",
+            securityDefiner: true
+        ),
     ]
-    /// `table.trigger`, each of which must exist and be enabled.
-    static let triggers = ["nodes.nodes_notify", "elections.elections_notify"]
+
+    /// `table.trigger` → the function it must call; each must exist and fire (enabled, not replica-only).
+    static let triggers = ["nodes.nodes_notify": "notify_node_change", "elections.elections_notify": "notify_election_change"]
+
+    /// A function as the catalog holds it.
+    struct FoundFunction: Sendable {
+        let signature: String
+        /// `pg_proc.prosrc`: the text between the dollar quotes.
+        let body: String
+        let securityDefiner: Bool
+        /// `pg_proc.proconfig` entries, e.g. `search_path="stoker", pg_temp`.
+        let settings: [String]
+    }
+
+    /// A trigger as the catalog holds it.
+    struct FoundTrigger: Sendable {
+        let fires: Bool
+        let function: String
+    }
+
+    /// Each function's body as the migrations define it (a later `CREATE OR REPLACE` wins), keyed by name.
+    static func expectedBodies(in migrations: [Migration]) -> [String: String] {
+        var bodies: [String: String] = [:]
+        for migration in migrations {
+            var rest = Substring(migration.sql)
+            while let create = rest.firstRange(of: "CREATE OR REPLACE FUNCTION ") {
+                rest = rest[create.upperBound...]
+                guard let paren = rest.firstIndex(of: "("),
+                    let open = rest.firstRange(of: "AS $$"),
+                    let close = rest[open.upperBound...].firstRange(of: "$$")
+                else { break }
+                bodies[String(rest[..<paren])] = String(rest[open.upperBound..<close.lowerBound])
+                rest = rest[close.upperBound...]
+            }
+        }
+        return bodies
+    }
 
     /// Compares what the catalog holds with the manifest; returns one sentence per difference (empty: all present).
     static func differences(
         schema: String,
         columns found: [(table: String, column: String, type: String)],
-        functions foundFunctions: Set<String>,
-        triggers foundTriggers: [String: Bool]
+        functions foundFunctions: [FoundFunction],
+        triggers foundTriggers: [String: FoundTrigger],
+        migrations: [Migration] = Migration.all
     ) -> [String] {
         var problems: [String] = []
         var byTable: [String: [String: String]] = [:]
@@ -77,15 +125,31 @@ enum SchemaManifest {
                 }
             }
         }
-        for function in functions where !foundFunctions.contains(function) {
-            problems.append("function \(schema).\(function) is missing")
-        }
-        for trigger in triggers {
-            switch foundTriggers[trigger] {
-            case nil: problems.append("trigger \(trigger) in schema \(schema) is missing")
-            case false?: problems.append("trigger \(trigger) in schema \(schema) is disabled")
-            case true?: break
+        let bodies = expectedBodies(in: migrations)
+        for function in functions {
+            let name = "function \(schema).\(function.signature)"
+            guard let actual = foundFunctions.first(where: { $0.signature == function.signature }) else {
+                problems.append("\(name) is missing")
+                continue
             }
+            if let body = bodies[function.name], actual.body != body {
+                problems.append("\(name) was changed: its body differs from sql/")
+            }
+            if actual.securityDefiner != function.securityDefiner {
+                problems.append("\(name) should \(function.securityDefiner ? "" : "not ")be SECURITY DEFINER")
+            }
+            if !actual.settings.contains(where: { $0.hasPrefix("search_path=") }) {
+                problems.append("\(name) no longer pins its search_path")
+            }
+        }
+        for (trigger, function) in triggers.sorted(by: { $0.key < $1.key }) {
+            let name = "trigger \(trigger) in schema \(schema)"
+            guard let actual = foundTriggers[trigger] else {
+                problems.append("\(name) is missing")
+                continue
+            }
+            if !actual.fires { problems.append("\(name) is disabled") }
+            if actual.function != function { problems.append("\(name) calls \(actual.function), expected \(function)") }
         }
         return problems
     }

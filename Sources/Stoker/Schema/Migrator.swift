@@ -18,8 +18,8 @@ public struct MigrationReport: Sendable, Equatable {
 public enum StokerSchema {
     /// The schema Stoker uses unless told otherwise.
     public static let defaultSchema = "stoker"
-    /// The first key of the transaction-level advisory lock that serialises migration runs (the second is
-    /// `hashtext(schema)`). Distinct from the node and election namespaces.
+    /// The high 32 bits of the transaction-level advisory lock (single-bigint form) that serialises migration runs;
+    /// the low 32 bits are `hashtext(schema)`.
     public static let migrationLockNamespace: Int32 = 0x5354_4B4D  // "STKM"
 
     /// Schema names are at most this long: notification channels are `<schema>:<cluster id>` and PostgreSQL channel
@@ -110,8 +110,9 @@ struct Migrator {
     func migrate(on connection: PGConnection) throws -> MigrationReport {
         let quoted = try connection.quoteIdentifier(schema, kind: "schema name")
         return try connection.transaction {
+            // The single-bigint form: objsubid 1, so it can never meet a node or election lock (two-int4 form).
             try connection.execute(
-                "SELECT pg_advisory_xact_lock($1::int4, hashtext($2))",
+                "SELECT pg_advisory_xact_lock(($1::bigint << 32) | (hashtext($2)::bigint & 4294967295))",
                 [String(StokerSchema.migrationLockNamespace), schema]
             )
             let schemaExists = try connection.execute(
@@ -187,7 +188,7 @@ struct Migrator {
         let tableExists = try connection.execute(
             """
             SELECT EXISTS (SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-                           WHERE n.nspname = $1 AND c.relname = 'migrations')
+                           WHERE n.nspname = $1 AND c.relname = 'migrations' AND c.relkind = 'r')
             """,
             [schema]
         ).singleRow().bool(0)
@@ -233,30 +234,40 @@ struct Migrator {
         ).rows.map { row in (table: try row.string(0), column: try row.string(1), type: try row.string(2)) }
         let functions = try connection.execute(
             """
-            SELECT p.proname || '(' || pg_get_function_identity_arguments(p.oid) || ')'
+            SELECT p.proname || '(' || pg_get_function_identity_arguments(p.oid) || ')', p.prosrc, p.prosecdef,
+                   coalesce(array_to_string(p.proconfig, E'\\n'), '')
               FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
              WHERE n.nspname = $1
             """,
             [schema]
-        ).rows.map { try $0.string(0) }
-        var triggers: [String: Bool] = [:]
+        ).rows.map { row in
+            SchemaManifest.FoundFunction(
+                signature: try row.string(0),
+                body: try row.string(1),
+                securityDefiner: try row.bool(2),
+                settings: try row.string(3).split(separator: "\n").map(String.init)
+            )
+        }
+        var triggers: [String: SchemaManifest.FoundTrigger] = [:]
         for row in try connection.execute(
             """
-            SELECT c.relname || '.' || t.tgname, t.tgenabled <> 'D'
+            SELECT c.relname || '.' || t.tgname, t.tgenabled IN ('O', 'A'), p.proname
               FROM pg_trigger t
               JOIN pg_class c ON c.oid = t.tgrelid
               JOIN pg_namespace n ON n.oid = c.relnamespace
+              JOIN pg_proc p ON p.oid = t.tgfoid
              WHERE n.nspname = $1 AND NOT t.tgisinternal
             """,
             [schema]
         ).rows {
-            triggers[try row.string(0)] = try row.bool(1)
+            triggers[try row.string(0)] = SchemaManifest.FoundTrigger(fires: try row.bool(1), function: try row.string(2))
         }
         let problems = SchemaManifest.differences(
             schema: schema,
             columns: columns,
-            functions: Set(functions),
-            triggers: triggers
+            functions: functions,
+            triggers: triggers,
+            migrations: migrations
         )
         if !problems.isEmpty {
             throw StokerError(

@@ -1,31 +1,35 @@
 /// Every statement a node runs on its dedicated session (DESIGN §3), schema-qualified once.
 ///
-/// Values are always bound parameters; only the schema name is spliced in, after libpq quoted it. The least-privilege
-/// integration test runs each of these as a role holding only what ``StokerSchema/grant(to:connection:schema:)``
-/// grants, so the documented grants are exactly what a node needs.
+/// Values are always bound parameters; only the schema name (quoted by libpq) and the lock namespace (an integer)
+/// are spliced in. The least-privilege integration test runs each of these as a role holding only what
+/// ``StokerSchema/grant(to:connection:schema:)`` grants, so the documented grants are exactly what a node needs.
+///
+/// **Lock keys** use the two-int4 form with the schema's OID as the first key — unique within a database, so two
+/// Stoker schemas in one database can never share a key: node locks are `(schema oid, nodes.id)`, election locks
+/// `(schema oid, −elections.id)` (ids are positive, so the sign keeps the two kinds apart). Applications' own
+/// advisory locks in the single-bigint form can never collide with them (`pg_locks.objsubid` 1, not 2).
 struct ProtocolStatements: Sendable {
-    /// The first key of every node lock: `(nodeNamespace, nodes.id)`.
-    static let defaultNodeNamespace: Int32 = 0x5354_4B4E  // "STKN"
-    /// The first key of every election lock: `(electionNamespace, elections.id)`.
-    static let defaultElectionNamespace: Int32 = 0x5354_4B45  // "STKE"
-
     /// The schema name as given (unquoted): the channel prefix.
     let schema: String
-    let nodeNamespace: Int32
-    let electionNamespace: Int32
+    /// The first key of every lock: the schema's OID as an int4 (see ``lockNamespaceQuery``).
+    let lockNamespace: Int32
 
-    /// `$1` cluster name → `id` (inserted on first use).
+    /// `$1` schema name → the lock namespace (the schema's OID as int4).
+    static let lockNamespaceQuery = "SELECT oid::int4 FROM pg_namespace WHERE nspname = $1"
+
+    /// `$1` cluster name → `id` (inserted on first use). Use ``ensureCluster(_:on:)``: it retries the empty answer
+    /// a concurrent first insert can give.
     let ensureCluster: String
     /// `$1` cluster id, `$2` name, `$3` host, `$4` pid, `$5` metadata (json text) → `id`, `started_at`.
     /// Run in one transaction with ``lockNode`` so the row is visible only once its lock is held.
     let insertNode: String
-    /// `$1` node id: takes the node lock (session level: it outlives the transaction).
+    /// `$1` node id → whether the node lock was taken (session level: it outlives the transaction).
     let lockNode: String
     /// `$1` node id: the heartbeat that renews the lease.
     let heartbeat: String
     /// `$1` cluster id → `id`, `name`, `host`, `pid`, `draining` of every member.
     let members: String
-    /// `$1` cluster id, `$2` election name → `id` (inserted on first use).
+    /// `$1` cluster id, `$2` election name → `id` (inserted on first use). Use ``ensureElection(cluster:name:on:)``.
     let ensureElection: String
     /// `$1` election ids as an int4 array literal (`{3,7}`) → the ids whose lock this session just won.
     /// Never pass an id this session already holds: advisory locks stack.
@@ -39,7 +43,8 @@ struct ProtocolStatements: Sendable {
     let unlockElection: String
     /// `$1` cluster id → `id`, `name` of every member whose node lock is gone (rows deleted; `node_down` sent).
     let sweep: String
-    /// `$1` cluster id, `$2` election name → `term`, `node id`, `node name` of the current lock holder (no row: none).
+    /// `$1` cluster id, `$2` election name → `term`, node `id`, node `name` of the node holding the election lock,
+    /// counted only while that same backend also holds the node's lock (no row: no leader).
     let whereis: String
     /// `$1` node id: graceful leave (→ `node_down`).
     let leave: String
@@ -49,22 +54,17 @@ struct ProtocolStatements: Sendable {
     /// SQLSTATE the fence raises for a stale term.
     static let staleTermSQLState = "SK001"
 
-    init(
-        schema: String,
-        quotedSchema s: String,
-        nodeNamespace: Int32 = defaultNodeNamespace,
-        electionNamespace: Int32 = defaultElectionNamespace
-    ) {
+    init(schema: String, quotedSchema s: String, lockNamespace: Int32) {
         self.schema = schema
-        self.nodeNamespace = nodeNamespace
-        self.electionNamespace = electionNamespace
+        self.lockNamespace = lockNamespace
+        let ns = "(\(lockNamespace))::int4"
         // Advisory locks are per database: pg_locks lists every database's, so filter on ours.
-        let heldLock = { (namespace: Int32, key: String) in
+        let heldLock = { (key: String, pid: String?) in
             """
             SELECT 1 FROM pg_locks l
                      WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2
                        AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
-                       AND l.classid = \(namespace)::int4::oid AND l.objid = \(key)::oid
+                       AND l.classid = \(ns)::oid AND l.objid = (\(key))::oid\(pid.map { " AND l.pid = \($0)" } ?? "")
             """
         }
         ensureCluster = """
@@ -77,7 +77,7 @@ struct ProtocolStatements: Sendable {
             INSERT INTO \(s).nodes (cluster_id, name, host, pid, metadata)
             VALUES ($1, $2, $3, $4, $5::jsonb) RETURNING id, started_at
             """
-        lockNode = "SELECT pg_advisory_lock(\(nodeNamespace), $1::int4)"
+        lockNode = "SELECT pg_try_advisory_lock(\(ns), $1::int4)"
         heartbeat = "UPDATE \(s).nodes SET heartbeat_at = now() WHERE id = $1"
         members = "SELECT id, name, host, pid, draining FROM \(s).nodes WHERE cluster_id = $1 ORDER BY id"
         ensureElection = """
@@ -90,7 +90,7 @@ struct ProtocolStatements: Sendable {
             """
         tryAcquire = """
             SELECT id FROM unnest($1::int4[]) AS candidate (id)
-             WHERE pg_try_advisory_lock(\(electionNamespace), id)
+             WHERE pg_try_advisory_lock(\(ns), -id)
             """
         bumpTerm = """
             UPDATE \(s).elections
@@ -101,10 +101,10 @@ struct ProtocolStatements: Sendable {
             UPDATE \(s).elections SET leader_node = NULL, leader_name = NULL, leader_since = NULL
              WHERE id = $1 AND leader_node = $2
             """
-        unlockElection = "SELECT pg_advisory_unlock(\(electionNamespace), $1::int4)"
+        unlockElection = "SELECT pg_advisory_unlock(\(ns), -($1::int4))"
         sweep = """
             DELETE FROM \(s).nodes n
-             WHERE n.cluster_id = $1 AND NOT EXISTS (\(heldLock(nodeNamespace, "n.id")))
+             WHERE n.cluster_id = $1 AND NOT EXISTS (\(heldLock("n.id", nil)))
             RETURNING n.id, n.name
             """
         whereis = """
@@ -112,8 +112,9 @@ struct ProtocolStatements: Sendable {
               FROM \(s).elections e
               JOIN pg_locks l ON l.locktype = 'advisory' AND l.granted AND l.objsubid = 2
                              AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
-                             AND l.classid = \(electionNamespace)::int4::oid AND l.objid = e.id::oid
+                             AND l.classid = \(ns)::oid AND l.objid = (-e.id)::oid
               JOIN \(s).nodes n ON n.backend_pid = l.pid AND n.cluster_id = e.cluster_id
+                              AND EXISTS (\(heldLock("n.id", "l.pid")))
              WHERE e.cluster_id = $1 AND e.name = $2
             """
         leave = "DELETE FROM \(s).nodes WHERE id = $1"
@@ -122,4 +123,29 @@ struct ProtocolStatements: Sendable {
 
     /// The channel a cluster's notifications go to (`<schema>:<cluster id>`, at most 63 bytes).
     func channel(clusterID: Int) -> String { "\(schema):\(clusterID)" }
+
+    /// The cluster's id, inserting the row on first use.
+    func ensureCluster(_ name: String, on connection: PGConnection) throws(StokerError) -> Int {
+        try ensure(ensureCluster, [name], what: "cluster", on: connection)
+    }
+
+    /// The election's id, inserting the row on first use.
+    func ensureElection(cluster: Int, name: String, on connection: PGConnection) throws(StokerError) -> Int {
+        try ensure(ensureElection, [String(cluster), name], what: "election", on: connection)
+    }
+
+    /// Under a concurrent first insert, the statement waits for the other transaction and then finds the row
+    /// neither inserted (conflict) nor visible (its snapshot predates that commit): zero rows. A new statement has
+    /// a new snapshot and sees it.
+    private func ensure(
+        _ sql: String,
+        _ parameters: [String?],
+        what: String,
+        on connection: PGConnection
+    ) throws(StokerError) -> Int {
+        for _ in 0..<3 {
+            if let row = try connection.execute(sql, parameters).rows.first { return try row.int(0) }
+        }
+        throw StokerError(.unexpectedResult, "The \(what) row could neither be inserted nor found; was it deleted?")
+    }
 }
