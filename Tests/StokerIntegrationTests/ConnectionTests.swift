@@ -4,7 +4,7 @@ import Testing
 @testable import Stoker
 
 /// DESIGN §2.5 and issue #2: every connection failure gets its own typed error, none holds the password.
-@Suite("Connecting: typed errors, no password")
+@Suite("Connecting: typed errors, no password", .timeLimit(.minutes(2)))
 struct ConnectionTests {
     static let secret = "hunter2-Zx9!q"
 
@@ -45,7 +45,7 @@ struct ConnectionTests {
 
     @Test("a host that never answers → .connectionTimeout, within connect_timeout")
     func unreachable() async throws {
-        let silent = try SilentListener()
+        let silent = try silentListener()
         let clock = ContinuousClock()
         let start = clock.now
         let error = await connectError(
@@ -61,13 +61,13 @@ struct ConnectionTests {
 
     @Test("several hosts: libpq skips a dead one and connects to the next (multi-host + connect_timeout kept)")
     func multiHost() async throws {
-        let silent = try SilentListener()
-        let refusedPort = try closedPort()
+        let silent = try silentListener()
+        let refused = try closedPort()
         try await withControlledDatabase { database in
             let role = try await database.createRole(password: Self.secret)
             let server = database.server
             let conninfo =
-                "host=127.0.0.1,127.0.0.1,\(server.host) port=\(refusedPort),\(silent.port),\(server.port) "
+                "host=127.0.0.1,127.0.0.1,\(server.host) port=\(refused.port),\(silent.port),\(server.port) "
                 + "dbname=\(database.name) user=\(role) password=\(Self.secret) connect_timeout=2 "
                 + "target_session_attrs=read-write keepalives_idle=5 tcp_user_timeout=5000"
             let port = try await withSession(conninfo) { session in
@@ -75,15 +75,16 @@ struct ConnectionTests {
             }
             #expect(port == server.port)
         }
-        withExtendedLifetime(silent) {}
+        withExtendedLifetime((silent, refused)) {}
     }
 
     @Test("a closed port → .connectionFailed")
     func refused() async throws {
-        let port = try closedPort()
-        let error = await connectError("host=127.0.0.1 port=\(port) dbname=x user=x password=\(Self.secret)")
+        let closed = try closedPort()
+        let error = await connectError("host=127.0.0.1 port=\(closed.port) dbname=x user=x password=\(Self.secret)")
         #expect(error?.code == .connectionFailed)
         expectNoSecret(error, Self.secret)
+        withExtendedLifetime(closed) {}
     }
 
     @Test("a read-only session (by option, by role, by target_session_attrs) → .readOnlySession")
@@ -140,7 +141,7 @@ struct ConnectionTests {
     }
 }
 
-@Suite("Statements: bound values, typed results, transactions")
+@Suite("Statements: bound values, typed results, transactions", .timeLimit(.minutes(2)))
 struct StatementTests {
     @Test(
         "bound values round-trip quotes, backslashes, unicode and 1 MB",
@@ -216,7 +217,7 @@ struct StatementTests {
     }
 }
 
-@Suite("LISTEN / NOTIFY")
+@Suite("LISTEN / NOTIFY", .timeLimit(.minutes(2)))
 struct NotificationTests {
     @Test("a notification from another connection wakes an idle session at once (no polling interval)")
     func wakesIdleSession() async throws {
@@ -254,11 +255,16 @@ struct NotificationTests {
                 #expect(idle.2 >= .milliseconds(150))
                 #expect(idle.1 <= 2, "poll() was called \(idle.1) times: a busy loop")
 
+                // The job tells us once it runs on the session thread: from then on a notification can only reach it
+                // (sent earlier, the idle loop would have taken it for the notifications stream instead).
+                let (started, startedSignal) = AsyncStream.makeStream(of: Void.self)
                 async let woken = listener.run { connection -> (PGConnection.WaitOutcome, [PostgresNotification]) in
+                    startedSignal.yield()
                     var polls = 0
                     let outcome = try connection.waitForNotifications(until: .now + .seconds(60), pollCount: &polls)
                     return (outcome, connection.takeNotifications())
                 }
+                for await _ in started { break }
                 try await withSession(database.conninfo) { sender in try await sender.notify("ch", payload: "x") }
                 let (outcome, notes) = try await woken
                 #expect(outcome == .notified)

@@ -5,7 +5,7 @@ import Testing
 
 /// The README's least-privilege setup: an owner (not a superuser) migrates and grants; the node's role (neither
 /// owner nor superuser) then runs every statement of the node protocol.
-@Suite("Least privilege")
+@Suite("Least privilege", .timeLimit(.minutes(3)))
 struct LeastPrivilegeTests {
     @Test("a role with only the documented grants runs everything a node does")
     func nodeRole() async throws {

@@ -3,7 +3,7 @@ import Testing
 
 @testable import Stoker
 
-@Suite("Schema migrations")
+@Suite("Schema migrations", .timeLimit(.minutes(3)))
 struct MigrationTests {
     @Test("a fresh database is migrated once; the second run applies nothing; verify passes")
     func freshAndIdempotent() async throws {

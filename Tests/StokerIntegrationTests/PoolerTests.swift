@@ -5,23 +5,26 @@ import Testing
 
 /// DESIGN §3: one dedicated session per node. A transaction-pooling proxy silently breaks session advisory locks and
 /// LISTEN, so connecting through one must fail loudly; a session-mode pool is fine. Checked against a real PgBouncer.
-@Suite("Connecting through PgBouncer")
+@Suite("Connecting through PgBouncer", .timeLimit(.minutes(3)))
 struct PoolerTests {
     @Test(
         "transaction and statement pooling are refused with .pooledConnection, pointing at pool_mode=session",
-        arguments: [TestPgBouncer.PoolMode.transaction, .statement]
+        arguments: [(TestPgBouncer.PoolMode.transaction, 4), (.transaction, 1), (.statement, 4)]
     )
-    func poolingRefused(mode: TestPgBouncer.PoolMode) async throws {
-        try await withBouncer(mode) { bouncer, database in
+    func poolingRefused(mode: TestPgBouncer.PoolMode, poolSize: Int) async throws {
+        try await withBouncer(mode, poolSize: poolSize) { bouncer, database in
             let error = await connectError(bouncer.conninfo(database: database))
             #expect(error?.code == .pooledConnection, "got \(String(describing: error))")
             #expect(error?.message.contains("pool_mode=session") == true, "got \(String(describing: error))")
         }
     }
 
-    @Test("session pooling is accepted and keeps one backend for the whole session")
-    func sessionModeAccepted() async throws {
-        try await withBouncer(.session) { bouncer, database in
+    @Test(
+        "session pooling is accepted, also with a saturated pool, and keeps one backend for the whole session",
+        arguments: [4, 1]
+    )
+    func sessionModeAccepted(poolSize: Int) async throws {
+        try await withBouncer(.session, poolSize: poolSize) { bouncer, database in
             try await withSession(bouncer.conninfo(database: database)) { session in
                 let one = try await session.query("SELECT 1").singleRow().int32(0)
                 #expect(one == 1)
@@ -37,14 +40,16 @@ struct PoolerTests {
     }
 }
 
-/// A fresh database on the controlled (always private) cluster with a PgBouncer in `mode` (pool size 4) in front;
+/// A fresh database on the controlled (always private) cluster with a PgBouncer in `mode` in front;
 /// both removed afterwards, also when `body` throws.
 private func withBouncer(
-    _ mode: TestPgBouncer.PoolMode, _ body: (TestPgBouncer, TestDatabase) async throws -> Void
+    _ mode: TestPgBouncer.PoolMode,
+    poolSize: Int = 4,
+    _ body: (TestPgBouncer, TestDatabase) async throws -> Void
 ) async throws {
     let postgres = try await TestPostgres.controlled()
     try await postgres.withDatabase { database in
-        let bouncer = try await TestPgBouncer.start(inFrontOf: postgres, poolMode: mode, poolSize: 4)
+        let bouncer = try await TestPgBouncer.start(inFrontOf: postgres, poolMode: mode, poolSize: poolSize)
         do {
             try await body(bouncer, database)
         } catch {

@@ -56,12 +56,14 @@ func expectNoSecret(_ error: StokerError?, _ secret: String, sourceLocation: Sou
     }
 }
 
-/// A loopback TCP listener that never accepts nor answers: a host that swallows the connection attempt.
-final class SilentListener: Sendable {
+/// A loopback TCP socket that swallows connection attempts: listening, it completes the handshake in the kernel but
+/// never accepts nor answers (a host that hangs); not listening, it refuses at once (a closed port). Either way the
+/// port stays reserved while the object lives, so no other process can take it in between.
+final class LoopbackSocket: Sendable {
     let port: Int
     private let descriptor: Int32
 
-    init() throws {
+    init(listening: Bool) throws {
         let descriptor = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
         guard descriptor >= 0 else { throw StokerError(.connectionFailed, "socket() failed") }
         var address = sockaddr_in()
@@ -71,27 +73,28 @@ final class SilentListener: Sendable {
         var length = socklen_t(MemoryLayout<sockaddr_in>.size)
         let bound = withUnsafeMutablePointer(to: &address) { pointer in
             pointer.withMemoryRebound(to: sockaddr.self, capacity: 1) { raw -> Int32 in
-                guard bind(descriptor, raw, length) == 0, listen(descriptor, 8) == 0 else { return -1 }
+                guard bind(descriptor, raw, length) == 0 else { return -1 }
+                if listening, listen(descriptor, 8) != 0 { return -1 }
                 return getsockname(descriptor, raw, &length)
             }
         }
         guard bound == 0 else {
-            closeListener(descriptor)
+            closeSocket(descriptor)
             throw StokerError(.connectionFailed, "bind/listen failed")
         }
         self.descriptor = descriptor
         port = Int(UInt16(bigEndian: address.sin_port))
     }
 
-    deinit { closeListener(descriptor) }
+    deinit { closeSocket(descriptor) }
 }
 
-private func closeListener(_ descriptor: Int32) {
+/// A host that never answers: connections are accepted by the kernel and then left hanging.
+func silentListener() throws -> LoopbackSocket { try LoopbackSocket(listening: true) }
+
+/// A closed port: bound (so it stays ours) but not listening, so connections are refused at once.
+func closedPort() throws -> LoopbackSocket { try LoopbackSocket(listening: false) }
+
+private func closeSocket(_ descriptor: Int32) {
     _ = close(descriptor)
-}
-
-/// A closed loopback port: bound then released, so a connection is refused at once.
-func closedPort() throws -> Int {
-    let listener = try SilentListener()
-    return listener.port
 }

@@ -57,6 +57,26 @@ struct ServerRequirementsTests {
         }
     }
 
+    @Test("behind a proxy: a probe sharing our backend, or our starving while it holds one, betrays pooling")
+    func probed() {
+        var shared = facts(protocolPID: 99, pids: [10, 10, 10])
+        shared.probePID = 10
+        var starved = facts(protocolPID: 99, pids: [10, 10])
+        starved.probePID = 11
+        starved.starvedWhileProbing = true
+        for input in [shared, starved] {
+            do {
+                _ = try ServerRequirements.check(input)
+                Issue.record("accepted \(input)")
+            } catch {
+                #expect(error.code == .pooledConnection)
+            }
+        }
+        var own = facts(protocolPID: 99, pids: [10, 10, 10])
+        own.probePID = 11
+        #expect(throws: Never.self) { try ServerRequirements.check(own) }
+    }
+
     @Test("a consistent backend behind a different protocol pid is a session-mode proxy: accepted, reported")
     func sessionProxy() throws {
         #expect(try ServerRequirements.check(facts(protocolPID: 4242, pids: [10, 10, 10])) == true)

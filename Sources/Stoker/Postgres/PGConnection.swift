@@ -119,6 +119,49 @@ final class PGConnection {
         return try makeResult(result)
     }
 
+    /// Sends `sql` (no parameters; several statements allowed) without waiting for the answer; collect it with
+    /// ``awaitResult(until:)``.
+    func send(_ sql: String) throws(StokerError) {
+        if PQsendQuery(raw, sql) == 0 {
+            throw failure(sqlState: nil, serverMessage: trimmed(String(cString: PQerrorMessage(raw))))
+        }
+    }
+
+    /// Waits for the answer to ``send(_:)`` until `deadline` (`nil`: no deadline) in `poll(2)`. Returns the last
+    /// statement's rows, or `nil` when the deadline passed first — the statement is then still pending: call again,
+    /// or drop the connection.
+    func awaitResult(until deadline: ContinuousClock.Instant?) throws(StokerError) -> QueryResult? {
+        var outcome: Result<QueryResult, StokerError>?
+        while true {
+            if PQconsumeInput(raw) == 0 {
+                throw failure(sqlState: nil, serverMessage: trimmed(String(cString: PQerrorMessage(raw))))
+            }
+            while PQisBusy(raw) == 0 {
+                guard let result = PQgetResult(raw) else {
+                    drainNotifications()
+                    switch outcome {
+                    case .success(let rows)?: return rows
+                    case .failure(let error)?: throw error
+                    case nil: throw StokerError(.unexpectedResult, "The server sent no result.")
+                    }
+                }
+                defer { PQclear(result) }
+                do {
+                    let rows = try makeResult(result)
+                    if case .failure = outcome {} else { outcome = .success(rows) }
+                } catch {
+                    if case .failure = outcome {} else { outcome = .failure(error) }
+                }
+            }
+            var descriptor = pollfd(fd: socket, events: Int16(POLLIN), revents: 0)
+            let ready = poll(&descriptor, 1, deadline.map { Self.milliseconds(until: $0) } ?? -1)
+            if ready < 0, errno != EINTR {
+                throw StokerError(.connectionLost, "poll(2) failed with errno \(errno).", connection: redactedDescription)
+            }
+            if ready == 0, let deadline, ContinuousClock.now >= deadline { return nil }
+        }
+    }
+
     /// Runs `body` inside BEGIN … COMMIT; rolls back when it throws (if the connection still stands).
     @discardableResult
     func transaction<T>(_ body: () throws -> T) throws -> T {
@@ -332,6 +375,9 @@ final class PGConnection {
 
     // MARK: - Server checks
 
+    /// How long the pooling probe waits for a server before concluding that the pool has none to spare.
+    static let probeWait = Duration.seconds(2)
+
     /// Refuses servers Stoker cannot be correct on (see ``ServerRequirements``).
     private func verifyServer() throws(StokerError) {
         let facts = try execute(
@@ -340,44 +386,19 @@ final class PGConnection {
                    current_setting('max_identifier_length')
             """
         ).singleRow()
-        var pids = [try facts.int32(2)]
-        if pids[0] != protocolBackendPID {
-            // A proxy invented the pid libpq got (PgBouncer does, in every mode). Whether it pools by transaction
-            // shows only under contention — a lone client gets the same idle server back — so make some: a probe
-            // connection holds a transaction open (in transaction mode it is handed the server our last
-            // transaction used), and our next transactions must then run elsewhere.
-            let probe = try PGConnection(configuration, isProbe: true)
-            do {
-                try probe.execute("BEGIN")
-                pids.append(try probe.execute("SELECT pg_backend_pid()").singleRow().int32(0))
-            } catch {
-                // PgBouncer in statement mode refuses transaction blocks (and drops the client).
-                throw StokerError(
-                    .pooledConnection,
-                    "The connection goes through a proxy that refuses transaction blocks (PgBouncer in statement "
-                        + "mode), which breaks session advisory locks and LISTEN. Connect Stoker directly to "
-                        + "PostgreSQL, or through a pool in session mode (PgBouncer pool_mode=session).",
-                    sqlState: error.sqlState,
-                    serverMessage: error.serverMessage,
-                    connection: redactedDescription
-                )
-            }
-            pids.append(try execute("SELECT pg_backend_pid()").singleRow().int32(0))
-            pids.append(try execute("SELECT pg_backend_pid()").singleRow().int32(0))
-            _ = try? probe.execute("ROLLBACK")
-            // The probe's own backend is legitimately different: compare it only with ours.
-            if pids[1] != pids[0] && pids[1] != pids[2] && pids[1] != pids[3] { pids.remove(at: 1) }
-        } else {
-            // Separate statements are separate transactions: a pooling proxy may hand each to another backend.
-            pids.append(try execute("SELECT pg_backend_pid()").singleRow().int32(0))
-        }
-        let report = ServerRequirements.Facts(
+        var report = ServerRequirements.Facts(
             serverVersion: serverVersion,
             inRecovery: try facts.bool(0),
             transactionReadOnly: try facts.string(1) == "on",
             protocolBackendPID: protocolBackendPID,
-            backendPIDs: pids
+            backendPIDs: [try facts.int32(2)]
         )
+        if report.backendPIDs[0] != protocolBackendPID {
+            try probeForPooling(&report)
+        } else {
+            // Separate statements are separate transactions: a pooling proxy may hand each to another backend.
+            report.backendPIDs.append(try execute("SELECT pg_backend_pid()").singleRow().int32(0))
+        }
         do {
             isBehindProxy = try ServerRequirements.check(report)
         } catch var error {
@@ -385,6 +406,47 @@ final class PGConnection {
             throw error
         }
         maximumIdentifierLength = (try? facts.int(3)) ?? SQLName.defaultMaximumLength
+    }
+
+    /// A proxy invented the pid libpq got (PgBouncer does, in every mode). Whether it pools by transaction shows
+    /// only under contention — a lone client gets the same idle server back — so make some: a probe connection opens
+    /// a transaction (in transaction mode it is handed the server our last statement used) and, while it holds it,
+    /// we read our backend pid again. In session mode our backend is ours alone: the probe never shares it and we
+    /// never wait for a server. Every wait is bounded by ``probeWait``, so a saturated session-mode pool (the probe
+    /// gets no server) costs that long and no more.
+    private func probeForPooling(_ report: inout ServerRequirements.Facts) throws(StokerError) {
+        var probe: PGConnection? = try PGConnection(configuration, isProbe: true)
+        do {
+            try probe?.send("BEGIN; SELECT pg_backend_pid()")
+            if let rows = try probe?.awaitResult(until: .now + Self.probeWait) {
+                report.probePID = try rows.singleRow().int32(0)
+            }
+        } catch {
+            // PgBouncer in statement mode refuses transaction blocks (and drops the client).
+            throw StokerError(
+                .pooledConnection,
+                "The connection goes through a proxy that refuses transaction blocks (PgBouncer in statement "
+                    + "mode), which breaks session advisory locks and LISTEN. Connect Stoker directly to "
+                    + "PostgreSQL, or through a pool in session mode (PgBouncer pool_mode=session).",
+                sqlState: error.sqlState,
+                serverMessage: error.serverMessage,
+                connection: redactedDescription
+            )
+        }
+        guard report.probePID != nil else { return }  // no server to spare for the probe: nothing to learn
+        for _ in 0..<2 {
+            try send("SELECT pg_backend_pid()")
+            if let rows = try awaitResult(until: .now + Self.probeWait) {
+                report.backendPIDs.append(try rows.singleRow().int32(0))
+                continue
+            }
+            // We wait for a server while the probe holds one: our backend is not ours alone.
+            report.starvedWhileProbing = true
+            probe = nil  // closing the probe gives its server back; our statement then completes
+            if let rows = try awaitResult(until: nil) { report.backendPIDs.append(try rows.singleRow().int32(0)) }
+            break
+        }
+        withExtendedLifetime(probe) {}
     }
 
     // MARK: - Connect failures

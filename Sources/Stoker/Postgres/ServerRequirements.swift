@@ -14,6 +14,10 @@ enum ServerRequirements {
         var protocolBackendPID: Int32
         /// `pg_backend_pid()` read in several separate transactions.
         var backendPIDs: [Int32]
+        /// Behind a proxy: the backend pid a second connection saw inside an open transaction.
+        var probePID: Int32? = nil
+        /// Behind a proxy: our statement had to wait for a server while the probe held a transaction open.
+        var starvedWhileProbing = false
     }
 
     /// Throws for a server Stoker must not run on; returns whether a (session-mode) proxy sits in between.
@@ -40,12 +44,15 @@ enum ServerRequirements {
                     + "connection). Stoker writes its membership and election rows: use a read-write session."
             )
         }
-        if Set(facts.backendPIDs).count > 1 {
+        let sharesBackend = facts.probePID.map { facts.backendPIDs.contains($0) } ?? false
+        if Set(facts.backendPIDs).count > 1 || sharesBackend || facts.starvedWhileProbing {
             throw StokerError(
                 .pooledConnection,
-                "Consecutive transactions ran on different PostgreSQL backends (pids "
-                    + "\(facts.backendPIDs.map(String.init).joined(separator: ", "))): the connection goes through a "
-                    + "transaction-pooling proxy such as PgBouncer in transaction mode, which silently breaks session "
+                "This session does not own its PostgreSQL backend (pids "
+                    + "\(facts.backendPIDs.map(String.init).joined(separator: ", "))"
+                    + "\(facts.probePID.map { "; another connection got \($0)" } ?? "")"
+                    + "\(facts.starvedWhileProbing ? "; it waited for a server while another held one" : "")): the "
+                    + "connection goes through a transaction-pooling proxy such as PgBouncer in transaction mode, which silently breaks session "
                     + "advisory locks and LISTEN. Connect Stoker directly to PostgreSQL, or through a pool in session "
                     + "mode (PgBouncer pool_mode=session)."
             )

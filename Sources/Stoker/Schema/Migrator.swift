@@ -39,10 +39,8 @@ public enum StokerSchema {
         logger: Logger = Logger(label: "stoker", factory: { _ in SwiftLogNoOpLogHandler() })
     ) async throws -> MigrationReport {
         try validate(schema: schema)
-        let session = try await PostgresSession.connect(connection)
-        defer { session.requestClose() }
-        let report = try await session.run { connection in
-            try Migrator(schema: schema).migrate(on: connection)
+        let report = try await withSession(connection) { session in
+            try await session.run { connection in try Migrator(schema: schema).migrate(on: connection) }
         }
         if !report.applied.isEmpty {
             logger.notice(
@@ -63,10 +61,8 @@ public enum StokerSchema {
     @discardableResult
     public static func verify(connection: String, schema: String = defaultSchema) async throws -> MigrationReport {
         try validate(schema: schema)
-        let session = try await PostgresSession.connect(connection)
-        defer { session.requestClose() }
-        return try await session.run { connection in
-            try Migrator(schema: schema).verify(on: connection)
+        return try await withSession(connection) { session in
+            try await session.run { connection in try Migrator(schema: schema).verify(on: connection) }
         }
     }
 
@@ -74,14 +70,30 @@ public enum StokerSchema {
     /// "Least privilege"); run it as the schema's owner.
     public static func grant(to role: String, connection: String, schema: String = defaultSchema) async throws {
         try validate(schema: schema)
+        try await withSession(connection) { session in
+            try await session.run { connection in
+                let sql = try grantStatements(
+                    schema: connection.quoteIdentifier(schema, kind: "schema name"),
+                    role: connection.quoteIdentifier(role, kind: "role name")
+                )
+                try connection.transaction { try connection.executeScript(sql) }
+            }
+        }
+    }
+
+    /// Runs `body` on a new session and closes it — waiting until the connection is closed — also on error.
+    private static func withSession<T: Sendable>(
+        _ connection: String,
+        _ body: (PostgresSession) async throws -> T
+    ) async throws -> T {
         let session = try await PostgresSession.connect(connection)
-        defer { session.requestClose() }
-        try await session.run { connection in
-            let sql = try grantStatements(
-                schema: connection.quoteIdentifier(schema, kind: "schema name"),
-                role: connection.quoteIdentifier(role, kind: "role name")
-            )
-            try connection.transaction { try connection.executeScript(sql) }
+        do {
+            let value = try await body(session)
+            await session.close()
+            return value
+        } catch {
+            await session.close()
+            throw error
         }
     }
 
@@ -260,7 +272,8 @@ struct Migrator {
             """,
             [schema]
         ).rows {
-            triggers[try row.string(0)] = SchemaManifest.FoundTrigger(fires: try row.bool(1), function: try row.string(2))
+            triggers[try row.string(0)] = SchemaManifest.FoundTrigger(
+                fires: try row.bool(1), function: try row.string(2))
         }
         let problems = SchemaManifest.differences(
             schema: schema,
