@@ -23,7 +23,11 @@ struct ConnectionOptions: ParsableArguments {
         name: .long,
         help: ArgumentHelp(
             "libpq connection URL or key=value string.",
-            discussion: "Default: $DATABASE_URL, else libpq's PG* environment variables (PGHOST, PGUSER, …)."
+            discussion: """
+                Default: $DATABASE_URL, else libpq's PG* environment variables (PGHOST, PGUSER, …). A command \
+                line is visible to other users of the machine: pass passwords through PGPASSWORD, ~/.pgpass or \
+                $DATABASE_URL rather than --url.
+                """
         )
     )
     var url: String?
