@@ -303,6 +303,24 @@ struct NotificationTests {
         }
     }
 
+    @Test("a session dropped without close() still closes its connection and its thread ends")
+    func dropped() async throws {
+        try await withTestDatabase { database in
+            var session: PostgresSession? = try await PostgresSession.connect(database.conninfo)
+            let pid = try #require(try await session?.query("SELECT pg_backend_pid()").singleRow().int(0))
+            session = nil
+            // Wait (bounded) for the backend to go: only the session thread's exit closes the connection.
+            var gone = false
+            for _ in 0..<1000 where !gone {
+                let rows = try await database.admin("SELECT count(*) FROM pg_stat_activity WHERE pid = \(pid)")
+                gone = rows.first?[0] == "0"
+                if !gone { try await Task.sleep(for: .milliseconds(10)) }
+            }
+            #expect(gone, "backend \(pid) outlived its dropped session")
+            #expect(session == nil)
+        }
+    }
+
     @Test("a terminated backend is seen at once: notifications end, statements fail with .connectionLost")
     func terminated() async throws {
         try await withTestDatabase { database in

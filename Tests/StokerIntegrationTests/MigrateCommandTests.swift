@@ -68,7 +68,10 @@ struct MigrateCommandTests {
             let server = database.server
             for arguments in [
                 ["migrate", "--url", database.tcpConninfo(user: role, password: Self.secret)],
-                ["migrate", "--url", "postgresql://\(role):\(Self.secret)@\(server.host):\(server.port)/\(database.name)"],
+                [
+                    "migrate", "--url",
+                    "postgresql://\(role):\(Self.secret)@\(server.host):\(server.port)/\(database.name)",
+                ],
             ] {
                 let result = try await Self.run(arguments)
                 #expect(result.status != 0)

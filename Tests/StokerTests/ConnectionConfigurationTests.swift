@@ -173,6 +173,7 @@ struct ConnectFailureTests {
         ]
     )
     func classify(message: String, code: StokerError.Code) {
-        #expect(PGConnection.connectFailure(message, redactor: Redactor(secrets: []), connection: "host=h").code == code)
+        #expect(
+            PGConnection.connectFailure(message, redactor: Redactor(secrets: []), connection: "host=h").code == code)
     }
 }

@@ -116,7 +116,8 @@ struct SchemaManifestTests {
         var functions = Self.functions().filter { $0.signature != "notify_node_change()" }
         functions = functions.map { function in
             guard function.signature.hasPrefix("fence(") else { return function }
-            return .init(signature: function.signature, body: "BEGIN RETURN p_term; END", securityDefiner: false, settings: [])
+            return .init(
+                signature: function.signature, body: "BEGIN RETURN p_term; END", securityDefiner: false, settings: [])
         }
         var triggers = Self.triggers()
         triggers["nodes.nodes_notify"] = .init(fires: false, function: "notify_node_change")

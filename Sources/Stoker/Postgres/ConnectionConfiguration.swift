@@ -42,7 +42,8 @@ struct ConnectionConfiguration: Sendable {
         // As PQconnectdb would: a dbname that itself looks like a connection string is a database name here, not
         // expanded (only PQconnectdbParams' expand_dbname does that). rawSecrets still finds a password in it.
         let entries = try Self.parse(conninfo)
-        let secrets = entries.filter(\.isSecret).map(\.value) + Self.rawSecrets(in: conninfo)
+        let secrets =
+            entries.filter(\.isSecret).map(\.value) + Self.rawSecrets(in: conninfo)
             + Self.environmentSecrets()
         self.secrets = Array(Set(secrets.filter { !$0.isEmpty }))
         self.options = entries.map { ($0.keyword, $0.value) }

@@ -47,7 +47,8 @@ final class PGConnection {
         guard PQstatus(connection) == CONNECTION_OK else {
             let message = trimmed(String(cString: PQerrorMessage(connection)))
             PQfinish(connection)
-            throw Self.connectFailure(message, redactor: configuration.redactor, connection: configuration.redactedDescription)
+            throw Self.connectFailure(
+                message, redactor: configuration.redactor, connection: configuration.redactedDescription)
         }
         self.raw = connection
         // libpq's default notice processor prints to stderr (e.g. the FATAL of an administrator's
@@ -156,7 +157,8 @@ final class PGConnection {
             var descriptor = pollfd(fd: socket, events: Int16(POLLIN), revents: 0)
             let ready = poll(&descriptor, 1, deadline.map { Self.milliseconds(until: $0) } ?? -1)
             if ready < 0, errno != EINTR {
-                throw StokerError(.connectionLost, "poll(2) failed with errno \(errno).", connection: redactedDescription)
+                throw StokerError(
+                    .connectionLost, "poll(2) failed with errno \(errno).", connection: redactedDescription)
             }
             if ready == 0, let deadline, ContinuousClock.now >= deadline { return nil }
         }

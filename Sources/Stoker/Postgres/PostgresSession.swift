@@ -17,6 +17,73 @@ import Synchronization
 /// When the connection breaks, queued and later jobs fail with ``StokerError/Code/connectionLost`` and
 /// ``notifications`` finishes; a session is never reconnected in place (a reconnect is a new session).
 final class PostgresSession: Sendable {
+    /// Everything the session thread needs; the thread holds the core, never the session, so a session dropped
+    /// without ``close()`` is still closed (its `deinit` asks the core to stop).
+    private let core: SessionCore
+
+    private init(core: SessionCore) { self.core = core }
+
+    deinit { core.requestClose() }
+
+    /// Opens a session on its own thread. Returns once the connection is up and the server passed the checks of
+    /// ``ServerRequirements``; throws the connect failure otherwise.
+    static func connect(_ configuration: ConnectionConfiguration) async throws -> PostgresSession {
+        let core = try SessionCore(configuration: configuration)
+        try await withCheckedThrowingContinuation { (ready: CheckedContinuation<Void, any Error>) in
+            do {
+                try startThread { core.threadMain(configuration, ready: ready) }
+            } catch {
+                ready.resume(throwing: error)
+            }
+        }
+        return PostgresSession(core: core)
+    }
+
+    static func connect(_ conninfo: String) async throws -> PostgresSession {
+        try await connect(ConnectionConfiguration(conninfo))
+    }
+
+    /// Every notification received on a listened channel, in arrival order. Single consumer.
+    var notifications: AsyncStream<PostgresNotification> { core.notifications }
+
+    /// The connection this session was opened with, password removed.
+    var connectionDescription: String { core.connectionDescription }
+
+    /// The number of `poll(2)` calls the session thread has made so far.
+    var pollCount: Int { core.polls.load(ordering: .relaxed) }
+
+    /// Runs `body` on the session's thread with exclusive use of the connection and returns its result.
+    func run<T: Sendable>(_ body: @escaping @Sendable (PGConnection) throws -> T) async throws -> T {
+        try await core.run(body)
+    }
+
+    /// Runs one statement with bound parameters.
+    @discardableResult
+    func query(_ sql: String, _ parameters: [String?] = []) async throws -> QueryResult {
+        try await run { try $0.execute(sql, parameters) }
+    }
+
+    func listen(_ channel: String) async throws {
+        try await run { try $0.listen(channel) }
+    }
+
+    func unlisten(_ channel: String) async throws {
+        try await run { try $0.unlisten(channel) }
+    }
+
+    func notify(_ channel: String, payload: String = "") async throws {
+        try await run { try $0.notify(channel, payload: payload) }
+    }
+
+    /// Asks the thread to finish the queued jobs, close the connection and exit; returns at once.
+    func requestClose() { core.requestClose() }
+
+    /// Closes the session and waits until the connection is closed and the thread has exited.
+    func close() async { await core.close() }
+}
+
+/// The state a session's thread and its callers share.
+private final class SessionCore: Sendable {
     private struct Job: Sendable {
         let run: @Sendable (PGConnection) -> Void
         let fail: @Sendable (StokerError) -> Void
@@ -33,14 +100,12 @@ final class PostgresSession: Sendable {
     private let state = Mutex(State())
     private let wakeDescriptor: Int32
     private let sink: AsyncStream<PostgresNotification>.Continuation
-    /// Every notification received on a listened channel, in arrival order. Single consumer.
     let notifications: AsyncStream<PostgresNotification>
     /// `poll(2)` calls made by the session thread while idle; lets tests prove waiting does not spin.
-    private let polls = Atomic<Int>(0)
-    /// The connection this session was opened with, password removed.
+    let polls = Atomic<Int>(0)
     let connectionDescription: String
 
-    private init(configuration: ConnectionConfiguration) throws(StokerError) {
+    init(configuration: ConnectionConfiguration) throws(StokerError) {
         let descriptor = eventfd(0, Int32(EFD_CLOEXEC | EFD_NONBLOCK))
         guard descriptor >= 0 else {
             throw StokerError(.connectionFailed, "eventfd(2) failed with errno \(errno).")
@@ -51,30 +116,11 @@ final class PostgresSession: Sendable {
     }
 
     deinit {
+        // Only reached once the thread has exited (it holds the core) and no session refers to it: nobody can
+        // write to the descriptor any more.
         closeDescriptor(wakeDescriptor)
     }
 
-    /// Opens a session on its own thread. Returns once the connection is up and the server passed the checks of
-    /// ``ServerRequirements``; throws the connect failure otherwise.
-    static func connect(_ configuration: ConnectionConfiguration) async throws
-        -> PostgresSession
-    {
-        let session = try PostgresSession(configuration: configuration)
-        try await withCheckedThrowingContinuation { (ready: CheckedContinuation<Void, any Error>) in
-            do {
-                try startThread { session.threadMain(configuration, ready: ready) }
-            } catch {
-                ready.resume(throwing: error)
-            }
-        }
-        return session
-    }
-
-    static func connect(_ conninfo: String) async throws -> PostgresSession {
-        try await connect(ConnectionConfiguration(conninfo))
-    }
-
-    /// Runs `body` on the session's thread with exclusive use of the connection and returns its result.
     func run<T: Sendable>(_ body: @escaping @Sendable (PGConnection) throws -> T) async throws -> T {
         try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<T, any Error>) in
             let job = Job(
@@ -102,34 +148,11 @@ final class PostgresSession: Sendable {
         }
     }
 
-    /// Runs one statement with bound parameters.
-    @discardableResult
-    func query(_ sql: String, _ parameters: [String?] = []) async throws -> QueryResult {
-        try await run { try $0.execute(sql, parameters) }
-    }
-
-    func listen(_ channel: String) async throws {
-        try await run { try $0.listen(channel) }
-    }
-
-    func unlisten(_ channel: String) async throws {
-        try await run { try $0.unlisten(channel) }
-    }
-
-    func notify(_ channel: String, payload: String = "") async throws {
-        try await run { try $0.notify(channel, payload: payload) }
-    }
-
-    /// The number of `poll(2)` calls the session thread has made so far.
-    var pollCount: Int { polls.load(ordering: .relaxed) }
-
-    /// Asks the thread to finish the queued jobs, close the connection and exit; returns at once.
     func requestClose() {
         state.withLock { $0.closing = true }
         wake()
     }
 
-    /// Closes the session and waits until the connection is closed and the thread has exited.
     func close() async {
         requestClose()
         await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
@@ -151,7 +174,7 @@ final class PostgresSession: Sendable {
 
     // MARK: - The session thread
 
-    private func threadMain(_ configuration: ConnectionConfiguration, ready: CheckedContinuation<Void, any Error>) {
+    fileprivate func threadMain(_ configuration: ConnectionConfiguration, ready: CheckedContinuation<Void, any Error>) {
         let failure = serve(configuration, ready: ready)
         // The connection is closed (PQfinish ran when `serve` returned); now let everyone know.
         let (leftover, waiters) = state.withLock { state in

@@ -63,7 +63,9 @@ enum SchemaManifest {
     ]
 
     /// `table.trigger` → the function it must call; each must exist and fire (enabled, not replica-only).
-    static let triggers = ["nodes.nodes_notify": "notify_node_change", "elections.elections_notify": "notify_election_change"]
+    static let triggers = [
+        "nodes.nodes_notify": "notify_node_change", "elections.elections_notify": "notify_election_change",
+    ]
 
     /// A function as the catalog holds it.
     struct FoundFunction: Sendable {
