@@ -22,15 +22,7 @@ func withControlledDatabase<T: Sendable>(_ body: (TestDatabase) async throws -> 
 
 /// Opens a session, runs `body`, closes the session (also when `body` throws).
 func withSession<T: Sendable>(_ conninfo: String, _ body: (PostgresSession) async throws -> T) async throws -> T {
-    let session = try await PostgresSession.connect(conninfo)
-    do {
-        let value = try await body(session)
-        await session.close()
-        return value
-    } catch {
-        await session.close()
-        throw error
-    }
+    try await PostgresSession.with(conninfo, body)
 }
 
 /// Connects and expects a ``StokerError``; returns it (records an issue if the connection succeeded).

@@ -43,6 +43,20 @@ final class PostgresSession: Sendable {
         try await connect(ConnectionConfiguration(conninfo))
     }
 
+    /// Opens a session, runs `body`, then closes the session — waiting until the connection is closed — also when
+    /// `body` throws.
+    static func with<T: Sendable>(_ conninfo: String, _ body: (PostgresSession) async throws -> T) async throws -> T {
+        let session = try await connect(conninfo)
+        do {
+            let value = try await body(session)
+            await session.close()
+            return value
+        } catch {
+            await session.close()
+            throw error
+        }
+    }
+
     /// Every notification received on a listened channel, in arrival order. Single consumer.
     var notifications: AsyncStream<PostgresNotification> { core.notifications }
 

@@ -39,7 +39,7 @@ public enum StokerSchema {
         logger: Logger = Logger(label: "stoker", factory: { _ in SwiftLogNoOpLogHandler() })
     ) async throws -> MigrationReport {
         try validate(schema: schema)
-        let report = try await withSession(connection) { session in
+        let report = try await PostgresSession.with(connection) { session in
             try await session.run { connection in try Migrator(schema: schema).migrate(on: connection) }
         }
         if !report.applied.isEmpty {
@@ -61,7 +61,7 @@ public enum StokerSchema {
     @discardableResult
     public static func verify(connection: String, schema: String = defaultSchema) async throws -> MigrationReport {
         try validate(schema: schema)
-        return try await withSession(connection) { session in
+        return try await PostgresSession.with(connection) { session in
             try await session.run { connection in try Migrator(schema: schema).verify(on: connection) }
         }
     }
@@ -70,7 +70,7 @@ public enum StokerSchema {
     /// "Least privilege"); run it as the schema's owner.
     public static func grant(to role: String, connection: String, schema: String = defaultSchema) async throws {
         try validate(schema: schema)
-        try await withSession(connection) { session in
+        try await PostgresSession.with(connection) { session in
             try await session.run { connection in
                 let sql = try grantStatements(
                     schema: connection.quoteIdentifier(schema, kind: "schema name"),
@@ -78,22 +78,6 @@ public enum StokerSchema {
                 )
                 try connection.transaction { try connection.executeScript(sql) }
             }
-        }
-    }
-
-    /// Runs `body` on a new session and closes it — waiting until the connection is closed — also on error.
-    private static func withSession<T: Sendable>(
-        _ connection: String,
-        _ body: (PostgresSession) async throws -> T
-    ) async throws -> T {
-        let session = try await PostgresSession.connect(connection)
-        do {
-            let value = try await body(session)
-            await session.close()
-            return value
-        } catch {
-            await session.close()
-            throw error
         }
     }
 
