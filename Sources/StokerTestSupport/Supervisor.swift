@@ -5,8 +5,12 @@ import Synchronization
 /// The detached shell that owns one private cluster from `initdb` to `rm -rf` (PITFALLS.md §4).
 ///
 /// Arguments: `$1` test pid, `$2` root dir, `$3` TCP port, `$4` PostgreSQL bin dir, `$5` 1 for TLS,
-/// `$6` the user to run as via `runuser` (empty: run directly). It runs `initdb` (and openssl), starts
-/// `postgres` as its own child, writes `setup.log`, then `ready` or `failed`, waits until the test process is gone
+/// `$6` the user to run as via `runuser` (empty: run directly), `$7` the mode: `initdb` (a new cluster) or
+/// `standby` (a streaming-replication hot standby of the primary whose socket directory and port are the two lines of
+/// `<root>/standby-of`).
+/// It creates the data directory — `initdb` (and openssl for TLS), or `pg_basebackup -R` from the primary (copying
+/// its TLS files for TLS) — starts `postgres` as its own child, writes `setup.log`, then `ready` or `failed`
+/// (a standby counts as started once it accepts hot-standby connections), waits until the test process is gone
 /// (pid + start time from /proc, so a zombie or a reused pid counts as gone) or `stop` exists, stops the cluster with
 /// `pg_ctl -m immediate`, and removes the root. Meanwhile it serves restart requests: for each file
 /// `restart-<token>` it stops postgres (`-m immediate`), starts it again with the same settings, and writes
@@ -20,7 +24,7 @@ let supervisorScript = #"""
     exec 9>&1 >/dev/null 2>&1
     umask 022
     PATH="$PATH:/usr/sbin:/sbin:/usr/bin:/bin"
-    pid=$1 root=$2 port=$3 bin=$4 tls=$5 user=$6
+    pid=$1 root=$2 port=$3 bin=$4 tls=$5 user=$6 mode=$7
     as() { if [ -n "$user" ]; then runuser -u "$user" -- "$@"; else "$@"; fi; }
     st() { sed 's/^.*) //' "/proc/$1/stat" 2>/dev/null; }
     born=$(st "$pid" | cut -d' ' -f20)
@@ -45,7 +49,8 @@ let supervisorScript = #"""
     }
     running() { s=$(st "$1") && [ -n "$s" ] && [ "${s%% *}" != Z ]; }
     # Starts postgres as our own child (not daemonised by pg_ctl, so this shell reaps it: no zombie is left for
-    # PID 1) and waits until its postmaster.pid (a new one: not the previous postmaster's) says ready.
+    # PID 1) and waits until its postmaster.pid (a new one: not the previous postmaster's) says ready (or, for a hot
+    # standby, standby: accepting read-only connections).
     launch() {
       set -- -D "$root/data" -k "$root" -p "$port" -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200
       if [ "$tls" = 1 ]; then
@@ -55,7 +60,7 @@ let supervisorScript = #"""
       as "$bin/postgres" "$@" >>"$root/postgres.log" 2>&1 </dev/null &
       child=$!
       n=0
-      until sed -n 8p "$root/data/postmaster.pid" 2>/dev/null | grep -q '^ready' &&
+      until sed -n 8p "$root/data/postmaster.pid" 2>/dev/null | grep -Eq '^(ready|standby)' &&
             [ "$(head -n 1 "$root/data/postmaster.pid" 2>/dev/null)" != "$previous" ]; do
         running "$child" || { echo "postgres exited during startup:"; tail -n 50 "$root/postgres.log"; return 1; }
         n=$((n + 1))
@@ -80,10 +85,26 @@ let supervisorScript = #"""
       if launch >>"$root/restart.log" 2>&1; then outcome=restarted; else outcome=restart-failed; fi
       for request in "$@"; do touch "$root/$outcome-${request##*/restart-}"; done
     }
+    # A base backup of the running primary over its unix socket (pg_hba: `local replication all trust`), with
+    # standby.signal and primary_conninfo (-R), WAL streamed alongside; TLS files are copied from the primary's root.
+    standby() {
+      source=$(sed -n 1p "$root/standby-of") sourceport=$(sed -n 2p "$root/standby-of")
+      as "$bin/pg_basebackup" -h "$source" -p "$sourceport" -U postgres -D "$root/data" -R -X stream \
+        --checkpoint=fast --no-sync || return 1
+      if [ "$tls" = 1 ]; then
+        for file in ca.crt server.crt server.key other-ca.crt; do
+          as cp -p "$source/$file" "$root/$file" || return 1
+        done
+      fi
+    }
     setup() {
-      as "$bin/initdb" -D "$root/data" -U postgres --auth-local=trust --auth-host=scram-sha-256 \
-        --no-sync --no-instructions -E UTF8 --locale=C || return 1
-      if [ "$tls" = 1 ]; then certificates || return 1; fi
+      if [ "$mode" = standby ]; then
+        standby || return 1
+      else
+        as "$bin/initdb" -D "$root/data" -U postgres --auth-local=trust --auth-host=scram-sha-256 \
+          --no-sync --no-instructions -E UTF8 --locale=C || return 1
+        if [ "$tls" = 1 ]; then certificates || return 1; fi
+      fi
       launch
     }
     child=

@@ -134,12 +134,17 @@ public final class TestPostgres: Sendable {
             stoppedAtExit: true)
     }
 
-    private static func startPrivate(_ options: Options, stoppedAtExit: Bool) async throws -> TestPostgres {
+    private static func startPrivate(
+        _ options: Options, mode: SupervisorMode = .initdb, stoppedAtExit: Bool
+    ) async throws -> TestPostgres {
         let host = try ClusterHost.discover()
+        if case .standby = mode, !Files.isExecutable(host.binDirectory + "/pg_basebackup") {
+            throw TestPostgresError("pg_basebackup not found in \(host.binDirectory): it is needed for a standby")
+        }
         var attempt = 1
         while true {
             do {
-                return try await launch(options, on: host, stoppedAtExit: stoppedAtExit)
+                return try await launch(options, mode: mode, on: host, stoppedAtExit: stoppedAtExit)
             } catch let error as PortTaken where attempt < 3 {
                 _ = error
                 attempt += 1  // Another process took the port between our probe and postgres' bind.
@@ -154,9 +159,35 @@ public final class TestPostgres: Sendable {
         let underlying: TestPostgresError
     }
 
-    private static func launch(_ options: Options, on host: ClusterHost, stoppedAtExit: Bool) async throws
-        -> TestPostgres
-    {
+    /// How the supervisor creates the data directory.
+    private enum SupervisorMode {
+        /// `initdb`: a new, empty cluster.
+        case initdb
+        /// `pg_basebackup -R` from the primary listening in `socketDirectory` on `port`: a hot standby.
+        case standby(socketDirectory: String, port: Int)
+
+        /// The supervisor script's argument `$7`.
+        var name: String {
+            switch self {
+            case .initdb: "initdb"
+            case .standby: "standby"
+            }
+        }
+
+        /// The content of `<root>/standby-of` for a standby (the primary's socket directory, then its port), read by
+        /// the supervisor. A file, not arguments, so that no process of the standby names the primary's directory
+        /// on its command line (where leak checks look for processes of the primary).
+        var primaryFile: String? {
+            switch self {
+            case .initdb: nil
+            case .standby(let socketDirectory, let port): "\(socketDirectory)\n\(port)\n"
+            }
+        }
+    }
+
+    private static func launch(
+        _ options: Options, mode: SupervisorMode, on host: ClusterHost, stoppedAtExit: Bool
+    ) async throws -> TestPostgres {
         let root = try Files.makeTemporaryDirectory(template: "/tmp/stoker-pg-XXXXXX")
         if let user = host.runAs, chown(root, user.uid, user.gid) != 0 {
             let reason = String(cString: strerror(errno))
@@ -166,7 +197,9 @@ public final class TestPostgres: Sendable {
         let port: Int
         do {
             port = try ClusterHost.freeLoopbackPort()
+            if let primaryFile = mode.primaryFile { try Files.write(root + "/standby-of", primaryFile) }
         } catch {
+            unlink(root + "/standby-of")
             rmdir(root)
             throw error
         }
@@ -174,7 +207,7 @@ public final class TestPostgres: Sendable {
         let argv = [
             host.setsid, "-f", "/bin/sh", "-c", supervisorScript, "stoker-pg-supervisor",
             String(getpid()), root, String(port), host.binDirectory, options.tls ? "1" : "0",
-            host.runAs?.name ?? "",
+            host.runAs?.name ?? "", mode.name,
         ]
         do {
             let status = try await onDedicatedThread {
@@ -183,6 +216,7 @@ public final class TestPostgres: Sendable {
             guard status == 0 else { throw TestPostgresError("setsid exited with status \(status)") }
         } catch {
             // No supervisor owns the directory: remove it ourselves.
+            unlink(root + "/standby-of")
             rmdir(root)
             ClusterRegistry.unregister(root)
             throw TestPostgresError("could not start the cluster supervisor: \(error)")
@@ -218,12 +252,54 @@ public final class TestPostgres: Sendable {
                 caCertificate: root + "/ca.crt", otherCACertificate: root + "/other-ca.crt",
                 serverCertificate: root + "/server.crt", serverName: "localhost")
         }
-        return TestPostgres(
+        let server = TestPostgres(
             isPrivate: true, host: "127.0.0.1", port: port, root: root, tls: tls,
             adminConninfo: Conninfo.build([
                 ("host", root), ("port", String(port)), ("user", "postgres"), ("dbname", "postgres"),
             ]),
             supervisor: ProcessIdentity(pidFile: root + "/supervisor.pid"), stoppedAtExit: stoppedAtExit)
+        if case .standby = mode {
+            // The supervisor saw `standby` in postmaster.pid; confirm from a session that it is in recovery.
+            let recovering: [[String?]]
+            do {
+                recovering = try await server.admin("SELECT pg_is_in_recovery()")
+            } catch {
+                await stopCluster(root: root, supervisor: server.supervisor)
+                throw TestPostgresError("the standby in \(root) does not accept connections: \(error)")
+            }
+            guard recovering == [["t"]] else {
+                await stopCluster(root: root, supervisor: server.supervisor)
+                throw TestPostgresError("the standby in \(root) is not in recovery (pg_is_in_recovery() is false)")
+            }
+        }
+        return server
+    }
+
+    /// Starts a streaming-replication hot standby of this private cluster in a fresh `/tmp/stoker-pg-XXXXXX`
+    /// directory, and waits (asynchronously, up to 60 s) until it accepts connections and `pg_is_in_recovery()` is
+    /// true on it.
+    ///
+    /// A detached supervisor, like the one of ``start(_:)``, takes a base backup with `pg_basebackup -R -X stream`
+    /// over this cluster's unix socket (as the `postgres` user via `runuser` when this process is root) and starts
+    /// `postgres` on it with its own socket directory and a free loopback port, with the same settings as the
+    /// primary. With TLS on the primary, the standby serves the same certificate, copied into its own directory
+    /// (``tls`` names the copies). The standby is a separate cluster: stop it with its own ``stop()`` — before or
+    /// after this one (a standby whose primary is gone keeps serving its last state); like every private cluster it
+    /// is removed at process exit, or when this process is gone, at the latest.
+    ///
+    /// - Throws: ``TestPostgresError`` for an external server or a stopped cluster, or (with the log) when the
+    ///   standby does not come up.
+    public func startStandby() async throws -> TestPostgres {
+        guard isPrivate, let root = socketDirectory else {
+            throw TestPostgresError(
+                "startStandby() needs a private cluster; this server is external (\(host):\(port))")
+        }
+        guard Files.exists(root + "/ready"), !Files.exists(root + "/stop") else {
+            throw TestPostgresError(
+                "cannot start a standby of the cluster in \(root): it is stopped or was never ready")
+        }
+        return try await Self.startPrivate(
+            Options(tls: tls != nil), mode: .standby(socketDirectory: root, port: port), stoppedAtExit: false)
     }
 
     // MARK: - Using it
