@@ -287,3 +287,52 @@ struct ClusterHost {
         return Int(UInt16(bigEndian: address.sin_port))
     }
 }
+
+/// The port chosen for a server was taken by another process before the server bound it: the caller retries with
+/// another port.
+struct PortTaken: Error {
+    let underlying: TestPostgresError
+}
+
+/// Asks the supervisor that owns `root` to stop, then waits (at most 30 s) until it has removed `root` and exited.
+func stopSupervised(root: String, supervisor: ProcessIdentity?) async {
+    Files.touch(root + "/stop")
+    let deadline = ContinuousClock.now.advanced(by: .seconds(30))
+    while Files.exists(root) || supervisor?.isRunning == true, ContinuousClock.now < deadline {
+        await pauseBriefly()
+    }
+    if !Files.exists(root) { ClusterRegistry.unregister(root) }
+}
+
+/// Waits (at most 60 s, without blocking a thread) until the supervisor that owns `root` reports `ready`. When it
+/// reports `failed`, removes `root`, runs out of time or the task is cancelled, stops that supervisor and throws with
+/// the tail of `log()` — ``PortTaken`` when `portTaken(log)` says the chosen port was taken meanwhile.
+func awaitSupervisedReady(
+    root: String,
+    what: String,
+    logName: String,
+    log: () -> String,
+    portTaken: (String) -> Bool
+) async throws {
+    let deadline = ContinuousClock.now.advanced(by: .seconds(60))
+    while !Files.exists(root + "/ready") {
+        var problem: String?
+        if Files.exists(root + "/failed") {
+            problem = "\(what) failed to start"
+        } else if !Files.exists(root) {
+            problem = "the \(what) supervisor removed \(root) before \(what) was ready"
+        } else if ContinuousClock.now >= deadline {
+            problem = "\(what) was not ready after 60 s"
+        } else if Task.isCancelled {
+            problem = "the start was cancelled"
+        }
+        if let problem {
+            let text = log()
+            await stopSupervised(root: root, supervisor: ProcessIdentity(pidFile: root + "/supervisor.pid"))
+            let error = TestPostgresError("\(problem) in \(root); \(logName):\n\(Files.tail(text))")
+            if portTaken(text) { throw PortTaken(underlying: error) }
+            throw error
+        }
+        await pauseBriefly()
+    }
+}

@@ -116,8 +116,7 @@ public final class TestPgBouncer: Sendable {
                 return try await launch(
                     executable: executable, host: host, socketDirectory: socketDirectory,
                     serverPort: postgres.port, poolMode: poolMode, poolSize: poolSize)
-            } catch let error as PortTaken where attempt < 3 {
-                _ = error
+            } catch is PortTaken where attempt < 3 {
                 attempt += 1  // Another process took the port between our probe and pgbouncer's bind.
             } catch let error as PortTaken {
                 throw error.underlying
@@ -127,14 +126,10 @@ public final class TestPgBouncer: Sendable {
 
     /// Stops PgBouncer and waits (asynchronously, up to 30 s) until it and its directory are gone.
     public func stop() async {
-        await Self.stop(directory: directory, supervisor: supervisor)
+        await stopSupervised(root: directory, supervisor: supervisor)
     }
 
     // MARK: - Internals
-
-    private struct PortTaken: Error {
-        let underlying: TestPostgresError
-    }
 
     private static func findExecutable() throws -> String {
         let path = (Files.environment("PATH") ?? "").split(separator: ":").map(String.init)
@@ -200,40 +195,19 @@ public final class TestPgBouncer: Sendable {
             throw TestPostgresError("could not start the pgbouncer supervisor: \(error)")
         }
 
-        let deadline = ContinuousClock.now.advanced(by: .seconds(60))
-        while !Files.exists(root + "/ready") {
-            var problem: String?
-            if Files.exists(root + "/failed") {
-                problem = "pgbouncer failed to start"
-            } else if !Files.exists(root) {
-                problem = "the pgbouncer supervisor removed \(root) before pgbouncer was up"
-            } else if ContinuousClock.now >= deadline {
-                problem = "pgbouncer was not up after 60 s"
-            } else if Task.isCancelled {
-                problem = "the start was cancelled"
-            }
-            if let problem {
-                let log =
-                    (Files.contents(root + "/pgbouncer.log") ?? "(no pgbouncer.log)") + "\n"
+        try await awaitSupervisedReady(
+            root: root,
+            what: "pgbouncer",
+            logName: "log",
+            log: {
+                (Files.contents(root + "/pgbouncer.log") ?? "(no pgbouncer.log)") + "\n"
                     + (Files.contents(root + "/pgbouncer.out") ?? "")
-                await stop(directory: root, supervisor: ProcessIdentity(pidFile: root + "/supervisor.pid"))
-                let error = TestPostgresError("\(problem) in \(root); log:\n\(Files.tail(log))")
-                if log.contains("Address already in use") { throw PortTaken(underlying: error) }
-                throw error
-            }
-            await pauseBriefly()
-        }
+            },
+            portTaken: { $0.contains("Address already in use") }
+        )
         return TestPgBouncer(
             port: port, poolMode: poolMode, directory: root,
             supervisor: ProcessIdentity(pidFile: root + "/supervisor.pid"))
     }
 
-    private static func stop(directory: String, supervisor: ProcessIdentity?) async {
-        Files.touch(directory + "/stop")
-        let deadline = ContinuousClock.now.advanced(by: .seconds(30))
-        while Files.exists(directory) || supervisor?.isRunning == true, ContinuousClock.now < deadline {
-            await pauseBriefly()
-        }
-        if !Files.exists(directory) { ClusterRegistry.unregister(directory) }
-    }
 }

@@ -145,18 +145,12 @@ public final class TestPostgres: Sendable {
         while true {
             do {
                 return try await launch(options, mode: mode, on: host, stoppedAtExit: stoppedAtExit)
-            } catch let error as PortTaken where attempt < 3 {
-                _ = error
+            } catch is PortTaken where attempt < 3 {
                 attempt += 1  // Another process took the port between our probe and postgres' bind.
             } catch let error as PortTaken {
                 throw error.underlying
             }
         }
-    }
-
-    /// A start that failed because the probed port was taken before postgres bound it (retried).
-    private struct PortTaken: Error {
-        let underlying: TestPostgresError
     }
 
     /// How the supervisor creates the data directory.
@@ -222,29 +216,13 @@ public final class TestPostgres: Sendable {
             throw TestPostgresError("could not start the cluster supervisor: \(error)")
         }
 
-        let deadline = ContinuousClock.now.advanced(by: .seconds(60))
-        while !Files.exists(root + "/ready") {
-            var problem: String?
-            if Files.exists(root + "/failed") {
-                problem = "PostgreSQL failed to start"
-            } else if !Files.exists(root) {
-                problem = "the cluster supervisor removed \(root) before PostgreSQL was ready"
-            } else if ContinuousClock.now >= deadline {
-                problem = "PostgreSQL was not ready after 60 s"
-            } else if Task.isCancelled {
-                problem = "the start was cancelled"
-            }
-            if let problem {
-                let log = Files.contents(root + "/setup.log") ?? "(no setup.log)"
-                await stopCluster(root: root, supervisor: ProcessIdentity(pidFile: root + "/supervisor.pid"))
-                let error = TestPostgresError("\(problem) in \(root); setup.log:\n\(Files.tail(log))")
-                if log.contains("could not bind") || log.contains("Address already in use") {
-                    throw PortTaken(underlying: error)
-                }
-                throw error
-            }
-            await pauseBriefly()
-        }
+        try await awaitSupervisedReady(
+            root: root,
+            what: "PostgreSQL",
+            logName: "setup.log",
+            log: { Files.contents(root + "/setup.log") ?? "(no setup.log)" },
+            portTaken: { $0.contains("could not bind") || $0.contains("Address already in use") }
+        )
 
         var tls: TLSFiles?
         if options.tls {
@@ -264,11 +242,11 @@ public final class TestPostgres: Sendable {
             do {
                 recovering = try await server.admin("SELECT pg_is_in_recovery()")
             } catch {
-                await stopCluster(root: root, supervisor: server.supervisor)
+                await stopSupervised(root: root, supervisor: server.supervisor)
                 throw TestPostgresError("the standby in \(root) does not accept connections: \(error)")
             }
             guard recovering == [["t"]] else {
-                await stopCluster(root: root, supervisor: server.supervisor)
+                await stopSupervised(root: root, supervisor: server.supervisor)
                 throw TestPostgresError("the standby in \(root) is not in recovery (pg_is_in_recovery() is false)")
             }
         }
@@ -425,16 +403,8 @@ public final class TestPostgres: Sendable {
     /// instances, which are removed at process exit.
     public func stop() async {
         guard isPrivate, !stoppedAtExit, let root = socketDirectory else { return }
-        await Self.stopCluster(root: root, supervisor: supervisor)
+        await stopSupervised(root: root, supervisor: supervisor)
     }
 
     /// Asks the supervisor of `root` to stop the cluster, and waits for it to remove `root` and exit.
-    private static func stopCluster(root: String, supervisor: ProcessIdentity?) async {
-        Files.touch(root + "/stop")
-        let deadline = ContinuousClock.now.advanced(by: .seconds(30))
-        while Files.exists(root) || supervisor?.isRunning == true, ContinuousClock.now < deadline {
-            await pauseBriefly()
-        }
-        if !Files.exists(root) { ClusterRegistry.unregister(root) }
-    }
 }
