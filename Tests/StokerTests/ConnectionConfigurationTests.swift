@@ -97,6 +97,34 @@ struct ConnectionConfigurationTests {
         }
     }
 
+    /// The second review's inputs: a `"` inside the password, a combining mark at its start.
+    @Test(
+        "a quote or a combining mark in the password does not let it through",
+        arguments: [
+            #"postgresql://u:ab"LEAKME@[::1]x/db"#,
+            #"postgresql://u:pa"LEAKME@[host"#,
+            #"postgresql://u:x"LEAKME%zz@host/db"#,
+            #"postgresql://u@host/db?password=x"LEAKME%zz"#,
+            #"host=db LEAK"ME"#,
+            "host=/nonexistent dbname=postgresql://u:\u{301}LEAKME@h/db",
+            "postgresql://u:LEAK@\u{301}ME@db/app",
+            "postgresql://u:LEAK/\u{301}ME@db/app",
+        ]
+    )
+    func quotesAndMarks(conninfo: String) {
+        var texts: [String] = []
+        do {
+            let configuration = try ConnectionConfiguration(conninfo)
+            texts.append(configuration.redactedDescription)
+        } catch {
+            texts += [error.description, error.serverMessage ?? ""]
+        }
+        for text in texts {
+            #expect(!text.contains("LEAK"), "leaked in: \(text)")
+            #expect(!text.contains("ME%zz"), "leaked in: \(text)")
+        }
+    }
+
     @Test("a parse error keeps the keywords it names and hides everything else it quotes")
     func parseErrorText() {
         #expect(
@@ -105,8 +133,14 @@ struct ConnectionConfigurationTests {
         )
         #expect(
             ConnectionConfiguration.hidingQuotedText(#"invalid value for "sslmode": "x""#)
-                == #"invalid value for "sslmode": "x""#
+                == #"invalid value for "sslmode": "…""#
         )
+        // A quote inside the secret must not end the hidden part early.
+        #expect(
+            ConnectionConfiguration.hidingQuotedText(#"invalid percent-encoded token: "x"LEAKME%zz""#)
+                == #"invalid percent-encoded token: "…""#
+        )
+        #expect(!ConnectionConfiguration.hidingQuotedText("ungültiger Wert »geheim« für »port«").contains("geheim"))
     }
 
     @Test("a NUL byte is refused, not truncated")

@@ -70,7 +70,8 @@ struct ConnectionConfiguration: Sendable {
                 "The connection string could not be parsed. Use a URL such as "
                     + "postgresql://user@host:5432/dbname?sslmode=require or a key=value list such as "
                     + "\"host=db port=5432 dbname=app user=svc\".",
-                serverMessage: hidingQuotedText(trimmed(libpqMessage))
+                serverMessage: Redactor(secrets: rawSecrets(in: conninfo) + environmentSecrets())
+                    .scrub(hidingQuotedText(trimmed(libpqMessage)))
             )
         }
         defer { PQconninfoFree(parsed) }
@@ -107,21 +108,33 @@ struct ConnectionConfiguration: Sendable {
     }()
 
     /// A parse error quotes the piece of the string it stumbled on — which may be a password (`missing "=" after
-    /// "hunter2"`, `invalid percent-encoded token: "pa%zz"`). Keep quoted keywords and single characters, hide the rest.
+    /// "hunter2"`, `invalid percent-encoded token: "pa%zz"`), and a password may itself hold a `"`. So this fails
+    /// closed: quoted keywords and single punctuation characters stay; from the first other quoted piece on, every
+    /// thing up to the message's last `"` is hidden. A message quoted in another language's marks (libpq translates
+    /// when the process set a locale) is withheld whole.
     static func hidingQuotedText(_ message: String) -> String {
+        if message.contains(where: { "«»„“”‹›「」".contains($0) }) {
+            return "(libpq's message is withheld: it may quote the connection string)"
+        }
         var result = ""
         var rest = Substring(message)
         while let open = rest.firstIndex(of: "\"") {
             result += rest[...open]
             let afterOpen = rest.index(after: open)
-            guard let close = rest[afterOpen...].firstIndex(of: "\"") else {
-                result += "…"
-                return result
-            }
+            guard let close = rest[afterOpen...].firstIndex(of: "\"") else { return result + "…" }
             let quoted = rest[afterOpen..<close]
-            result += quoted.count <= 1 || knownKeywords.contains(String(quoted)) ? String(quoted) : "…"
-            result += "\""
-            rest = rest[rest.index(after: close)...]
+            let harmless =
+                knownKeywords.contains(String(quoted))
+                || (quoted.count == 1 && quoted.first.map { !$0.isLetter && !$0.isNumber } == true)
+            if harmless {
+                result += quoted + "\""
+                rest = rest[rest.index(after: close)...]
+            } else {
+                // Hide through the last quote: a `"` inside the secret must not end the hidden part early.
+                let last = rest.lastIndex(of: "\"")!
+                result += "…\""
+                rest = rest[rest.index(after: last)...]
+            }
         }
         return result + rest
     }
@@ -130,10 +143,12 @@ struct ConnectionConfiguration: Sendable {
     /// port and database instead, where no redaction can recognise it. Refuse such URLs without echoing them.
     private static func refuseAmbiguousURL(_ conninfo: String) throws(StokerError) {
         let lower = conninfo.lowercased()
+        // Unicode scalars, as libpq reads bytes: a combining mark must not hide an '@' or a '/'.
+        let text = conninfo.unicodeScalars
         guard lower.hasPrefix("postgresql://") || lower.hasPrefix("postgres://"),
-            let scheme = conninfo.firstRange(of: "://")
+            let scheme = text.firstRange(of: "://".unicodeScalars)
         else { return }
-        let rest = conninfo[scheme.upperBound...]
+        let rest = text[scheme.upperBound...]
         let firstSlash = rest.firstIndex(of: "/") ?? rest.endIndex
         var afterUserInfo = rest
         if let firstAt = rest.firstIndex(of: "@"), firstAt < firstSlash {
@@ -164,56 +179,59 @@ struct ConnectionConfiguration: Sendable {
     /// `password=` query parameter, and the value of every `password=` keyword. Over-matching is harmless: these
     /// strings are only ever removed from messages.
     static func rawSecrets(in conninfo: String) -> [String] {
+        // Unicode scalars, not Characters: a combining mark after ':' or '@' would merge with it into another
+        // Character and hide the delimiter.
+        let text = conninfo.unicodeScalars
         var found: [String] = []
-        func add(_ candidate: Substring) {
+        func add(_ candidate: Substring.UnicodeScalarView) {
             let value = String(candidate)
             found.append(value)
             if let decoded = percentDecoded(value) { found.append(decoded) }
             if value.hasSuffix("'") { found.append(String(value.dropLast())) }
         }
         // URLs, wherever they stand (a leading space, "jdbc:postgresql://", a dbname holding a URL).
-        var searchFrom = conninfo.startIndex
-        while let scheme = conninfo[searchFrom...].firstRange(of: "://") {
+        var searchFrom = text.startIndex
+        while let scheme = text[searchFrom...].firstRange(of: "://".unicodeScalars) {
             searchFrom = scheme.upperBound
-            let rest = conninfo[scheme.upperBound...].prefix { $0 != " " && $0 != "\t" && $0 != "\n" }
+            let rest = text[scheme.upperBound...].prefix { $0 != " " && $0 != "\t" && $0 != "\n" }
             if let at = rest.lastIndex(of: "@"), let colon = rest[..<at].firstIndex(of: ":") {
                 add(rest[rest.index(after: colon)..<at])
             }
             if let query = rest.firstIndex(of: "?") {
                 for pair in rest[rest.index(after: query)...].split(separator: "&") {
                     let parts = pair.split(separator: "=", maxSplits: 1)
-                    if parts.count == 2, parts[0].lowercased().hasSuffix("password") { add(parts[1]) }
+                    if parts.count == 2, String(parts[0]).lowercased().hasSuffix("password") { add(parts[1]) }
                 }
             }
         }
         // key=value: the (possibly quoted) value after every "password" keyword.
-        var rest = Substring(conninfo)
-        while let keyword = rest.firstRange(of: "password") {
+        var rest = text[...]
+        while let keyword = rest.firstRange(of: "password".unicodeScalars) {
             var cursor = keyword.upperBound
-            rest = conninfo[keyword.upperBound...]
-            while cursor < conninfo.endIndex, conninfo[cursor] == " " { cursor = conninfo.index(after: cursor) }
-            guard cursor < conninfo.endIndex, conninfo[cursor] == "=" else { continue }
-            cursor = conninfo.index(after: cursor)
-            while cursor < conninfo.endIndex, conninfo[cursor] == " " { cursor = conninfo.index(after: cursor) }
-            var value = ""
-            if cursor < conninfo.endIndex, conninfo[cursor] == "'" {
-                cursor = conninfo.index(after: cursor)
-                while cursor < conninfo.endIndex, conninfo[cursor] != "'" {
-                    if conninfo[cursor] == "\\" {
-                        cursor = conninfo.index(after: cursor)
-                        if cursor == conninfo.endIndex { break }
+            rest = text[keyword.upperBound...]
+            while cursor < text.endIndex, text[cursor] == " " { cursor = text.index(after: cursor) }
+            guard cursor < text.endIndex, text[cursor] == "=" else { continue }
+            cursor = text.index(after: cursor)
+            while cursor < text.endIndex, text[cursor] == " " { cursor = text.index(after: cursor) }
+            var value = String.UnicodeScalarView()
+            if cursor < text.endIndex, text[cursor] == "'" {
+                cursor = text.index(after: cursor)
+                while cursor < text.endIndex, text[cursor] != "'" {
+                    if text[cursor] == "\\" {
+                        cursor = text.index(after: cursor)
+                        if cursor == text.endIndex { break }
                     }
-                    value.append(conninfo[cursor])
-                    cursor = conninfo.index(after: cursor)
+                    value.append(text[cursor])
+                    cursor = text.index(after: cursor)
                 }
             } else {
-                while cursor < conninfo.endIndex, conninfo[cursor] != " " {
-                    value.append(conninfo[cursor])
-                    cursor = conninfo.index(after: cursor)
+                while cursor < text.endIndex, text[cursor] != " " {
+                    value.append(text[cursor])
+                    cursor = text.index(after: cursor)
                 }
             }
-            add(Substring(value))
-            rest = conninfo[cursor...]
+            add(Substring(String(value)).unicodeScalars)
+            rest = text[cursor...]
         }
         return found.filter { !$0.isEmpty }
     }
@@ -242,30 +260,35 @@ struct ConnectionConfiguration: Sendable {
 }
 
 /// Removes secrets from text that came from libpq or the server before it is stored in an error or logged.
+///
+/// Matching is on UTF-8 bytes, not on Swift `Character`s: a secret starting with a combining mark would otherwise
+/// merge with the character before it in the message and go unmatched.
 struct Redactor: Sendable {
     let secrets: [String]
 
     func scrub(_ text: String) -> String {
+        var bytes = Array(text.utf8)
         // Longest first, so a secret that contains another is removed whole.
-        var result = text
         for secret in secrets.sorted(by: { $0.utf8.count > $1.utf8.count }) where !secret.isEmpty {
-            result = result.replacingAll(secret, with: "***")
+            bytes = Self.replacing(Array(secret.utf8), in: bytes, with: Array("***".utf8))
         }
-        return result
+        return String(decoding: bytes, as: UTF8.self)
     }
-}
 
-extension String {
-    func replacingAll(_ target: String, with replacement: String) -> String {
-        guard !target.isEmpty else { return self }
-        var result = ""
-        var rest = self[...]
-        while let range = rest.firstRange(of: target) {
-            result += rest[..<range.lowerBound]
-            result += replacement
-            rest = rest[range.upperBound...]
+    private static func replacing(_ target: [UInt8], in bytes: [UInt8], with replacement: [UInt8]) -> [UInt8] {
+        guard bytes.count >= target.count else { return bytes }
+        var result: [UInt8] = []
+        result.reserveCapacity(bytes.count)
+        var index = 0
+        while index < bytes.count {
+            if index + target.count <= bytes.count, bytes[index..<index + target.count].elementsEqual(target) {
+                result += replacement
+                index += target.count
+            } else {
+                result.append(bytes[index])
+                index += 1
+            }
         }
-        result += rest
         return result
     }
 }

@@ -70,7 +70,7 @@ final class PGConnection {
         let port = PQport(raw).map { String(cString: $0) } ?? ""
         let database = PQdb(raw).map { String(cString: $0) } ?? ""
         let user = PQuser(raw).map { String(cString: $0) } ?? ""
-        return "host=\(host) port=\(port) dbname=\(database) user=\(user)"
+        return configuration.redactor.scrub("host=\(host) port=\(port) dbname=\(database) user=\(user)")
     }
 
     /// The server version as an integer, e.g. 150018 for 15.18.
