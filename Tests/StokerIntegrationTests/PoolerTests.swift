@@ -19,6 +19,36 @@ struct PoolerTests {
         }
     }
 
+    @Test("a busy transaction-mode pool (one server, other clients queueing) is refused too")
+    func busyTransactionPoolRefused() async throws {
+        try await withBouncer(.transaction, poolSize: 1) { bouncer, database in
+            let conninfo = bouncer.conninfo(database: database)
+            // Eight other clients keep the only server busy, 0.5 s each: the queue for it is longer than the probe
+            // waits, so the probe gets no answer and only our own statements can betray the pooling.
+            let load = (0..<8).map { _ in
+                Task {
+                    while !Task.isCancelled {
+                        _ = try? await TestPostgres.execute("SELECT pg_sleep(0.5)", conninfo: conninfo)
+                    }
+                }
+            }
+            // Wait (bounded) until the load runs on the server.
+            var busy = false
+            for _ in 0..<1000 where !busy {
+                let rows = try await database.admin(
+                    "SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(0.5)' AND state = 'active'"
+                )
+                busy = rows.first?[0] != "0"
+                if !busy { try await Task.sleep(for: .milliseconds(10)) }
+            }
+            #expect(busy, "the load never reached the server")
+            let error = await connectError(conninfo)
+            for task in load { task.cancel() }
+            for task in load { await task.value }
+            #expect(error?.code == .pooledConnection, "got \(String(describing: error))")
+        }
+    }
+
     @Test(
         "session pooling is accepted, also with a saturated pool, and keeps one backend for the whole session",
         arguments: [4, 1]

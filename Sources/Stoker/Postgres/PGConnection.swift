@@ -377,7 +377,7 @@ final class PGConnection {
 
     // MARK: - Server checks
 
-    /// How long the pooling probe waits for a server before concluding that the pool has none to spare.
+    /// How long any step of the pooling probe waits for an answer.
     static let probeWait = Duration.seconds(2)
 
     /// Refuses servers Stoker cannot be correct on (see ``ServerRequirements``).
@@ -411,16 +411,17 @@ final class PGConnection {
     }
 
     /// A proxy invented the pid libpq got (PgBouncer does, in every mode). Whether it pools by transaction shows
-    /// only under contention — a lone client gets the same idle server back — so make some: a probe connection opens
-    /// a transaction (in transaction mode it is handed the server our last statement used) and, while it holds it,
-    /// we read our backend pid again. In session mode our backend is ours alone: the probe never shares it and we
-    /// never wait for a server. Every wait is bounded by ``probeWait``, so a saturated session-mode pool (the probe
-    /// gets no server) costs that long and no more.
+    /// only under contention — a lone client gets the same idle server back — so make some: a probe connection asks
+    /// for a transaction (in transaction mode it is handed the server our last statement used, or queues for one
+    /// when the pool is busy) and, while it holds or waits for that server, we read our backend pid again. A
+    /// session-mode client owns its server: it is answered at once, on the same backend, which the probe never
+    /// shares. A transaction-mode client needs a server from the pool for every statement: it waits (refused), or
+    /// runs elsewhere (refused), or shares the probe's (refused). Every wait is bounded by ``probeWait``.
     private func probeForPooling(_ report: inout ServerRequirements.Facts) throws(StokerError) {
-        var probe: PGConnection? = try PGConnection(configuration, isProbe: true)
+        let probe = try PGConnection(configuration, isProbe: true)
         do {
-            try probe?.send("BEGIN; SELECT pg_backend_pid()")
-            if let rows = try probe?.awaitResult(until: .now + Self.probeWait) {
+            try probe.send("BEGIN; SELECT pg_backend_pid()")
+            if let rows = try probe.awaitResult(until: .now + Self.probeWait) {
                 report.probePID = try rows.singleRow().int32(0)
             }
         } catch {
@@ -435,20 +436,19 @@ final class PGConnection {
                 connection: redactedDescription
             )
         }
-        guard report.probePID != nil else { return }  // no server to spare for the probe: nothing to learn
         for _ in 0..<2 {
             try send("SELECT pg_backend_pid()")
-            if let rows = try awaitResult(until: .now + Self.probeWait) {
-                report.backendPIDs.append(try rows.singleRow().int32(0))
-                continue
+            guard let rows = try awaitResult(until: .now + Self.probeWait) else {
+                // Waiting for a server while the probe holds or queues for one: our backend is not ours alone.
+                // The connection is refused and closed with the statement still pending.
+                report.starvedWhileProbing = true
+                return
             }
-            // We wait for a server while the probe holds one: our backend is not ours alone.
-            report.starvedWhileProbing = true
-            probe = nil  // closing the probe gives its server back; our statement then completes
-            if let rows = try awaitResult(until: nil) { report.backendPIDs.append(try rows.singleRow().int32(0)) }
-            break
+            report.backendPIDs.append(try rows.singleRow().int32(0))
         }
-        withExtendedLifetime(probe) {}
+        if report.probePID == nil, let rows = try? probe.awaitResult(until: .now) {
+            report.probePID = try? rows.singleRow().int32(0)  // the probe was answered meanwhile
+        }
     }
 
     // MARK: - Connect failures
