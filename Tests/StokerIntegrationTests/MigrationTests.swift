@@ -68,7 +68,7 @@ struct MigrationTests {
             ("ALTER TABLE stoker.nodes DROP COLUMN heartbeat_at", "column stoker.nodes.heartbeat_at is missing"),
             (
                 "ALTER TABLE stoker.elections ALTER COLUMN term TYPE integer",
-                "column stoker.elections.term has type integer, expected bigint"
+                "column stoker.elections.term is integer not null default 0, expected bigint not null default 0"
             ),
             ("DROP FUNCTION stoker.fence(text, text, bigint)", "function stoker.fence("),
             (
@@ -88,7 +88,30 @@ struct MigrationTests {
                 "fence(p_cluster text, p_election text, p_term bigint) was changed"
             ),
             ("ALTER FUNCTION stoker.fence(text, text, bigint) SECURITY INVOKER", "should be SECURITY DEFINER"),
-            ("ALTER FUNCTION stoker.fence(text, text, bigint) RESET search_path", "no longer pins its search_path"),
+            ("ALTER FUNCTION stoker.fence(text, text, bigint) RESET search_path", "does not pin search_path=stoker"),
+            ("ALTER FUNCTION stoker.fence(text, text, bigint) SET search_path = public", "does not pin search_path"),
+            (
+                """
+                CREATE OR REPLACE TRIGGER nodes_notify AFTER INSERT ON stoker.nodes
+                FOR EACH ROW EXECUTE FUNCTION stoker.notify_node_change()
+                """,
+                "trigger nodes.nodes_notify in schema stoker no longer fires AFTER INSERT OR DELETE FOR EACH ROW"
+            ),
+            (
+                """
+                CREATE OR REPLACE TRIGGER elections_notify AFTER UPDATE ON stoker.elections
+                FOR EACH ROW WHEN (false) EXECUTE FUNCTION stoker.notify_election_change()
+                """,
+                "trigger elections.elections_notify in schema stoker has a WHEN condition"
+            ),
+            (
+                "ALTER TABLE stoker.nodes ALTER backend_pid SET DEFAULT 0",
+                "column stoker.nodes.backend_pid is integer not null default 0"
+            ),
+            (
+                "ALTER TABLE stoker.elections DROP CONSTRAINT elections_cluster_id_name_key",
+                "constraint elections u (cluster_id,name) in schema stoker is missing"
+            ),
         ]
     )
     func tampered(change: String, named: String) async throws {

@@ -66,10 +66,11 @@ struct CocoaLikeError: Error, CustomStringConvertible {
 
 @Suite("Schema manifest")
 struct SchemaManifestTests {
-    typealias Column = (table: String, column: String, type: String)
+    typealias Column = (table: String, column: String, definition: String)
+    static let searchPath = "search_path=s, pg_temp"
 
     static func complete() -> [Column] {
-        SchemaManifest.columns.flatMap { table in table.columns.map { (table.table, $0.name, $0.type) } }
+        SchemaManifest.columns.flatMap { table in table.columns.map { (table.table, $0.name, $0.definition) } }
     }
 
     static func functions() -> [SchemaManifest.FoundFunction] {
@@ -79,13 +80,31 @@ struct SchemaManifestTests {
                 signature: $0.signature,
                 body: bodies[$0.name] ?? "",
                 securityDefiner: $0.securityDefiner,
-                settings: ["search_path=\"s\", pg_temp"]
+                settings: [searchPath]
             )
         }
     }
 
     static func triggers() -> [String: SchemaManifest.FoundTrigger] {
-        SchemaManifest.triggers.mapValues { SchemaManifest.FoundTrigger(fires: true, function: $0) }
+        SchemaManifest.triggers.mapValues {
+            SchemaManifest.FoundTrigger(fires: true, function: $0.function, type: $0.type, hasCondition: false)
+        }
+    }
+
+    static func differences(
+        columns: [Column] = complete(),
+        constraints: Set<String> = SchemaManifest.constraints,
+        functions: [SchemaManifest.FoundFunction] = functions(),
+        triggers: [String: SchemaManifest.FoundTrigger] = triggers()
+    ) -> [String] {
+        SchemaManifest.differences(
+            schema: "s",
+            columns: columns,
+            constraints: constraints,
+            functions: functions,
+            triggers: triggers,
+            searchPath: searchPath
+        )
     }
 
     @Test("the bodies of every function are found in the migrations")
@@ -96,14 +115,11 @@ struct SchemaManifestTests {
         #expect(bodies["fence"]?.hasPrefix("\nDECLARE") == true)
     }
 
-    @Test("an intact schema has no differences; extra columns are tolerated")
+    @Test("an intact schema has no differences; extra columns and constraints are tolerated")
     func intact() {
-        let columns = Self.complete() + [("nodes", "added_later", "text")]
-        let problems = SchemaManifest.differences(
-            schema: "s",
-            columns: columns,
-            functions: Self.functions(),
-            triggers: Self.triggers()
+        let problems = Self.differences(
+            columns: Self.complete() + [("nodes", "added_later", "text")],
+            constraints: SchemaManifest.constraints.union(["nodes u (name)"])
         )
         #expect(problems.isEmpty, "\(problems)")
     }
@@ -111,34 +127,45 @@ struct SchemaManifestTests {
     @Test("each kind of tampering is named")
     func tampered() {
         var columns = Self.complete().filter { !($0.table == "nodes" && $0.column == "heartbeat_at") }
-        columns = columns.map { $0.table == "elections" && $0.column == "term" ? ("elections", "term", "text") : $0 }
+        columns = columns.map {
+            $0.table == "elections" && $0.column == "term" ? ("elections", "term", "text not null") : $0
+        }
         columns = columns.filter { $0.table != "clusters" }
         var functions = Self.functions().filter { $0.signature != "notify_node_change()" }
         functions = functions.map { function in
             guard function.signature.hasPrefix("fence(") else { return function }
             return .init(
-                signature: function.signature, body: "BEGIN RETURN p_term; END", securityDefiner: false, settings: [])
+                signature: function.signature,
+                body: "BEGIN RETURN p_term; END",
+                securityDefiner: false,
+                settings: ["search_path=public"]
+            )
         }
         var triggers = Self.triggers()
-        triggers["nodes.nodes_notify"] = .init(fires: false, function: "notify_node_change")
-        triggers["elections.elections_notify"] = .init(fires: true, function: "something_else")
-        let problems = SchemaManifest.differences(
-            schema: "s",
+        triggers["nodes.nodes_notify"] = .init(
+            fires: false, function: "notify_node_change", type: 5, hasCondition: true)
+        triggers["elections.elections_notify"] = .init(fires: true, function: "other", type: 17, hasCondition: false)
+        let problems = Self.differences(
             columns: columns,
+            constraints: SchemaManifest.constraints.subtracting(["elections u (cluster_id,name)"]),
             functions: functions,
             triggers: triggers
         )
+        let fence = "function s.fence(p_cluster text, p_election text, p_term bigint)"
         #expect(
             problems == [
                 "table s.clusters is missing",
                 "column s.nodes.heartbeat_at is missing",
-                "column s.elections.term has type text, expected bigint",
+                "column s.elections.term is text not null, expected bigint not null default 0",
+                "constraint elections u (cluster_id,name) in schema s is missing",
                 "function s.notify_node_change() is missing",
-                "function s.fence(p_cluster text, p_election text, p_term bigint) was changed: its body differs from sql/",
-                "function s.fence(p_cluster text, p_election text, p_term bigint) should be SECURITY DEFINER",
-                "function s.fence(p_cluster text, p_election text, p_term bigint) no longer pins its search_path",
-                "trigger elections.elections_notify in schema s calls something_else, expected notify_election_change",
+                "\(fence) was changed: its body differs from sql/",
+                "\(fence) should be SECURITY DEFINER",
+                "\(fence) does not pin search_path=s, pg_temp (it sets [\"search_path=public\"])",
+                "trigger elections.elections_notify in schema s calls other, expected notify_election_change",
                 "trigger nodes.nodes_notify in schema s is disabled",
+                "trigger nodes.nodes_notify in schema s no longer fires AFTER INSERT OR DELETE FOR EACH ROW",
+                "trigger nodes.nodes_notify in schema s has a WHEN condition",
             ]
         )
     }

@@ -18,31 +18,54 @@ struct Migration: Sendable, Equatable {
 /// dropped column, a changed type, an edited or missing function, or a disabled trigger is reported by name instead
 /// of failing later — or, worse, silently (a fence that no longer checks, a trigger that no longer notifies).
 enum SchemaManifest {
-    static let columns: [(table: String, columns: [(name: String, type: String)])] = [
+    /// Each column as `type[ not null][ identity][ default <expression>]`, the way ``definition(type:notNull:identity:default:)``
+    /// renders what the catalog holds.
+    static let columns: [(table: String, columns: [(name: String, definition: String)])] = [
         (
             "migrations",
             [
-                ("version", "integer"), ("name", "text"), ("checksum", "text"),
-                ("applied_at", "timestamp with time zone"),
+                ("version", "integer not null"), ("name", "text not null"), ("checksum", "text not null"),
+                ("applied_at", "timestamp with time zone not null default now()"),
             ]
         ),
-        ("clusters", [("id", "integer"), ("name", "text")]),
+        ("clusters", [("id", "integer not null identity"), ("name", "text not null")]),
         (
             "nodes",
             [
-                ("id", "integer"), ("cluster_id", "integer"), ("name", "text"), ("host", "text"),
-                ("pid", "integer"), ("backend_pid", "integer"), ("started_at", "timestamp with time zone"),
-                ("heartbeat_at", "timestamp with time zone"), ("draining", "boolean"), ("metadata", "jsonb"),
+                ("id", "integer not null identity"), ("cluster_id", "integer not null"), ("name", "text not null"),
+                ("host", "text not null default ''::text"), ("pid", "integer not null"),
+                ("backend_pid", "integer not null default pg_backend_pid()"),
+                ("started_at", "timestamp with time zone not null default now()"),
+                ("heartbeat_at", "timestamp with time zone not null default now()"),
+                ("draining", "boolean not null default false"), ("metadata", "jsonb not null default '{}'::jsonb"),
             ]
         ),
         (
             "elections",
             [
-                ("id", "integer"), ("cluster_id", "integer"), ("name", "text"), ("term", "bigint"),
-                ("leader_node", "integer"), ("leader_name", "text"),
+                ("id", "integer not null identity"), ("cluster_id", "integer not null"), ("name", "text not null"),
+                ("term", "bigint not null default 0"), ("leader_node", "integer"), ("leader_name", "text"),
                 ("leader_since", "timestamp with time zone"),
             ]
         ),
+    ]
+
+    /// How a column's definition is rendered for comparison.
+    static func definition(type: String, notNull: Bool, identity: Bool, default expression: String?) -> String {
+        var text = type
+        if notNull { text += " not null" }
+        if identity { text += " identity" }
+        if let expression { text += " default \(expression)" }
+        return text
+    }
+
+    /// Keys and checks the protocol relies on, as `table kind (columns)`: `p` primary key, `u` unique, `f` foreign
+    /// key, `c` check (e.g. `ensureElection` needs the unique `(cluster_id, name)`).
+    static let constraints: Set<String> = [
+        "migrations p (version)",
+        "clusters p (id)", "clusters u (name)", "clusters c (name)",
+        "nodes p (id)", "nodes f (cluster_id)", "nodes c (name)",
+        "elections p (id)", "elections u (cluster_id,name)", "elections f (cluster_id)", "elections c (name)",
     ]
 
     struct ExpectedFunction: Sendable {
@@ -62,9 +85,25 @@ enum SchemaManifest {
         ),
     ]
 
-    /// `table.trigger` → the function it must call; each must exist and fire (enabled, not replica-only).
+    struct ExpectedTrigger: Sendable {
+        let function: String
+        /// `pg_trigger.tgtype`: row level (1) + INSERT (4) / DELETE (8) / UPDATE (16); AFTER is 0.
+        let type: Int
+        let events: String
+    }
+
+    /// `table.trigger` → what it must be; each must exist, fire (enabled, not replica-only) and have no WHEN.
     static let triggers = [
-        "nodes.nodes_notify": "notify_node_change", "elections.elections_notify": "notify_election_change",
+        "nodes.nodes_notify": ExpectedTrigger(
+            function: "notify_node_change",
+            type: 1 | 4 | 8,
+            events: "AFTER INSERT OR DELETE FOR EACH ROW"
+        ),
+        "elections.elections_notify": ExpectedTrigger(
+            function: "notify_election_change",
+            type: 1 | 16,
+            events: "AFTER UPDATE FOR EACH ROW"
+        ),
     ]
 
     /// A function as the catalog holds it.
@@ -73,7 +112,7 @@ enum SchemaManifest {
         /// `pg_proc.prosrc`: the text between the dollar quotes.
         let body: String
         let securityDefiner: Bool
-        /// `pg_proc.proconfig` entries, e.g. `search_path="stoker", pg_temp`.
+        /// `pg_proc.proconfig` entries, e.g. `search_path=stoker, pg_temp`.
         let settings: [String]
     }
 
@@ -81,9 +120,13 @@ enum SchemaManifest {
     struct FoundTrigger: Sendable {
         let fires: Bool
         let function: String
+        let type: Int
+        let hasCondition: Bool
     }
 
     /// Each function's body as the migrations define it (a later `CREATE OR REPLACE` wins), keyed by name.
+    /// Migrations define functions as `CREATE OR REPLACE FUNCTION name(…) … AS $$ … $$` (a test checks every
+    /// function of the manifest is found).
     static func expectedBodies(in migrations: [Migration]) -> [String: String] {
         var bodies: [String: String] = [:]
         for migration in migrations {
@@ -102,29 +145,41 @@ enum SchemaManifest {
     }
 
     /// Compares what the catalog holds with the manifest; returns one sentence per difference (empty: all present).
+    ///
+    /// - Parameter searchPath: the `search_path=…` setting every function must pin, e.g.
+    ///   `search_path=stoker, pg_temp` (the schema as `quote_ident` writes it).
     static func differences(
         schema: String,
-        columns found: [(table: String, column: String, type: String)],
+        columns found: [(table: String, column: String, definition: String)],
+        constraints foundConstraints: Set<String>,
         functions foundFunctions: [FoundFunction],
         triggers foundTriggers: [String: FoundTrigger],
+        searchPath: String,
         migrations: [Migration] = Migration.all
     ) -> [String] {
         var problems: [String] = []
         var byTable: [String: [String: String]] = [:]
-        for entry in found { byTable[entry.table, default: [:]][entry.column] = entry.type }
+        for entry in found { byTable[entry.table, default: [:]][entry.column] = entry.definition }
         for (table, expected) in columns {
             guard let actual = byTable[table] else {
                 problems.append("table \(schema).\(table) is missing")
                 continue
             }
-            for (column, type) in expected {
-                guard let actualType = actual[column] else {
+            for (column, definition) in expected {
+                guard let actualDefinition = actual[column] else {
                     problems.append("column \(schema).\(table).\(column) is missing")
                     continue
                 }
-                if actualType != type {
-                    problems.append("column \(schema).\(table).\(column) has type \(actualType), expected \(type)")
+                if actualDefinition != definition {
+                    problems.append(
+                        "column \(schema).\(table).\(column) is \(actualDefinition), expected \(definition)"
+                    )
                 }
+            }
+        }
+        for constraint in constraints.sorted() where !foundConstraints.contains(constraint) {
+            if byTable[String(constraint.prefix { $0 != " " })] != nil {
+                problems.append("constraint \(constraint) in schema \(schema) is missing")
             }
         }
         let bodies = expectedBodies(in: migrations)
@@ -140,18 +195,22 @@ enum SchemaManifest {
             if actual.securityDefiner != function.securityDefiner {
                 problems.append("\(name) should \(function.securityDefiner ? "" : "not ")be SECURITY DEFINER")
             }
-            if !actual.settings.contains(where: { $0.hasPrefix("search_path=") }) {
-                problems.append("\(name) no longer pins its search_path")
+            if actual.settings != [searchPath] {
+                problems.append("\(name) does not pin \(searchPath) (it sets \(actual.settings))")
             }
         }
-        for (trigger, function) in triggers.sorted(by: { $0.key < $1.key }) {
+        for (trigger, expected) in triggers.sorted(by: { $0.key < $1.key }) {
             let name = "trigger \(trigger) in schema \(schema)"
             guard let actual = foundTriggers[trigger] else {
                 problems.append("\(name) is missing")
                 continue
             }
             if !actual.fires { problems.append("\(name) is disabled") }
-            if actual.function != function { problems.append("\(name) calls \(actual.function), expected \(function)") }
+            if actual.function != expected.function {
+                problems.append("\(name) calls \(actual.function), expected \(expected.function)")
+            }
+            if actual.type != expected.type { problems.append("\(name) no longer fires \(expected.events)") }
+            if actual.hasCondition { problems.append("\(name) has a WHEN condition") }
         }
         return problems
     }

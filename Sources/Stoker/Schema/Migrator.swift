@@ -220,14 +220,40 @@ struct Migrator {
     private func checkManifest(on connection: PGConnection) throws {
         let columns = try connection.execute(
             """
-            SELECT c.relname, a.attname, format_type(a.atttypid, a.atttypmod)
+            SELECT c.relname, a.attname, format_type(a.atttypid, a.atttypmod), a.attnotnull, a.attidentity <> '',
+                   pg_get_expr(d.adbin, d.adrelid)
               FROM pg_class c
               JOIN pg_namespace n ON n.oid = c.relnamespace
               JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+              LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
              WHERE n.nspname = $1 AND c.relkind IN ('r', 'p')
             """,
             [schema]
-        ).rows.map { row in (table: try row.string(0), column: try row.string(1), type: try row.string(2)) }
+        ).rows.map { row in
+            (
+                table: try row.string(0),
+                column: try row.string(1),
+                definition: SchemaManifest.definition(
+                    type: try row.string(2),
+                    notNull: try row.bool(3),
+                    identity: try row.bool(4),
+                    default: row[5]
+                )
+            )
+        }
+        let constraints = try connection.execute(
+            """
+            SELECT c.relname || ' ' || con.contype::text || ' (' || (
+                       SELECT string_agg(a.attname, ',' ORDER BY k.ord)
+                         FROM unnest(con.conkey) WITH ORDINALITY AS k (num, ord)
+                         JOIN pg_attribute a ON a.attrelid = con.conrelid AND a.attnum = k.num) || ')'
+              FROM pg_constraint con
+              JOIN pg_class c ON c.oid = con.conrelid
+              JOIN pg_namespace n ON n.oid = c.relnamespace
+             WHERE n.nspname = $1
+            """,
+            [schema]
+        ).rows.map { try $0.string(0) }
         let functions = try connection.execute(
             """
             SELECT p.proname || '(' || pg_get_function_identity_arguments(p.oid) || ')', p.prosrc, p.prosecdef,
@@ -247,7 +273,7 @@ struct Migrator {
         var triggers: [String: SchemaManifest.FoundTrigger] = [:]
         for row in try connection.execute(
             """
-            SELECT c.relname || '.' || t.tgname, t.tgenabled IN ('O', 'A'), p.proname
+            SELECT c.relname || '.' || t.tgname, t.tgenabled IN ('O', 'A'), p.proname, t.tgtype, t.tgqual IS NOT NULL
               FROM pg_trigger t
               JOIN pg_class c ON c.oid = t.tgrelid
               JOIN pg_namespace n ON n.oid = c.relnamespace
@@ -257,13 +283,22 @@ struct Migrator {
             [schema]
         ).rows {
             triggers[try row.string(0)] = SchemaManifest.FoundTrigger(
-                fires: try row.bool(1), function: try row.string(2))
+                fires: try row.bool(1),
+                function: try row.string(2),
+                type: try row.int(3),
+                hasCondition: try row.bool(4)
+            )
         }
+        // The setting `SET search_path FROM CURRENT` stored while the migrator's search_path was in force.
+        let searchPath = try connection.execute("SELECT 'search_path=' || quote_ident($1) || ', pg_temp'", [schema])
+            .singleRow().string(0)
         let problems = SchemaManifest.differences(
             schema: schema,
             columns: columns,
+            constraints: Set(constraints),
             functions: functions,
             triggers: triggers,
+            searchPath: searchPath,
             migrations: migrations
         )
         if !problems.isEmpty {
