@@ -309,13 +309,8 @@ struct NotificationTests {
             var session: PostgresSession? = try await PostgresSession.connect(database.conninfo)
             let pid = try #require(try await session?.query("SELECT pg_backend_pid()").singleRow().int(0))
             session = nil
-            // Wait (bounded) for the backend to go: only the session thread's exit closes the connection.
-            var gone = false
-            for _ in 0..<1000 where !gone {
-                let rows = try await database.admin("SELECT count(*) FROM pg_stat_activity WHERE pid = \(pid)")
-                gone = rows.first?[0] == "0"
-                if !gone { try await Task.sleep(for: .milliseconds(10)) }
-            }
+            // Only the session thread's exit closes the connection.
+            let gone = try await waitUntilGone(pid, in: database)
             #expect(gone, "backend \(pid) outlived its dropped session")
             #expect(session == nil)
         }
@@ -336,6 +331,77 @@ struct NotificationTests {
                 #expect(error.code == .connectionLost)
             }
             await session.close()
+        }
+    }
+}
+
+/// Cancellation and abort are hard stops: a session blocked for good is cut, never waited for.
+@Suite("Session: cancellation and abort", .timeLimit(.minutes(2)))
+struct SessionStopTests {
+    /// Runs `body` with a session whose `INSERT` is blocked on a row another session holds, and that row's holder.
+    func withBlockedInsert(
+        _ body: @Sendable (TestDatabase, PostgresSession, Int, Task<QueryResult, any Error>) async throws -> Void
+    ) async throws {
+        try await withTestDatabase { database in
+            try await withSession(database.conninfo) { holder in
+                try await holder.query("CREATE TABLE t (id int PRIMARY KEY)")
+                try await holder.query("BEGIN")
+                try await holder.query("INSERT INTO t VALUES (1)")
+                // A backend waiting for a lock notices a vanished client only through this check (DESIGN §3).
+                let blocked = try await PostgresSession.connect(
+                    database.conninfo + " options='-c client_connection_check_interval=100'"
+                )
+                let pid = try await blocked.query("SELECT pg_backend_pid()").singleRow().int(0)
+                let insert = Task { try await blocked.query("INSERT INTO t VALUES (1)") }
+                try await waitUntilBlocked(pid, in: database)
+                try await body(database, blocked, pid, insert)
+                await blocked.abort()
+                try await holder.query("ROLLBACK")
+            }
+        }
+    }
+
+    @Test("cancelling a statement blocked on a lock cuts the session: the task ends, the backend goes")
+    func cancelRunning() async throws {
+        try await withBlockedInsert { database, blocked, pid, insert in
+            insert.cancel()
+            do {
+                _ = try await insert.value
+                Issue.record("the blocked insert succeeded")
+            } catch let error as StokerError {
+                #expect(error.code == .connectionLost)
+            }
+            #expect(try await waitUntilGone(pid, in: database))
+            await #expect(throws: StokerError.self) { try await blocked.query("SELECT 1") }
+        }
+    }
+
+    @Test("abort() ends a session whose statement is blocked; close() afterwards returns")
+    func abortRunning() async throws {
+        try await withBlockedInsert { database, blocked, pid, insert in
+            await blocked.abort()
+            do {
+                _ = try await insert.value
+                Issue.record("the blocked insert succeeded")
+            } catch let error as StokerError {
+                #expect(error.code == .connectionLost)
+            }
+            #expect(try await waitUntilGone(pid, in: database))
+            await blocked.close()
+        }
+    }
+
+    @Test("a queued job whose task is cancelled is withdrawn; the session and the running job go on")
+    func cancelQueued() async throws {
+        try await withBlockedInsert { database, blocked, pid, insert in
+            let queued = Task { try await blocked.query("SELECT 1") }
+            queued.cancel()
+            await #expect(throws: CancellationError.self) { try await queued.value }
+            // The holder is still in its transaction: the insert is still blocked, its session alive.
+            let alive = try await database.admin("SELECT count(*) FROM pg_stat_activity WHERE pid = \(pid)")
+            #expect(alive.first?[0] == "1")
+            insert.cancel()
+            _ = try? await insert.value
         }
     }
 }

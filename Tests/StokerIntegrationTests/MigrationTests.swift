@@ -182,16 +182,7 @@ struct MigrationTests {
                 try await withSession(database.conninfo) { second in
                     let secondPID = try await second.query("SELECT pg_backend_pid()").singleRow().int(0)
                     async let id = second.run { try statements.ensureCluster("race", on: $0) }
-                    // Wait (bounded) until the second session is blocked on the first one's uncommitted row.
-                    var waiting = false
-                    for _ in 0..<3000 where !waiting {
-                        waiting = try await first.query(
-                            "SELECT wait_event_type = 'Lock' FROM pg_stat_activity WHERE pid = $1",
-                            [String(secondPID)]
-                        ).singleRow().bool(0)
-                        if !waiting { try await Task.sleep(for: .milliseconds(10)) }
-                    }
-                    #expect(waiting, "the second insert never waited for the first")
+                    try await waitUntilBlocked(secondPID, in: database)
                     try await first.query("COMMIT")
                     let committed = try await first.query("SELECT id FROM stoker.clusters WHERE name = 'race'")
                         .singleRow().int(0)

@@ -25,6 +25,31 @@ func withSession<T: Sendable>(_ conninfo: String, _ body: (PostgresSession) asyn
     try await PostgresSession.with(conninfo, body)
 }
 
+/// Waits (bounded: 30 s) until backend `pid` waits for a lock. Asks from a fresh admin connection each time: inside
+/// a transaction PostgreSQL keeps showing the same `pg_stat_activity` snapshot.
+func waitUntilBlocked(_ pid: Int, in database: TestDatabase, sourceLocation: SourceLocation = #_sourceLocation)
+    async throws
+{
+    for _ in 0..<3000 {
+        let rows = try await database.admin(
+            "SELECT coalesce(wait_event_type = 'Lock', false) FROM pg_stat_activity WHERE pid = \(pid)"
+        )
+        if rows.first?[0] == "t" { return }
+        try await Task.sleep(for: .milliseconds(10))
+    }
+    Issue.record("backend \(pid) never waited for a lock", sourceLocation: sourceLocation)
+}
+
+/// Waits (bounded: 30 s) until backend `pid` has gone.
+func waitUntilGone(_ pid: Int, in database: TestDatabase) async throws -> Bool {
+    for _ in 0..<3000 {
+        let rows = try await database.admin("SELECT count(*) FROM pg_stat_activity WHERE pid = \(pid)")
+        if rows.first?[0] == "0" { return true }
+        try await Task.sleep(for: .milliseconds(10))
+    }
+    return false
+}
+
 /// Connects and expects a ``StokerError``; returns it (records an issue if the connection succeeded).
 func connectError(_ conninfo: String, sourceLocation: SourceLocation = #_sourceLocation) async -> StokerError? {
     do {

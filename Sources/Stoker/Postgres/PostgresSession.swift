@@ -52,7 +52,9 @@ final class PostgresSession: Sendable {
             await session.close()
             return value
         } catch {
-            await session.close()
+            // Not close(): a statement of this session may be blocked for good (e.g. on a lock another session of
+            // the failed body holds), and waiting for it would turn the failure into a hang.
+            await session.abort()
             throw error
         }
     }
@@ -67,6 +69,9 @@ final class PostgresSession: Sendable {
     var pollCount: Int { core.polls.load(ordering: .relaxed) }
 
     /// Runs `body` on the session's thread with exclusive use of the connection and returns its result.
+    ///
+    /// Cancelling the calling task withdraws the job if it has not started; if it has, the session is cut (a hard
+    /// stop, as ``abort()``) and the job fails with ``StokerError/Code/connectionLost``.
     func run<T: Sendable>(_ body: @escaping @Sendable (PGConnection) throws -> T) async throws -> T {
         try await core.run(body)
     }
@@ -92,15 +97,23 @@ final class PostgresSession: Sendable {
     /// Asks the thread to finish the queued jobs, close the connection and exit; returns at once.
     func requestClose() { core.requestClose() }
 
-    /// Closes the session and waits until the connection is closed and the thread has exited.
+    /// Closes the session and waits until the connection is closed and the thread has exited. Queued statements
+    /// run first; a statement that never ends (one waiting for a lock) keeps it waiting: see ``abort()``.
     func close() async { await core.close() }
+
+    /// Cuts the connection at once, as a crash would: the statement in flight and the queued ones fail with
+    /// ``StokerError/Code/connectionLost``. Waits until the thread has exited. The server ends an idle session at
+    /// once; a backend still running a statement (waiting for a lock, say) notices only when the statement ends or
+    /// at its next `client_connection_check_interval`, which a Stoker node sets.
+    func abort() async { await core.abort() }
 }
 
 /// The state a session's thread and its callers share.
 private final class SessionCore: Sendable {
     private struct Job: Sendable {
+        let id: UInt64
         let run: @Sendable (PGConnection) -> Void
-        let fail: @Sendable (StokerError) -> Void
+        let fail: @Sendable (any Error) -> Void
     }
 
     private struct State {
@@ -109,6 +122,15 @@ private final class SessionCore: Sendable {
         var exited = false
         var failure: StokerError?
         var exitWaiters: [CheckedContinuation<Void, Never>] = []
+        /// The connection's socket while it is open, for ``abort()``; cleared before the connection is closed, so
+        /// `shutdown(2)` can never reach a descriptor number the system has handed out again.
+        var socket: Int32?
+        var nextJobID: UInt64 = 0
+        /// Jobs whose `run` has begun but which are not queued yet, and those of them cancelled meanwhile.
+        var announced: Set<UInt64> = []
+        var cancelledEarly: Set<UInt64> = []
+        /// The job the thread is running.
+        var running: UInt64?
     }
 
     private let state = Mutex(State())
@@ -136,30 +158,60 @@ private final class SessionCore: Sendable {
     }
 
     func run<T: Sendable>(_ body: @escaping @Sendable (PGConnection) throws -> T) async throws -> T {
-        try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<T, any Error>) in
-            let job = Job(
-                run: { connection in
-                    do {
-                        continuation.resume(returning: try body(connection))
-                    } catch {
-                        continuation.resume(throwing: error)
-                    }
-                },
-                fail: { error in continuation.resume(throwing: error) }
-            )
-            let refusal: StokerError? = state.withLock { state in
-                if state.closing || state.exited {
-                    return state.failure ?? Self.closedError
+        let id = state.withLock { state in
+            state.nextJobID += 1
+            state.announced.insert(state.nextJobID)
+            return state.nextJobID
+        }
+        return try await withTaskCancellationHandler {
+            try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<T, any Error>) in
+                let job = Job(
+                    id: id,
+                    run: { connection in
+                        do {
+                            continuation.resume(returning: try body(connection))
+                        } catch {
+                            continuation.resume(throwing: error)
+                        }
+                    },
+                    fail: { error in continuation.resume(throwing: error) }
+                )
+                let refusal: (any Error)? = state.withLock { state in
+                    state.announced.remove(id)
+                    if state.cancelledEarly.remove(id) != nil { return CancellationError() }
+                    if state.closing || state.exited { return state.failure ?? Self.closedError }
+                    state.jobs.append(job)
+                    return nil
                 }
-                state.jobs.append(job)
+                if let refusal {
+                    continuation.resume(throwing: refusal)
+                } else {
+                    wake()
+                }
+            }
+        } onCancel: {
+            cancel(id)
+        }
+    }
+
+    /// Cancellation is a hard stop: a queued job is withdrawn (it fails with `CancellationError`); a job already
+    /// running cannot be taken back from libpq, so the session is cut as by ``abort()`` and it fails with
+    /// `.connectionLost` (the server ends the statement as described at ``PostgresSession/abort()``).
+    private func cancel(_ id: UInt64) {
+        let withdrawn: Job? = state.withLock { state in
+            if state.announced.contains(id) {
+                state.cancelledEarly.insert(id)
                 return nil
             }
-            if let refusal {
-                continuation.resume(throwing: refusal)
-            } else {
-                wake()
+            if let index = state.jobs.firstIndex(where: { $0.id == id }) { return state.jobs.remove(at: index) }
+            if state.running == id {
+                state.closing = true
+                if let socket = state.socket { _ = shutdown(socket, Int32(SHUT_RDWR)) }
             }
+            return nil
         }
+        withdrawn?.fail(CancellationError())
+        wake()
     }
 
     func requestClose() {
@@ -169,6 +221,20 @@ private final class SessionCore: Sendable {
 
     func close() async {
         requestClose()
+        await exited()
+    }
+
+    func abort() async {
+        state.withLock { state in
+            state.closing = true
+            // shutdown, not close: the descriptor stays libpq's; the blocked call sees the connection end.
+            if let socket = state.socket { _ = shutdown(socket, Int32(SHUT_RDWR)) }
+        }
+        wake()
+        await exited()
+    }
+
+    private func exited() async {
         await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
             let done = state.withLock { state -> Bool in
                 if state.exited { return true }
@@ -218,12 +284,24 @@ private final class SessionCore: Sendable {
             return error
         }
         ready.resume()
+        state.withLock { $0.socket = connection.socket }
+        let failure = serve(connection)
+        state.withLock { $0.socket = nil }
+        withExtendedLifetime(connection) {}  // PQfinish (deinit) only after the socket was cleared
+        return failure
+    }
+
+    private func serve(_ connection: PGConnection) -> StokerError? {
         while true {
-            let (jobs, closing) = state.withLock { state in
-                defer { state.jobs.removeAll() }
-                return (state.jobs, state.closing)
+            // One job at a time, marked as running, so that cancellation knows whether it can still withdraw it.
+            let (job, closing) = state.withLock { state -> (Job?, Bool) in
+                state.running = nil
+                guard !state.jobs.isEmpty else { return (nil, state.closing) }
+                let job = state.jobs.removeFirst()
+                state.running = job.id
+                return (job, state.closing)
             }
-            for job in jobs {
+            if let job {
                 job.run(connection)
                 forward(connection.takeNotifications())
             }
@@ -234,6 +312,7 @@ private final class SessionCore: Sendable {
                     connection: connection.redactedDescription
                 )
             }
+            if job != nil { continue }
             if closing { return nil }
             do {
                 var calls = 0
