@@ -294,6 +294,22 @@ struct PortTaken: Error {
     let underlying: TestPostgresError
 }
 
+/// Starts the detached supervisor `argv` (a `setsid -f …` command line) for `root`. If it cannot be started, no
+/// supervisor owns `root`: removes `files` (what was already written there) and `root` itself, then throws.
+func startSupervisor(_ argv: [String], root: String, files: [String], what: String) async throws {
+    do {
+        let status = try await onDedicatedThread {
+            try spawnAndWait(argv, directory: root, inheritStandardOutput: true)
+        }
+        guard status == 0 else { throw TestPostgresError("setsid exited with status \(status)") }
+    } catch {
+        for file in files { unlink(root + "/" + file) }
+        rmdir(root)
+        ClusterRegistry.unregister(root)
+        throw TestPostgresError("could not start the \(what) supervisor: \(error)")
+    }
+}
+
 /// Asks the supervisor that owns `root` to stop, then waits (at most 30 s) until it has removed `root` and exited.
 func stopSupervised(root: String, supervisor: ProcessIdentity?) async {
     Files.touch(root + "/stop")

@@ -183,17 +183,7 @@ public final class TestPgBouncer: Sendable {
             host.setsid, "-f", "/bin/sh", "-c", bouncerSupervisorScript, "stoker-pgbouncer-supervisor",
             String(getpid()), root, executable, host.runAs?.name ?? "",
         ]
-        do {
-            let status = try await onDedicatedThread {
-                try spawnAndWait(argv, directory: root, inheritStandardOutput: true)
-            }
-            guard status == 0 else { throw TestPostgresError("setsid exited with status \(status)") }
-        } catch {
-            for file in ["users.txt", "pgbouncer.ini"] { unlink(root + "/" + file) }
-            rmdir(root)
-            ClusterRegistry.unregister(root)
-            throw TestPostgresError("could not start the pgbouncer supervisor: \(error)")
-        }
+        try await startSupervisor(argv, root: root, files: ["users.txt", "pgbouncer.ini"], what: "pgbouncer")
 
         try await awaitSupervisedReady(
             root: root,

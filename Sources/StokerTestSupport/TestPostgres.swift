@@ -203,18 +203,7 @@ public final class TestPostgres: Sendable {
             String(getpid()), root, String(port), host.binDirectory, options.tls ? "1" : "0",
             host.runAs?.name ?? "", mode.name,
         ]
-        do {
-            let status = try await onDedicatedThread {
-                try spawnAndWait(argv, directory: root, inheritStandardOutput: true)
-            }
-            guard status == 0 else { throw TestPostgresError("setsid exited with status \(status)") }
-        } catch {
-            // No supervisor owns the directory: remove it ourselves.
-            unlink(root + "/standby-of")
-            rmdir(root)
-            ClusterRegistry.unregister(root)
-            throw TestPostgresError("could not start the cluster supervisor: \(error)")
-        }
+        try await startSupervisor(argv, root: root, files: ["standby-of"], what: "cluster")
 
         try await awaitSupervisedReady(
             root: root,

@@ -361,17 +361,27 @@ struct SessionStopTests {
         }
     }
 
+    /// The blocked insert failed with `.connectionLost` and its backend went away.
+    func expectCut(
+        _ insert: Task<QueryResult, any Error>,
+        pid: Int,
+        in database: TestDatabase,
+        sourceLocation: SourceLocation = #_sourceLocation
+    ) async throws {
+        do {
+            _ = try await insert.value
+            Issue.record("the blocked insert succeeded", sourceLocation: sourceLocation)
+        } catch let error as StokerError {
+            #expect(error.code == .connectionLost, sourceLocation: sourceLocation)
+        }
+        #expect(try await waitUntilGone(pid, in: database), sourceLocation: sourceLocation)
+    }
+
     @Test("cancelling a statement blocked on a lock cuts the session: the task ends, the backend goes")
     func cancelRunning() async throws {
         try await withBlockedInsert { database, blocked, pid, insert in
             insert.cancel()
-            do {
-                _ = try await insert.value
-                Issue.record("the blocked insert succeeded")
-            } catch let error as StokerError {
-                #expect(error.code == .connectionLost)
-            }
-            #expect(try await waitUntilGone(pid, in: database))
+            try await expectCut(insert, pid: pid, in: database)
             await #expect(throws: StokerError.self) { try await blocked.query("SELECT 1") }
         }
     }
@@ -380,13 +390,7 @@ struct SessionStopTests {
     func abortRunning() async throws {
         try await withBlockedInsert { database, blocked, pid, insert in
             await blocked.abort()
-            do {
-                _ = try await insert.value
-                Issue.record("the blocked insert succeeded")
-            } catch let error as StokerError {
-                #expect(error.code == .connectionLost)
-            }
-            #expect(try await waitUntilGone(pid, in: database))
+            try await expectCut(insert, pid: pid, in: database)
             await blocked.close()
         }
     }
