@@ -53,6 +53,23 @@ struct ConnectionConfiguration: Sendable {
         )
     }
 
+    private init(options: [(keyword: String, value: String)], redactedDescription: String, secrets: [String]) {
+        self.options = options
+        self.redactedDescription = redactedDescription
+        self.secrets = secrets
+    }
+
+    /// This configuration with `defaults` added for every keyword neither the string nor (where libpq has one) its
+    /// environment variable set. The description is unchanged: it shows what the user wrote.
+    func addingDefaults(_ defaults: [(keyword: String, value: String, environment: String?)]) -> ConnectionConfiguration {
+        var options = self.options
+        for (keyword, value, variable) in defaults where self.value(for: keyword) == nil {
+            if let variable, getenv(variable) != nil { continue }
+            options.append((keyword, value))
+        }
+        return ConnectionConfiguration(options: options, redactedDescription: redactedDescription, secrets: secrets)
+    }
+
     /// The value the string set for `keyword`, if any.
     func value(for keyword: String) -> String? {
         options.last(where: { $0.keyword == keyword })?.value

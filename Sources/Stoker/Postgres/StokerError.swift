@@ -27,6 +27,7 @@ public struct StokerError: Error, Sendable, Hashable, CustomStringConvertible {
             case unexpectedResult
             case schemaMismatch
             case migrationFailed
+            case invalidConfiguration
         }
 
         private let base: Base
@@ -68,6 +69,9 @@ public struct StokerError: Error, Sendable, Hashable, CustomStringConvertible {
         public static let schemaMismatch = Code(.schemaMismatch)
         /// Applying a migration failed; nothing of it was committed.
         public static let migrationFailed = Code(.migrationFailed)
+        /// A ``StokerNode/Configuration`` or ``Activator`` value is out of range or inconsistent (a lease shorter than
+        /// the heartbeat, an empty name, a second activator for one election on one node).
+        public static let invalidConfiguration = Code(.invalidConfiguration)
 
         public var description: String { base.rawValue }
     }

@@ -1,0 +1,145 @@
+/// The life of one election on one node, as a pure value: `(state, input) → (state, action)`, no I/O, no clock.
+///
+/// The node's session thread and its lease watchdog feed it what happened (a lock won, a term bumped, the session or
+/// the lease lost, a resignation asked for) under the node's lock; it answers with the one thing to do next, which
+/// the caller performs. Everything that can make this node a leader or stop it being one goes through here, so the
+/// rules of DESIGN §2 live in one place:
+///
+/// - leadership starts only when the term bump succeeded (`acquiring → leading`), never on a bare lock grant;
+/// - it ends the moment a loss is reported (``leadershipLost(_:)``): the action says to end it locally — flip what
+///   `isLeader` reads, cancel leader-scoped work — before anything else, and the session is dropped after;
+/// - a graceful resignation ends it locally first and releases the lock after (`leading → resigning → withdrawn`);
+/// - a lock is never taken twice (advisory locks stack): only a `follower` is a candidate.
+struct ElectionStateMachine: Sendable, Hashable {
+    enum State: Sendable, Hashable {
+        /// A candidate without the lock: the node tries to take it at every retry.
+        case follower
+        /// The lock was won; the term bump is in flight. Not a leader yet: no callback has been queued.
+        case acquiring
+        /// Leading with this term since the bump committed.
+        case leading(term: Int64)
+        /// Resigning: leadership already ended locally (`wasLeading`), the lock is being released.
+        case resigning(wasLeading: Bool)
+        /// No longer a candidate; final.
+        case withdrawn
+    }
+
+    /// Why leadership (or the chance of it) ended without a resignation.
+    enum Loss: Sendable, Hashable {
+        /// The client-side lease ran out: no reply confirmed the session in `lease − margin`.
+        case leaseExpired
+        /// The session ended: closed by the server, the network, or cut by this process.
+        case sessionLost
+    }
+
+    enum Action: Sendable, Hashable {
+        /// Nothing to do.
+        case none
+        /// Run the term bump for the lock just won; report ``termBumped(_:)`` or ``leadershipLost(_:)``.
+        case bumpTerm
+        /// Leadership begins: mark it, then queue `nowLeader(term)`.
+        case startLeading(term: Int64)
+        /// Leadership is over: flip `isLeader`, cancel leader-scoped work, queue the demotion — at once, before the
+        /// session is dropped.
+        case endLeading(term: Int64, Loss)
+        /// Resignation: end leadership locally as for `endLeading` (when `term` is not nil), then clear the leader
+        /// and release the lock in one transaction; report ``released()``.
+        case endLeadingAndRelease(term: Int64?)
+        /// Resignation finished (the lock is released or was never held): tell the activator it is stopped.
+        case finishResignation
+        /// A lock won after the election was withdrawn: release it (clear the leader if it is this node, unlock),
+        /// nothing else; report ``released()``.
+        case releaseLock
+    }
+
+    private(set) var state: State
+
+    init(state: State = .follower) { self.state = state }
+
+    /// Is this node a candidate that should try to take the lock now?
+    var isCandidate: Bool { state == .follower }
+
+    /// The term this node leads with, if it leads.
+    var leadingTerm: Int64? {
+        if case .leading(let term) = state { return term }
+        return nil
+    }
+
+    /// The batched try-lock returned this election: the lock is now held by the session.
+    mutating func lockWon() -> Action {
+        switch state {
+        case .follower:
+            state = .acquiring
+            return .bumpTerm
+        case .withdrawn:
+            // Withdrawn while the try-lock was in flight: give the lock straight back.
+            return .releaseLock
+        case .acquiring, .leading, .resigning:
+            // The node never offers a lock it holds; a second grant would stack. Keep the state, do nothing.
+            return .none
+        }
+    }
+
+    /// The term bump committed.
+    mutating func termBumped(_ term: Int64) -> Action {
+        switch state {
+        case .acquiring:
+            state = .leading(term: term)
+            return .startLeading(term: term)
+        case .resigning(wasLeading: false):
+            // Resignation asked while the bump was in flight: never lead, release the lock.
+            return .endLeadingAndRelease(term: nil)
+        case .follower, .leading, .resigning(wasLeading: true), .withdrawn:
+            // A loss was reported meanwhile (the session is being dropped), or a stray answer: ignore it.
+            return .none
+        }
+    }
+
+    /// The lease ran out or the session ended. Every lock of the session is gone or about to be.
+    mutating func leadershipLost(_ loss: Loss) -> Action {
+        switch state {
+        case .leading(let term):
+            state = .follower
+            return .endLeading(term: term, loss)
+        case .acquiring:
+            state = .follower
+            return .none
+        case .resigning:
+            // Leadership already ended locally; the lock is gone with the session, which is all the release wanted.
+            state = .withdrawn
+            return .finishResignation
+        case .follower, .withdrawn:
+            return .none
+        }
+    }
+
+    /// The activator is stopping (or the node is leaving): hand the election over.
+    mutating func resign() -> Action {
+        switch state {
+        case .follower:
+            state = .withdrawn
+            return .finishResignation
+        case .acquiring:
+            // The bump is in flight; ``termBumped(_:)`` or ``leadershipLost(_:)`` finishes the resignation.
+            state = .resigning(wasLeading: false)
+            return .none
+        case .leading(let term):
+            state = .resigning(wasLeading: true)
+            return .endLeadingAndRelease(term: term)
+        case .resigning, .withdrawn:
+            return .none
+        }
+    }
+
+    /// The release transaction committed (leader cleared, lock unlocked).
+    mutating func released() -> Action {
+        switch state {
+        case .resigning:
+            state = .withdrawn
+            return .finishResignation
+        case .follower, .acquiring, .leading, .withdrawn:
+            // A stray lock given back (withdrawn), or nothing to finish.
+            return .none
+        }
+    }
+}

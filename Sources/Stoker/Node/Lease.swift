@@ -1,0 +1,123 @@
+import Synchronization
+
+/// The client side of the lease (DESIGN §3): the instant until which this node may act as a leader.
+///
+/// Written by the session thread each time a reply confirms the session (`send time of that query + lease − margin`)
+/// and cleared when the session ends; read lock-free by ``ActivatorContext/isLeader`` and by the watchdog. The
+/// server's idle timer starts only once it has finished that query, so the server can release the node's locks no
+/// sooner than `margin` after this deadline.
+final class LeaseClock: Sendable {
+    /// Every instant is stored as nanoseconds since `base`, so it fits an atomic.
+    let base: ContinuousClock.Instant
+    private let deadline = Atomic<Int64>(.min)
+
+    init() { base = .now }
+
+    func nanoseconds(_ instant: ContinuousClock.Instant) -> Int64 { base.duration(to: instant).nanoseconds }
+    func instant(_ nanoseconds: Int64) -> ContinuousClock.Instant { base + .nanoseconds(nanoseconds) }
+
+    /// The current deadline, if the session is confirmed at all.
+    var currentDeadline: ContinuousClock.Instant? {
+        let value = deadline.load(ordering: .acquiring)
+        return value == .min ? nil : instant(value)
+    }
+
+    /// Is the lease valid at `now`?
+    func isValid(at now: ContinuousClock.Instant = .now) -> Bool {
+        nanoseconds(now) < deadline.load(ordering: .acquiring)
+    }
+
+    /// Moves the deadline later (never earlier).
+    func extend(to instant: ContinuousClock.Instant) {
+        let value = nanoseconds(instant)
+        var current = deadline.load(ordering: .acquiring)
+        while value > current {
+            let (exchanged, original) = deadline.compareExchange(
+                expected: current, desired: value, ordering: .acquiringAndReleasing)
+            if exchanged { return }
+            current = original
+        }
+    }
+
+    /// No lease: the session ended or was never confirmed.
+    func revoke() { deadline.store(.min, ordering: .releasing) }
+}
+
+/// One leadership of one election on this node: from the term bump to the demotion.
+///
+/// Created by the session thread when leadership begins and ended — once — by whoever sees it end first (the session
+/// thread, the lease watchdog, a resignation, a hard stop). Ending it flips what ``isLeader`` reads and cancels every
+/// task started through ``spawn(_:)``; the demotion callback is queued only after that.
+final class LeaderScope: Sendable {
+    let term: Int64
+    let lease: LeaseClock
+
+    private struct State {
+        var endedAt: ContinuousClock.Instant?
+        var tasks: [UInt64: Task<Void, Never>] = [:]
+        var nextID: UInt64 = 0
+    }
+
+    private let state = Mutex(State())
+
+    init(term: Int64, lease: LeaseClock) {
+        self.term = term
+        self.lease = lease
+    }
+
+    /// Leading: not ended, and the lease clock still valid (not a cached flag: a frozen watchdog cannot make it lie).
+    var isLeader: Bool {
+        state.withLock { $0.endedAt == nil } && lease.isValid()
+    }
+
+    var endedAt: ContinuousClock.Instant? { state.withLock { $0.endedAt } }
+
+    /// Ends the leadership at `instant` and cancels its tasks. Only the first call counts; returns whether it was it.
+    @discardableResult
+    func end(at instant: ContinuousClock.Instant) -> Bool {
+        let tasks: [Task<Void, Never>]? = state.withLock { state in
+            guard state.endedAt == nil else { return nil }
+            state.endedAt = instant
+            return Array(state.tasks.values)
+        }
+        guard let tasks else { return false }
+        // Outside the lock: cancellation handlers run synchronously here and may read `isLeader`.
+        for task in tasks { task.cancel() }
+        return true
+    }
+
+    /// Starts `operation` as a task cancelled when this leadership ends (at once if it already has).
+    @discardableResult
+    func spawn(_ operation: @escaping @Sendable () async -> Void) -> Task<Void, Never> {
+        let (id, ended) = state.withLock { state in
+            state.nextID += 1
+            return (state.nextID, state.endedAt != nil)
+        }
+        let task = Task { [weak self] in
+            await operation()
+            self?.finished(id)
+        }
+        let stillLeading = state.withLock { state -> Bool in
+            guard state.endedAt == nil, !ended else { return false }
+            state.tasks[id] = task
+            return true
+        }
+        if !stillLeading { task.cancel() }
+        return task
+    }
+
+    private func finished(_ id: UInt64) {
+        _ = state.withLock { $0.tasks.removeValue(forKey: id) }
+    }
+
+    /// Waits until every task started here has finished (call after ``end(at:)``, which cancelled them).
+    func waitForTasks() async {
+        while let task = state.withLock({ $0.tasks.values.first }) {
+            await task.value
+            // `finished` removed it unless the task was never registered; remove it ourselves either way.
+            state.withLock { state in
+                if let id = state.tasks.first(where: { $0.value == task })?.key { state.tasks.removeValue(forKey: id) }
+            }
+        }
+    }
+}

@@ -1,0 +1,158 @@
+#if canImport(Glibc)
+    import Glibc
+#elseif canImport(Darwin)
+    import Darwin
+#endif
+
+extension StokerNode {
+    /// Everything a node needs: where PostgreSQL is, which cluster it joins under which name, and the timing model of
+    /// DESIGN §5. Checked when the ``StokerNode`` is created; every inconsistency is a
+    /// ``StokerError/Code/invalidConfiguration`` error naming the field.
+    ///
+    /// | setting | default | what it bounds |
+    /// | --- | --- | --- |
+    /// | ``lease`` | 5 s | failover after a freeze or partition ≤ lease + retry + a round-trip |
+    /// | ``heartbeatInterval`` | lease / 5 | lease renewal |
+    /// | ``retryInterval`` | 100 ms | failover after a crash ≤ retry + a round-trip |
+    /// | ``margin`` | lease / 10 | how much earlier than the server the node gives leadership up |
+    /// | ``statementTimeout`` | lease / 2 | the longest a statement of the node's session may run |
+    public struct Configuration: Sendable {
+        /// A libpq connection string: a `postgresql://` URL or `key=value` pairs; empty means libpq's `PG*`
+        /// environment variables. Must reach a read-write primary directly or through a session-mode pooler.
+        public var connection: String
+        /// The cluster: every process of one service uses the same name. 1–255 bytes, no NUL.
+        public var cluster: String
+        /// This process's name in the cluster (shown in `whereis`, `dump` and membership events). 1–255 bytes, no
+        /// NUL. Defaults to `<hostname>:<pid>`.
+        public var nodeName: String
+        /// The schema holding Stoker's tables (at most 52 bytes).
+        public var schema: String = StokerSchema.defaultSchema
+        /// Apply missing migrations when connecting (needs CREATE on the database, or on the schema once it exists).
+        /// With `false` the node only checks that the schema is complete and unaltered — for a least-privilege role
+        /// (see ``StokerSchema/grant(to:connection:schema:)``).
+        public var migrate: Bool = true
+        /// The server ends the session, releasing every lock it holds, after this long without a query
+        /// (`idle_session_timeout`); the node gives leadership up `margin` before that. At least 100 ms, at most a day.
+        public var lease: Duration = .seconds(5)
+        /// How often the node renews its lease with a heartbeat; `nil` means `lease / 5`. Must be below
+        /// `lease − margin`.
+        public var heartbeatInterval: Duration?
+        /// How often a follower tries to take the locks of its elections. A graceful hand-over does not wait for it:
+        /// the `released` notification makes followers try at once.
+        public var retryInterval: Duration = .milliseconds(100)
+        /// How long before the server can release its locks the node demotes itself; `nil` means `lease / 10`. Covers
+        /// scheduling delays and clock-rate differences. Must be below `lease / 2`.
+        public var margin: Duration?
+        /// `statement_timeout` of the node's session; `nil` means `lease / 2`. Must be below `lease`.
+        public var statementTimeout: Duration?
+        /// The first wait before reconnecting after the session was lost; doubled (with jitter) after every failed
+        /// attempt, up to ``maximumReconnectDelay``.
+        public var reconnectDelay: Duration = .milliseconds(100)
+        public var maximumReconnectDelay: Duration = .seconds(5)
+
+        public init(connection: String, cluster: String, nodeName: String? = nil) {
+            self.connection = connection
+            self.cluster = cluster
+            self.nodeName = nodeName ?? Self.defaultNodeName()
+        }
+
+        /// `<hostname>:<pid>`.
+        public static func defaultNodeName() -> String {
+            var buffer = [CChar](repeating: 0, count: 256)
+            let host = gethostname(&buffer, buffer.count - 1) == 0 ? decodeCString(buffer) : "localhost"
+            return "\(host):\(getpid())"
+        }
+
+        var effectiveHeartbeatInterval: Duration { heartbeatInterval ?? lease / 5 }
+        var effectiveMargin: Duration { margin ?? lease / 10 }
+        var effectiveStatementTimeout: Duration { statementTimeout ?? lease / 2 }
+        /// `client_connection_check_interval`: how soon a backend busy with a statement notices its client is gone.
+        var connectionCheckInterval: Duration { min(.seconds(1), lease / 5) }
+
+        /// The longest a name may be: the tables' CHECK, and far below the 8000-byte notification payload.
+        public static let maximumNameLength = 255
+
+        func validate() throws(StokerError) {
+            try Self.validateName(cluster, kind: "cluster name")
+            try Self.validateName(nodeName, kind: "node name")
+            try StokerSchema.validate(schema: schema)
+            try Self.positive(lease, "lease")
+            if lease < .milliseconds(100) || lease > .seconds(86_400) {
+                throw invalid("lease is \(lease); it must be between 100 ms and one day (default 5 s).")
+            }
+            try Self.positive(effectiveHeartbeatInterval, "heartbeatInterval")
+            try Self.positive(retryInterval, "retryInterval")
+            try Self.positive(effectiveMargin, "margin")
+            try Self.positive(effectiveStatementTimeout, "statementTimeout")
+            try Self.positive(reconnectDelay, "reconnectDelay")
+            try Self.positive(maximumReconnectDelay, "maximumReconnectDelay")
+            if effectiveMargin >= lease / 2 {
+                throw invalid("margin (\(effectiveMargin)) must be below half the lease (\(lease)); default lease / 10.")
+            }
+            if effectiveHeartbeatInterval >= lease - effectiveMargin {
+                throw invalid(
+                    "heartbeatInterval (\(effectiveHeartbeatInterval)) must be shorter than lease − margin "
+                        + "(\(lease - effectiveMargin)), or the lease runs out between heartbeats; default lease / 5."
+                )
+            }
+            if effectiveStatementTimeout >= lease {
+                throw invalid(
+                    "statementTimeout (\(effectiveStatementTimeout)) must be shorter than the lease (\(lease)); "
+                        + "default lease / 2.")
+            }
+            if retryInterval > .seconds(86_400) {
+                throw invalid("retryInterval is \(retryInterval); it must be at most one day.")
+            }
+            if reconnectDelay > maximumReconnectDelay {
+                throw invalid(
+                    "reconnectDelay (\(reconnectDelay)) must not exceed maximumReconnectDelay "
+                        + "(\(maximumReconnectDelay)).")
+            }
+        }
+
+        static func validateName(_ name: String, kind: String) throws(StokerError) {
+            if name.isEmpty {
+                throw StokerError(.invalidConfiguration, "The \(kind) is empty; give it a name.")
+            }
+            if name.utf8.contains(0) {
+                throw StokerError(.invalidConfiguration, "The \(kind) contains a NUL byte; remove it.")
+            }
+            let length = name.utf8.count
+            if length > maximumNameLength {
+                throw StokerError(
+                    .invalidConfiguration,
+                    "The \(kind) \"\(name.prefix(20))…\" is \(length) bytes; at most \(maximumNameLength) are allowed."
+                )
+            }
+        }
+
+        private static func positive(_ value: Duration, _ name: String) throws(StokerError) {
+            if value <= .zero {
+                throw StokerError(.invalidConfiguration, "\(name) is \(value); it must be positive.")
+            }
+        }
+
+        private func invalid(_ message: String) -> StokerError {
+            StokerError(.invalidConfiguration, message)
+        }
+    }
+}
+
+/// A NUL-terminated C buffer as a Swift string (invalid UTF-8 repaired).
+func decodeCString(_ buffer: [CChar]) -> String {
+    let bytes = buffer.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }
+    return String(decoding: bytes, as: UTF8.self)
+}
+
+extension Duration {
+    /// Whole milliseconds, rounded up (PostgreSQL's timeouts are integer milliseconds; 0 would mean "off").
+    var roundedUpMilliseconds: Int64 {
+        let (seconds, attoseconds) = components
+        return seconds * 1000 + (attoseconds + 999_999_999_999_999) / 1_000_000_000_000_000
+    }
+
+    var nanoseconds: Int64 {
+        let (seconds, attoseconds) = components
+        return seconds &* 1_000_000_000 &+ attoseconds / 1_000_000_000
+    }
+}

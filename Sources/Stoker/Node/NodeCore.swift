@@ -1,0 +1,950 @@
+import CStokerLibPQ
+import Logging
+import Synchronization
+
+#if canImport(Glibc)
+    import Glibc
+#elseif canImport(Darwin)
+    import Darwin
+#endif
+
+/// What the node tells one activator, in the order it happened.
+enum ActivatorMessage: Sendable {
+    /// This node leads (the term bump committed).
+    case leader(LeaderScope)
+    /// Leadership ended without a resignation, at `endedAt` (leader work already cancelled).
+    case demoted(DemotionReason, endedAt: ContinuousClock.Instant)
+    /// A member joined or left (sent while this node leads).
+    case member(ClusterChange)
+    /// Another node leads (its name), or the election was released (`nil`).
+    case leaderObserved(String?)
+    /// The node stopped; leadership, if any, ended at `endedAt`. The last message.
+    case stopped(ShutdownReason, endedAt: ContinuousClock.Instant?)
+    /// The activator's own timer (generation).
+    case timerFired(UInt64)
+    /// The activator's graceful shutdown began.
+    case gracefulShutdown
+}
+
+/// The node's machinery, shared by three parties:
+///
+/// - the **session thread**, the only owner of the `PGconn` (created on it, never leaving it): connects, joins,
+///   heartbeats, retries, releases, reads notifications, reconnects;
+/// - the **lease watchdog thread**, which ends every leadership at the lease deadline even while the session thread
+///   is blocked in libpq, then cuts the socket;
+/// - async callers (``StokerNode``, ``Activator``): registration, resignation, stop requests.
+///
+/// Their shared state is one `Mutex`; each election's role lives in an ``ElectionStateMachine`` inside it, so exactly
+/// one party sees each leadership end and announces it.
+final class NodeCore: Sendable {
+    let configuration: StokerNode.Configuration
+    let connection: ConnectionConfiguration
+    let logger: Logger
+    let metrics: NodeMetrics
+    let lease = LeaseClock()
+
+    private struct Slot {
+        var machine = ElectionStateMachine()
+        /// `elections.id`; stable for the database, learnt on the first session.
+        var id: Int?
+        /// The election row must be looked up on the current session before the node may try its lock.
+        var needsSetup = true
+        let mailbox: AsyncStream<ActivatorMessage>.Continuation
+        let metrics: ElectionMetrics
+        var scope: LeaderScope?
+        /// A demotion is being announced (between ending the scope and queueing the message): not a candidate.
+        var announcing = false
+        /// The resignation's leader work has drained: the session thread may release the lock.
+        var releaseReady = false
+        /// The activator waiting for its resignation to finish.
+        var resignWaiter: CheckedContinuation<Void, Never>?
+        /// When a resignation ended leadership (for the node-initiated `.stopped`).
+        var endedAt: ContinuousClock.Instant?
+    }
+
+    private enum Phase { case idle, running, exited }
+    private enum StopKind { case graceful, hard }
+
+    private struct State {
+        var slots: [String: Slot] = [:]
+        var phase = Phase.idle
+        var stop: StopKind?
+        var failure: StokerError?
+        var exitWaiters: [CheckedContinuation<Void, Never>] = []
+        /// The session's socket while it is open (for the watchdog and hard stop to cut it).
+        var socket: Int32?
+        /// Generation of the current session (0: none).
+        var session: UInt64 = 0
+        /// The session whose lease ran out.
+        var leaseExpiredSession: UInt64?
+        var member: ClusterMember?
+        var backendPID: Int32?
+        var freeze: Duration?
+    }
+
+    private let state = Mutex(State())
+    private let wakeDescriptor: Int32
+    private let watchdogDescriptor: Int32
+
+    init(
+        configuration: StokerNode.Configuration,
+        logger: Logger,
+        metrics: NodeMetrics
+    ) throws(StokerError) {
+        try configuration.validate()
+        let connection = try ConnectionConfiguration(configuration.connection)
+        let lease = configuration.lease
+        self.connection = connection.addingDefaults([
+            ("connect_timeout", "10", "PGCONNECT_TIMEOUT"),
+            ("keepalives", "1", nil),
+            ("keepalives_idle", "\(max(1, lease.roundedUpMilliseconds / 2000))", nil),
+            ("keepalives_interval", "1", nil),
+            ("keepalives_count", "3", nil),
+            ("tcp_user_timeout", "\(lease.roundedUpMilliseconds)", nil),
+        ])
+        self.configuration = configuration
+        self.logger = logger
+        self.metrics = metrics
+        let wake = eventfd(0, Int32(EFD_CLOEXEC | EFD_NONBLOCK))
+        let watchdog = eventfd(0, Int32(EFD_CLOEXEC | EFD_NONBLOCK))
+        guard wake >= 0, watchdog >= 0 else {
+            if wake >= 0 { closeDescriptor(wake) }
+            if watchdog >= 0 { closeDescriptor(watchdog) }
+            throw StokerError(.connectionFailed, "eventfd(2) failed with errno \(errno).")
+        }
+        wakeDescriptor = wake
+        watchdogDescriptor = watchdog
+    }
+
+    deinit {
+        // Both threads hold the core while they run: reaching here means they have exited.
+        closeDescriptor(wakeDescriptor)
+        closeDescriptor(watchdogDescriptor)
+    }
+
+    private var metadata: Logger.Metadata {
+        ["stoker.cluster": "\(configuration.cluster)", "stoker.node": "\(configuration.nodeName)"]
+    }
+
+    // MARK: - Async side
+
+    /// Starts both threads and returns once the session thread has exited; throws the error that stopped it, if any.
+    func run() async throws {
+        let begin = state.withLock { state -> Bool in
+            guard state.phase == .idle else { return false }
+            state.phase = .running
+            return true
+        }
+        guard begin else {
+            throw StokerError(.invalidConfiguration, "StokerNode.run() was called twice; a node runs once.")
+        }
+        do {
+            try startThread { self.sessionThread() }
+            try startThread { self.watchdogThread() }
+        } catch {
+            finish(failure: error)
+            throw error
+        }
+        await exited()
+        if let failure = state.withLock({ $0.failure }) { throw failure }
+    }
+
+    private func exited() async {
+        await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
+            let done = state.withLock { state -> Bool in
+                if state.phase == .exited { return true }
+                state.exitWaiters.append(continuation)
+                return false
+            }
+            if done { continuation.resume() }
+        }
+    }
+
+    /// Graceful stop: resign every election (the activators get `shutdown`), leave the cluster, close the session.
+    func requestGracefulStop() {
+        state.withLock { state in
+            if state.stop == nil { state.stop = .graceful }
+        }
+        wake()
+    }
+
+    /// Hard stop (cancellation): leadership ends at once, the session is cut without a goodbye (the server releases
+    /// the locks as for a crash), activators get `shutdown(.cancelled)`.
+    func hardStop() {
+        let now = ContinuousClock.now
+        let ended: [(LeaderScope?, Slot)] = state.withLock { state in
+            state.stop = .hard
+            var ended: [(LeaderScope?, Slot)] = []
+            for (name, var slot) in state.slots {
+                _ = slot.machine.leadershipLost(.sessionLost)
+                ended.append((slot.scope, slot))
+                state.slots[name] = nil
+            }
+            return ended
+        }
+        var endedAt: [ContinuousClock.Instant?] = []
+        for (scope, slot) in ended {
+            endedAt.append(endScope(scope, at: now, slot: slot, reason: "the node was cancelled") ?? slot.endedAt)
+        }
+        // Only now that no leadership is left: cut the session (the server then frees its locks at once).
+        state.withLock { state in
+            if let socket = state.socket { _ = shutdown(socket, Int32(SHUT_RDWR)) }
+        }
+        for ((_, slot), endedAt) in zip(ended, endedAt) {
+            slot.resignWaiter?.resume()
+            slot.mailbox.yield(.stopped(.cancelled, endedAt: endedAt))
+            slot.mailbox.finish()
+        }
+        wake()
+        wakeWatchdog()
+    }
+
+    /// Registers the activator of `election`; its messages arrive on the returned stream.
+    func register(
+        _ election: String
+    ) throws(StokerError) -> (AsyncStream<ActivatorMessage>, AsyncStream<ActivatorMessage>.Continuation) {
+        let (stream, continuation) = AsyncStream.makeStream(of: ActivatorMessage.self, bufferingPolicy: .unbounded)
+        let electionMetrics = metrics.election(election)
+        let refusal: StokerError? = state.withLock { state in
+            if state.slots[election] != nil {
+                return StokerError(
+                    .invalidConfiguration,
+                    "An activator for election \"\(election)\" is already running on node "
+                        + "\"\(configuration.nodeName)\"; run one activator per election per node.")
+            }
+            if state.phase == .exited || state.stop != nil {
+                continuation.yield(.stopped(.nodeStopped, endedAt: nil))
+                continuation.finish()
+                return nil
+            }
+            state.slots[election] = Slot(mailbox: continuation, metrics: electionMetrics)
+            return nil
+        }
+        if let refusal { throw refusal }
+        wake()
+        return (stream, continuation)
+    }
+
+    /// Hands the election over and withdraws from it: leadership ends at once (leader work cancelled), then — once
+    /// that work has finished, when `drain` — the session thread clears the leader and releases the lock. Returns
+    /// when the lock is released (or the session is gone), with the instant leadership ended, if this node led.
+    func resign(_ election: String, drain: Bool) async -> ContinuousClock.Instant? {
+        enum Step {
+            case done
+            case release(LeaderScope?, ContinuousClock.Instant)
+            case wait
+        }
+        let now = ContinuousClock.now
+        let step: Step = state.withLock { state in
+            guard var slot = state.slots[election] else { return .done }
+            switch slot.machine.resign() {
+            case .finishResignation:
+                state.slots[election] = nil
+                slot.mailbox.finish()
+                return .done
+            case .endLeadingAndRelease:
+                let scope = slot.scope
+                slot.scope = nil
+                slot.endedAt = now
+                state.slots[election] = slot
+                return .release(scope, now)
+            default:
+                // Acquiring: the session thread finishes the resignation when the bump answers.
+                state.slots[election] = slot
+                return .wait
+            }
+        }
+        switch step {
+        case .done:
+            return nil
+        case .release(let scope, let endedAt):
+            if let scope {
+                _ = endScope(scope, at: endedAt, slot: nil, reason: "resigned")
+                state.withLock { state in state.slots[election]?.metrics.leading(false) }
+                if drain { await scope.waitForTasks() }
+            }
+            await waitForResignation(election, markReady: true)
+            return endedAt
+        case .wait:
+            await waitForResignation(election, markReady: false)
+            return nil
+        }
+    }
+
+    private func waitForResignation(_ election: String, markReady: Bool) async {
+        await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
+            let pending = state.withLock { state -> Bool in
+                guard var slot = state.slots[election], case .resigning = slot.machine.state else { return false }
+                slot.resignWaiter = continuation
+                if markReady { slot.releaseReady = true }
+                state.slots[election] = slot
+                return true
+            }
+            if pending { wake() } else { continuation.resume() }
+        }
+    }
+
+    /// Test hook: holds the session thread (the node's loop) for `duration` at its next turn, as a long pause would.
+    func freezeLoop(for duration: Duration) {
+        state.withLock { $0.freeze = duration }
+        wake()
+    }
+
+    var member: ClusterMember? { state.withLock { $0.member } }
+    var backendPID: Int32? { state.withLock { $0.backendPID } }
+
+    private func wake() {
+        var one: UInt64 = 1
+        _ = write(wakeDescriptor, &one, MemoryLayout<UInt64>.size)
+    }
+
+    private func wakeWatchdog() {
+        var one: UInt64 = 1
+        _ = write(watchdogDescriptor, &one, MemoryLayout<UInt64>.size)
+    }
+
+    // MARK: - Ending leadership (any thread)
+
+    /// Ends `scope` at `instant` (flips `isLeader`, cancels leader work), counts and logs it. Returns the instant it
+    /// ended, or `nil` when there was no leadership to end.
+    @discardableResult
+    private func endScope(
+        _ scope: LeaderScope?,
+        at instant: ContinuousClock.Instant,
+        slot: Slot?,
+        reason: String
+    ) -> ContinuousClock.Instant? {
+        guard let scope else { return nil }
+        scope.end(at: instant)
+        slot?.metrics.leading(false)
+        logger.notice(
+            "stepped down",
+            metadata: metadata.merging(
+                ["stoker.term": "\(scope.term)", "stoker.reason": "\(reason)"], uniquingKeysWith: { $1 }))
+        return scope.endedAt ?? instant
+    }
+
+    /// The session's lease ran out or the session ended: every leadership of this node ends now (at `instant`), and
+    /// each activator is told — in that order, and never waiting for the cooperative pool.
+    private func loseAll(_ loss: ElectionStateMachine.Loss, at instant: ContinuousClock.Instant) {
+        let reason: DemotionReason = loss == .leaseExpired ? .leaseExpired : .connectionLost
+        let ended: [(String, LeaderScope)] = state.withLock { state in
+            var ended: [(String, LeaderScope)] = []
+            for name in state.slots.keys {
+                guard var slot = state.slots[name] else { continue }
+                switch slot.machine.leadershipLost(loss) {
+                case .endLeading:
+                    if let scope = slot.scope { ended.append((name, scope)) }
+                    slot.scope = nil
+                    slot.announcing = true
+                    state.slots[name] = slot
+                case .finishResignation:
+                    state.slots[name] = slot
+                    finishResignation(name, in: &state, reason: .nodeStopped)
+                default:
+                    state.slots[name] = slot
+                }
+            }
+            return ended
+        }
+        for (name, scope) in ended {
+            let slot = state.withLock { $0.slots[name] }
+            endScope(scope, at: instant, slot: slot, reason: "\(reason)")
+            state.withLock { state in
+                state.slots[name]?.announcing = false
+                state.slots[name]?.mailbox.yield(.demoted(reason, endedAt: scope.endedAt ?? instant))
+            }
+        }
+    }
+
+    /// A resignation is complete: wake the activator waiting for it, or (node-initiated) tell it the node stopped.
+    private func finishResignation(_ name: String, in state: inout State, reason: ShutdownReason) {
+        guard let slot = state.slots.removeValue(forKey: name) else { return }
+        if let waiter = slot.resignWaiter {
+            waiter.resume()
+        } else {
+            slot.mailbox.yield(.stopped(reason, endedAt: slot.endedAt))
+        }
+        slot.mailbox.finish()
+    }
+
+    // MARK: - The lease watchdog thread
+
+    private func watchdogThread() {
+        while true {
+            let (exit, deadline, session) = state.withLock { state in
+                (state.phase == .exited, lease.currentDeadline, state.session)
+            }
+            if exit { return }
+            var descriptor = pollfd(fd: watchdogDescriptor, events: Int16(POLLIN), revents: 0)
+            let timeout = deadline.map { Int32(clamping: ContinuousClock.now.duration(to: $0).roundedUpMilliseconds) }
+            _ = poll(&descriptor, 1, timeout.map { max(0, $0) } ?? -1)
+            if descriptor.revents != 0 {
+                var counter: UInt64 = 0
+                _ = read(watchdogDescriptor, &counter, MemoryLayout<UInt64>.size)
+            }
+            if let deadline, ContinuousClock.now >= deadline { expireLease(session: session) }
+        }
+    }
+
+    /// The lease of `session` ran out (checked again under the lock: a reply may just have extended it).
+    private func expireLease(session: UInt64) {
+        let deadline: ContinuousClock.Instant? = state.withLock { state in
+            guard state.session == session, state.leaseExpiredSession != session,
+                let deadline = lease.currentDeadline, ContinuousClock.now >= deadline
+            else { return nil }
+            state.leaseExpiredSession = session
+            return deadline
+        }
+        guard let deadline else { return }
+        // Leadership ended at the deadline, whenever this thread got to run: that is what `isLeader` said already.
+        loseAll(.leaseExpired, at: deadline)
+        logger.warning(
+            "lease expired: no reply confirmed the session in time; reconnecting as a new incarnation",
+            metadata: metadata)
+        state.withLock { state in
+            if state.session == session, let socket = state.socket { _ = shutdown(socket, Int32(SHUT_RDWR)) }
+        }
+        wake()
+    }
+
+    // MARK: - The session thread
+
+    private enum SessionEnd {
+        case stopped
+        case hardStop
+        case lost(StokerError)
+        case leaseExpired
+    }
+
+    private struct LeaseLost: Error {}
+
+    private func sessionThread() {
+        var delay = configuration.reconnectDelay
+        var joinedOnce = false
+        var failure: StokerError?
+        while state.withLock({ $0.stop == nil }) {
+            if joinedOnce { metrics.reconnects.increment() }
+            let end: SessionEnd
+            do {
+                let connection = try PGConnection(self.connection)
+                end = session(connection, joined: &joinedOnce)
+            } catch {
+                end = .lost(error)
+            }
+            switch end {
+            case .stopped, .hardStop:
+                break
+            case .leaseExpired:
+                delay = configuration.reconnectDelay
+                continue
+            case .lost(let error):
+                if !isRetryable(error, joinedOnce: joinedOnce) {
+                    logger.error(
+                        "the node stopped: \(error.message)",
+                        metadata: metadata.merging(["stoker.error": "\(error)"], uniquingKeysWith: { $1 }))
+                    failure = error
+                    break
+                }
+                logger.warning(
+                    "session lost; reconnecting in \(delay)",
+                    metadata: metadata.merging(["stoker.error": "\(error)"], uniquingKeysWith: { $1 }))
+                sleep(jittered(delay))
+                delay = min(delay * 2, configuration.maximumReconnectDelay)
+                continue
+            }
+            break
+        }
+        finish(failure: failure)
+    }
+
+    private func finish(failure: StokerError?) {
+        let now = ContinuousClock.now
+        let (slots, waiters) = state.withLock { state in
+            state.phase = .exited
+            if state.failure == nil { state.failure = failure }
+            defer {
+                state.slots.removeAll()
+                state.exitWaiters.removeAll()
+            }
+            return (Array(state.slots.values), state.exitWaiters)
+        }
+        lease.revoke()
+        for var slot in slots {
+            let scope = slot.scope
+            _ = slot.machine.leadershipLost(.sessionLost)
+            let endedAt = endScope(scope, at: now, slot: slot, reason: "the node stopped") ?? slot.endedAt
+            if let waiter = slot.resignWaiter {
+                waiter.resume()
+            } else {
+                slot.mailbox.yield(.stopped(.nodeStopped, endedAt: endedAt))
+            }
+            slot.mailbox.finish()
+        }
+        wakeWatchdog()
+        for waiter in waiters { waiter.resume() }
+    }
+
+    /// Errors worth a reconnect: the network, the server going away or timing a statement out. A wrong password, a
+    /// missing database or schema, a pooler or an old server will not fix themselves: the node stops with them.
+    private func isRetryable(_ error: StokerError, joinedOnce: Bool) -> Bool {
+        switch error.code {
+        case .connectionFailed, .connectionTimeout, .connectionLost, .queryFailed, .unexpectedResult:
+            return true
+        case .readOnlySession:
+            // After a managed failover the old address may briefly reach a standby; at first start it is a mistake.
+            return joinedOnce
+        default:
+            return false
+        }
+    }
+
+    private func jittered(_ delay: Duration) -> Duration {
+        let nanoseconds = max(1, delay.nanoseconds)
+        return .nanoseconds(Int64.random(in: nanoseconds / 2...nanoseconds))
+    }
+
+    /// Sleeps `duration`, or less when a stop is requested.
+    private func sleep(_ duration: Duration) {
+        let deadline = ContinuousClock.now + duration
+        while state.withLock({ $0.stop == nil }) {
+            let remaining = ContinuousClock.now.duration(to: deadline)
+            if remaining <= .zero { return }
+            var descriptor = pollfd(fd: wakeDescriptor, events: Int16(POLLIN), revents: 0)
+            _ = poll(&descriptor, 1, Int32(clamping: remaining.roundedUpMilliseconds))
+            if descriptor.revents != 0 {
+                var counter: UInt64 = 0
+                _ = read(wakeDescriptor, &counter, MemoryLayout<UInt64>.size)
+            }
+        }
+    }
+
+    /// One session: join, serve until it ends. Every way out ends this node's leaderships first.
+    private func session(_ connection: PGConnection, joined joinedOnce: inout Bool) -> SessionEnd {
+        let generation: UInt64? = state.withLock { state in
+            guard state.stop == nil else { return nil }
+            state.session += 1
+            state.socket = connection.socket
+            state.backendPID = connection.protocolBackendPID
+            for name in state.slots.keys { state.slots[name]?.needsSetup = true }
+            return state.session
+        }
+        guard let generation else { return .stopped }
+        defer {
+            lease.revoke()
+            state.withLock { state in
+                state.socket = nil
+                state.member = nil
+                state.backendPID = nil
+            }
+        }
+        var context = SessionContext(connection: connection, generation: generation)
+        do {
+            try join(&context)
+            joinedOnce = true
+            return try serve(&context)
+        } catch is LeaseLost {
+            // The watchdog (or the reply that came too late) already ended every leadership.
+            loseAll(.leaseExpired, at: lease.currentDeadline ?? .now)
+            return state.withLock { $0.stop == .hard } ? .hardStop : .leaseExpired
+        } catch {
+            // First: end leadership, at once, on the thread that saw the session go (DESIGN §2.1).
+            let now = ContinuousClock.now
+            let expired = state.withLock { $0.leaseExpiredSession == generation }
+            loseAll(expired ? .leaseExpired : .sessionLost, at: now)
+            if state.withLock({ $0.stop == .hard }) { return .hardStop }
+            if expired { return .leaseExpired }
+            let failure =
+                (error as? StokerError)
+                ?? StokerError(.connectionLost, "The node's session failed: \(error)")
+            return .lost(failure)
+        }
+    }
+
+    /// What one session learnt while joining.
+    private struct SessionContext {
+        let connection: PGConnection
+        let generation: UInt64
+        var statements: ProtocolStatements?
+        var clusterID = 0
+        var channel = ""
+        var nodeID = 0
+        /// Members by id, this node included.
+        var members: [Int: String] = [:]
+    }
+
+    /// Runs `body` (one or more statements) and, if the reply came in time, renews the lease from its send time.
+    /// A reply whose request went out more than `lease − margin` ago is not trusted.
+    private func confirmed<T>(
+        _ context: SessionContext,
+        _ body: () throws -> T
+    ) throws -> T {
+        let sent = ContinuousClock.now
+        let value = try body()
+        let valid = configuration.lease - configuration.effectiveMargin
+        let trusted = state.withLock { state -> Bool in
+            guard state.leaseExpiredSession != context.generation, state.stop != .hard else { return false }
+            guard ContinuousClock.now < sent + valid else { return false }
+            lease.extend(to: sent + valid)
+            return true
+        }
+        guard trusted else {
+            expireLease(session: context.generation)
+            throw LeaseLost()
+        }
+        return value
+    }
+
+    private func join(_ context: inout SessionContext) throws {
+        let connection = context.connection
+        let configuration = self.configuration
+        let lease = configuration.lease.roundedUpMilliseconds
+        let applicationName = Self.applicationName(cluster: configuration.cluster, node: configuration.nodeName)
+        try connection.execute(
+            """
+            SELECT set_config('application_name', $1, false),
+                   set_config('idle_session_timeout', $2, false),
+                   set_config('idle_in_transaction_session_timeout', $2, false),
+                   set_config('statement_timeout', $3, false),
+                   set_config('client_connection_check_interval', $4, false),
+                   set_config('tcp_keepalives_idle', $5, false),
+                   set_config('tcp_keepalives_interval', '1', false),
+                   set_config('tcp_keepalives_count', '3', false),
+                   set_config('tcp_user_timeout', $2, false)
+            """,
+            [
+                applicationName, "\(lease)", "\(configuration.effectiveStatementTimeout.roundedUpMilliseconds)",
+                "\(configuration.connectionCheckInterval.roundedUpMilliseconds)", "\(max(1, lease / 2000))",
+            ]
+        )
+        let migrator = Migrator(schema: configuration.schema)
+        let report = try configuration.migrate ? migrator.migrate(on: connection) : migrator.verify(on: connection)
+        if !report.applied.isEmpty {
+            logger.notice("applied Stoker migrations", metadata: ["stoker.migrations": "\(report.applied)"])
+        }
+        let quoted = try connection.quoteIdentifier(configuration.schema, kind: "schema name")
+        guard
+            let namespace = try connection.execute(ProtocolStatements.lockNamespaceQuery, [configuration.schema]).rows
+                .first
+        else {
+            throw StokerError(.schemaMismatch, "The schema \"\(configuration.schema)\" does not exist.")
+        }
+        let statements = ProtocolStatements(
+            schema: configuration.schema, quotedSchema: quoted, lockNamespace: try namespace.int32(0))
+        context.statements = statements
+        context.clusterID = try statements.ensureCluster(configuration.cluster, on: connection)
+        context.channel = statements.channel(clusterID: context.clusterID)
+        // LISTEN before reading the members: no change can fall between the two.
+        try connection.listen(context.channel)
+        let clusterID = context.clusterID
+        let nodeID: Int = try confirmed(context) {
+            try connection.transaction {
+                let id = try connection.execute(
+                    statements.insertNode,
+                    ["\(clusterID)", configuration.nodeName, Self.hostName, "\(getpid())", "{}"]
+                ).singleRow().int(0)
+                guard try connection.execute(statements.lockNode, ["\(id)"]).singleRow().bool(0) else {
+                    throw StokerError(.unexpectedResult, "The new node row's lock was already taken.")
+                }
+                return id
+            }
+        }
+        context.nodeID = nodeID
+        for row in try connection.execute(statements.members, ["\(clusterID)"]).rows {
+            context.members[try row.int(0)] = try row.string(1)
+        }
+        let member = ClusterMember(id: nodeID, name: configuration.nodeName)
+        state.withLock { $0.member = member }
+        wakeWatchdog()
+        logger.info(
+            "joined the cluster",
+            metadata: metadata.merging(
+                ["stoker.incarnation": "\(nodeID)", "stoker.members": "\(context.members.count)"],
+                uniquingKeysWith: { $1 }))
+    }
+
+    private func serve(_ context: inout SessionContext) throws -> SessionEnd {
+        let connection = context.connection
+        guard let statements = context.statements else { return .lost(Self.internalError) }
+        let heartbeat = configuration.effectiveHeartbeatInterval
+        var nextHeartbeat = ContinuousClock.now + heartbeat
+        var nextRetry = ContinuousClock.now
+        var retryNow = true
+        while true {
+            if let freeze = state.withLock({ state -> Duration? in
+                defer { state.freeze = nil }
+                return state.freeze
+            }) {
+                Self.hold(freeze)
+            }
+            // Nothing is trusted past the lease: the watchdog may already have ended it.
+            if state.withLock({ $0.leaseExpiredSession == context.generation }) || !lease.isValid() {
+                throw LeaseLost()
+            }
+            switch state.withLock({ $0.stop }) {
+            case .hard?:
+                return .hardStop
+            case .graceful?:
+                try leave(&context)
+                return .stopped
+            case nil:
+                break
+            }
+            if try setUpElections(context) { retryNow = true }
+            try performReleases(context)
+            if handle(connection.takeNotifications(), &context) { retryNow = true }
+
+            var now = ContinuousClock.now
+            if now >= nextHeartbeat {
+                let sent = now
+                let result = try confirmed(context) {
+                    try connection.execute(statements.heartbeat, ["\(context.nodeID)"])
+                }
+                metrics.heartbeatRoundTrip.recordNanoseconds(sent.duration(to: .now).nanoseconds)
+                if result.affectedRows == 0 {
+                    throw StokerError(
+                        .connectionLost, "This node's row was deleted by someone else; rejoining as a new incarnation.")
+                }
+                nextHeartbeat = sent + heartbeat
+                if handle(connection.takeNotifications(), &context) { retryNow = true }
+            }
+
+            let candidates = state.withLock { state in
+                state.slots.values.compactMap { slot in
+                    slot.machine.isCandidate && !slot.announcing && !slot.needsSetup ? slot.id : nil
+                }
+            }
+            now = ContinuousClock.now
+            if !candidates.isEmpty, retryNow || now >= nextRetry {
+                retryNow = false
+                nextRetry = now + configuration.retryInterval
+                let list = "{" + candidates.map(String.init).joined(separator: ",") + "}"
+                let won = try confirmed(context) { try connection.execute(statements.tryAcquire, [list]) }
+                for row in won.rows { try acquired(election: try row.int(0), context) }
+                if handle(connection.takeNotifications(), &context) { retryNow = true }
+                continue
+            }
+
+            var until = nextHeartbeat
+            if !candidates.isEmpty { until = min(until, nextRetry) }
+            var polls = 0
+            _ = try connection.waitForNotifications(until: until, wakeDescriptor: wakeDescriptor, pollCount: &polls)
+        }
+    }
+
+    private static let internalError = StokerError(.unexpectedResult, "The node's session was not set up.")
+
+    /// Looks up the rows of elections registered since (or before) this session began; returns whether any was.
+    private func setUpElections(_ context: SessionContext) throws -> Bool {
+        guard let statements = context.statements else { return false }
+        let pending = state.withLock { state in state.slots.filter { $0.value.needsSetup }.map(\.key) }
+        for name in pending {
+            let id = try confirmed(context) {
+                try statements.ensureElection(cluster: context.clusterID, name: name, on: context.connection)
+            }
+            let leader = try context.connection.execute(statements.whereis, ["\(context.clusterID)", name]).rows.first
+            let leaderName = try leader.map { try $0.string(2) }
+            state.withLock { state in
+                state.slots[name]?.id = id
+                state.slots[name]?.needsSetup = false
+                state.slots[name]?.mailbox.yield(.leaderObserved(leaderName))
+            }
+        }
+        return !pending.isEmpty
+    }
+
+    /// The try-lock returned `election`: this session holds its lock now.
+    private func acquired(election id: Int, _ context: SessionContext) throws {
+        guard let statements = context.statements else { return }
+        let found = state.withLock { state -> (String, ElectionStateMachine.Action)? in
+            guard let name = state.slots.first(where: { $0.value.id == id })?.key else { return nil }
+            let action = state.slots[name]!.machine.lockWon()
+            return (name, action)
+        }
+        guard let (name, action) = found else {
+            // The activator went away between the try-lock and now: give the lock back.
+            try release(election: id, context)
+            return
+        }
+        switch action {
+        case .bumpTerm:
+            let term = try confirmed(context) {
+                try context.connection.execute(
+                    statements.bumpTerm, ["\(id)", "\(context.nodeID)", configuration.nodeName]
+                ).singleRow().int(0)
+            }
+            let scope = LeaderScope(term: Int64(term), lease: lease)
+            let started = state.withLock { state -> Bool in
+                guard var slot = state.slots[name] else { return false }
+                let next = slot.machine.termBumped(Int64(term))
+                switch next {
+                case .startLeading:
+                    slot.scope = scope
+                    slot.metrics.leading(true)
+                    // Queued under the lock: no demotion of this leadership can be queued before it.
+                    slot.mailbox.yield(.leader(scope))
+                    state.slots[name] = slot
+                    return true
+                case .endLeadingAndRelease:
+                    slot.releaseReady = true
+                    state.slots[name] = slot
+                    return false
+                default:
+                    state.slots[name] = slot
+                    return false
+                }
+            }
+            if started {
+                logger.notice(
+                    "became leader",
+                    metadata: metadata.merging(
+                        ["stoker.election": "\(name)", "stoker.term": "\(term)"], uniquingKeysWith: { $1 }))
+            }
+        case .releaseLock:
+            try release(election: id, context)
+        default:
+            break
+        }
+    }
+
+    /// Resignations whose leader work has drained: clear the leader and release the lock.
+    private func performReleases(_ context: SessionContext) throws {
+        let ready = state.withLock { state in
+            state.slots.filter { $0.value.releaseReady }.compactMap { entry in entry.value.id.map { (entry.key, $0) } }
+        }
+        for (name, id) in ready {
+            try release(election: id, context)
+            state.withLock { state in
+                guard var slot = state.slots[name] else { return }
+                slot.releaseReady = false
+                let action = slot.machine.released()
+                state.slots[name] = slot
+                if action == .finishResignation { finishResignation(name, in: &state, reason: .nodeStopped) }
+            }
+        }
+    }
+
+    /// Clears the leader (if it is this node) and unlocks, in one transaction: its COMMIT sends `released`.
+    private func release(election id: Int, _ context: SessionContext) throws {
+        guard let statements = context.statements else { return }
+        let connection = context.connection
+        let unlocked = try confirmed(context) {
+            try connection.transaction {
+                try connection.execute(statements.clearLeader, ["\(id)", "\(context.nodeID)"])
+                return try connection.execute(statements.unlockElection, ["\(id)"]).singleRow().bool(0)
+            }
+        }
+        if !unlocked {
+            logger.error(
+                "released an election lock this session did not hold", metadata: ["stoker.election.id": "\(id)"])
+        }
+    }
+
+    /// Graceful stop: resign every election (releasing its lock), then leave the cluster.
+    private func leave(_ context: inout SessionContext) throws {
+        let now = ContinuousClock.now
+        let resigned: [(String, LeaderScope?)] = state.withLock { state in
+            var resigned: [(String, LeaderScope?)] = []
+            for name in state.slots.keys {
+                guard var slot = state.slots[name] else { continue }
+                switch slot.machine.resign() {
+                case .finishResignation:
+                    state.slots[name] = slot
+                    finishResignation(name, in: &state, reason: .nodeStopped)
+                case .endLeadingAndRelease:
+                    resigned.append((name, slot.scope))
+                    slot.scope = nil
+                    slot.endedAt = slot.endedAt ?? now
+                    slot.releaseReady = true
+                    state.slots[name] = slot
+                default:
+                    // Already resigning (an activator stopping at the same time): release now, the node is going.
+                    slot.releaseReady = true
+                    state.slots[name] = slot
+                }
+            }
+            return resigned
+        }
+        for (name, scope) in resigned {
+            let slot = state.withLock { $0.slots[name] }
+            endScope(scope, at: now, slot: slot, reason: "the node is shutting down")
+        }
+        try performReleases(context)
+        _ = try confirmed(context) { try context.connection.execute(context.statements!.leave, ["\(context.nodeID)"]) }
+        logger.info("left the cluster", metadata: metadata)
+    }
+
+    /// Handles the cluster channel's notifications; returns whether an election was released (retry at once).
+    private func handle(_ notifications: [PostgresNotification], _ context: inout SessionContext) -> Bool {
+        var retry = false
+        for notification in notifications where notification.channel == context.channel {
+            guard let fields = FlatJSON.parse(notification.payload), case .string(let event)? = fields["event"]
+            else { continue }
+            switch event {
+            case "node_up", "node_down":
+                guard case .integer(let id)? = fields["node"], case .string(let name)? = fields["name"] else {
+                    continue
+                }
+                let member = ClusterMember(id: Int(id), name: name)
+                guard member.id != context.nodeID else { continue }
+                let change: ClusterChange
+                if event == "node_up" {
+                    context.members[member.id] = name
+                    change = .nodeUp(member)
+                } else {
+                    context.members[member.id] = nil
+                    change = .nodeDown(member)
+                }
+                state.withLock { state in
+                    for slot in state.slots.values where slot.machine.leadingTerm != nil {
+                        slot.mailbox.yield(.member(change))
+                    }
+                }
+            case "leader":
+                guard case .integer(let election)? = fields["election"] else { continue }
+                var leaderName: String?
+                if case .integer(let node)? = fields["node"] { leaderName = context.members[Int(node)] }
+                state.withLock { state in
+                    for slot in state.slots.values where slot.id == Int(election) && slot.machine.leadingTerm == nil {
+                        slot.mailbox.yield(.leaderObserved(leaderName))
+                    }
+                }
+            case "released":
+                guard case .integer(let election)? = fields["election"] else { continue }
+                state.withLock { state in
+                    for slot in state.slots.values where slot.id == Int(election) && slot.machine.isCandidate {
+                        slot.mailbox.yield(.leaderObserved(nil))
+                        retry = true
+                    }
+                }
+            default:
+                continue
+            }
+        }
+        return retry
+    }
+
+    /// Test hook: blocks the session thread, touching nothing.
+    private static func hold(_ duration: Duration) {
+        var remaining = timespec(
+            tv_sec: Int(duration.components.seconds),
+            tv_nsec: Int(duration.components.attoseconds / 1_000_000_000))
+        var left = timespec()
+        while nanosleep(&remaining, &left) != 0 && errno == EINTR { remaining = left }
+    }
+
+    static let hostName: String = {
+        var buffer = [CChar](repeating: 0, count: 256)
+        return gethostname(&buffer, buffer.count - 1) == 0 ? decodeCString(buffer) : ""
+    }()
+
+    /// `cluster:node`, cut to PostgreSQL's 63 bytes on a character boundary.
+    static func applicationName(cluster: String, node: String) -> String {
+        var name = ""
+        for character in "\(cluster):\(node)" {
+            if name.utf8.count + String(character).utf8.count > 63 { break }
+            name.append(character)
+        }
+        return name
+    }
+}
