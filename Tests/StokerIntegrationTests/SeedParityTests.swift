@@ -112,8 +112,9 @@ struct SeedParityTests {
                     try TestNode("a", database: database, elections: ["e"], history: history, timer: .milliseconds(20)))
                 let b = nodes.add(
                     try TestNode("b", database: database, elections: ["e"], history: history, timer: .milliseconds(20)))
-                try await history.wait("both nodes get timers") { entries in
-                    History.count(entries, .timer, node: "a") >= 5 && History.count(entries, .timer, node: "b") >= 5
+                try await history.wait("one node leads and both get timers") { entries in
+                    History.count(entries, .nowLeader) == 1
+                        && History.count(entries, .timer, node: "a") >= 5 && History.count(entries, .timer, node: "b") >= 5
                 }
                 #expect(History.count(history.entries, .nowLeader) == 1)
                 try await a.stop()

@@ -13,6 +13,10 @@ import CStokerLibPQ
 /// on Swift's cooperative thread pool.
 final class PGConnection {
     private let raw: OpaquePointer
+    /// Set by libpq's notice receiver (on this thread, inside a libpq call) when the server announces the end of
+    /// the session with a FATAL/PANIC outside a statement. Lives as long as the connection: `deinit` runs `PQfinish`
+    /// before the stored properties are released.
+    private let fatalNotice = FatalNotice()
     let configuration: ConnectionConfiguration
     /// Notifications libpq has received but nobody has taken yet.
     private var notifications: [PostgresNotification] = []
@@ -54,7 +58,22 @@ final class PGConnection {
         // libpq's default notice processor prints to stderr (e.g. the FATAL of an administrator's
         // pg_terminate_backend on an idle session). A library must not write there: the loss is reported through
         // `.connectionLost` and the server's message instead.
-        PQsetNoticeProcessor(connection, { _, _ in }, nil)
+        //
+        // A FATAL or PANIC arriving outside a statement (libpq hands it to the notice receiver, and the connection
+        // stays "OK" until the socket's EOF) means the session is over *now*: PostgreSQL sends it before it releases
+        // the session's locks, so the owner must treat it as the loss at once (DESIGN §2.1), not wait for the EOF.
+        PQsetNoticeReceiver(
+            connection,
+            { context, result in
+                guard let context, let result,
+                    let severity = PQresultErrorField(result, Int32(UInt8(ascii: "V"))).map({ String(cString: $0) }),
+                    severity == "FATAL" || severity == "PANIC"
+                else { return }
+                let box = Unmanaged<FatalNotice>.fromOpaque(context).takeUnretainedValue()
+                box.message = PQresultErrorField(result, Int32(UInt8(ascii: "M"))).map { String(cString: $0) } ?? severity
+            },
+            Unmanaged.passUnretained(fatalNotice).toOpaque()
+        )
         if !isProbe { try verifyServer() }
     }
 
@@ -83,7 +102,8 @@ final class PGConnection {
     var socket: Int32 { PQsocket(raw) }
 
     /// `false` once libpq has seen the connection break.
-    var isHealthy: Bool { PQstatus(raw) == CONNECTION_OK }
+    /// Connected, and no FATAL notice has announced the session's end.
+    var isHealthy: Bool { PQstatus(raw) == CONNECTION_OK && fatalNotice.message == nil }
 
     // MARK: - Statements
 
@@ -294,15 +314,19 @@ final class PGConnection {
 
     /// Reads whatever arrived on the socket; throws ``StokerError/Code/connectionLost`` when the connection broke.
     func consumeInput() throws(StokerError) {
-        if PQconsumeInput(raw) == 0 || !isHealthy {
+        let consumed = PQconsumeInput(raw)
+        // PQconsumeInput only fills the buffer; PQnotifies parses it — and hands a FATAL to the notice receiver. Parse
+        // first, then judge the connection: a FATAL read together with a notification must not wait for the EOF.
+        drainNotifications()
+        if consumed == 0 || !isHealthy {
             throw StokerError(
                 .connectionLost,
                 "The connection to PostgreSQL was lost.",
-                serverMessage: configuration.redactor.scrub(trimmed(String(cString: PQerrorMessage(raw)))),
+                serverMessage: configuration.redactor.scrub(
+                    fatalNotice.message ?? trimmed(String(cString: PQerrorMessage(raw)))),
                 connection: redactedDescription
             )
         }
-        drainNotifications()
     }
 
     private func drainNotifications() {
@@ -336,6 +360,7 @@ final class PGConnection {
         pollCount: inout Int
     ) throws(StokerError) -> WaitOutcome {
         drainNotifications()
+        if !isHealthy { try consumeInput() }  // a FATAL already parsed: report the loss now, not at the EOF
         if !notifications.isEmpty { return .notified }
         while true {
             var descriptors = [pollfd(fd: socket, events: Int16(POLLIN), revents: 0)]
@@ -504,4 +529,9 @@ private func withCStringArray<R>(_ strings: [String?], _ body: (UnsafePointer<Un
     }
     let pointers: [UnsafePointer<CChar>?] = duplicates.map { $0.map { UnsafePointer($0) } } + [nil]
     return pointers.withUnsafeBufferPointer { body($0.baseAddress!) }
+}
+
+/// The notice receiver's out-parameter: written and read only on the connection's owner thread.
+private final class FatalNotice {
+    var message: String?
 }

@@ -1,0 +1,247 @@
+import StokerTestSupport
+import Testing
+
+@_spi(Testing) @testable import Stoker
+
+/// DESIGN §2 over real PostgreSQL: several nodes in one process, every callback in one history, checked after every
+/// run for overlapping leaderships, terms that fail to increase and leaderships never demoted.
+@Suite("Election")
+struct ElectionTests {
+    @Test("3 nodes × 3 elections: exactly one leader per election, confirmed by pg_locks; terms increase")
+    func convergence() async throws {
+        try await withTestDatabase { database in
+            let history = History()
+            let nodes = Nodes()
+            let elections = ["e1", "e2", "e3"]
+            do {
+                let all = try ["a", "b", "c"].map { name in
+                    nodes.add(try TestNode(name, database: database, elections: elections, history: history))
+                }
+                try await history.wait("every election has a leader") { entries in
+                    elections.allSatisfy { History.leaders(entries, election: $0).count == 1 }
+                }
+                for election in elections {
+                    let leaders = History.leaders(history.entries, election: election)
+                    #expect(leaders.count == 1)
+                    #expect(try await lockHolders(election, in: database) == 1)
+                    let truth = try await whereis(election, in: database)
+                    #expect(truth?.member.name == leaders.first)
+                    let term = history.entries.last { $0.election == election && $0.kind == .nowLeader }?.term
+                    #expect(truth?.term == term)
+                }
+                // A second round: every leader's node stops in turn; leadership moves, terms keep increasing.
+                for node in all.dropLast() {
+                    try await node.stop()
+                    try await history.wait("every election has a leader again") { entries in
+                        elections.allSatisfy {
+                            let leaders = History.leaders(entries, election: $0)
+                            return leaders.count == 1 && leaders.first != node.name
+                        }
+                    }
+                }
+                for election in elections {
+                    #expect(try await whereis(election, in: database)?.member.name == "c")
+                }
+                try await all[2].stop()
+                history.check(complete: true)
+            } catch {
+                await nodes.crashAll()
+                throw error
+            }
+        }
+    }
+
+    enum Fault: String, CaseIterable, Sendable, CustomTestStringConvertible {
+        case gracefulStop, crash, freeze, terminateBackend
+        var testDescription: String { rawValue }
+    }
+
+    @Test("a fault of the leader: a new leader, no overlap", arguments: Fault.allCases)
+    func fault(_ fault: Fault) async throws {
+        try await withTestDatabase { database in
+            let history = History()
+            let nodes = Nodes()
+            let elections = ["e1", "e2"]
+            do {
+                let all = try ["a", "b", "c"].map { name in
+                    nodes.add(try TestNode(name, database: database, elections: elections, history: history))
+                }
+                try await history.wait("every election has a leader") { entries in
+                    elections.allSatisfy { History.leaders(entries, election: $0).count == 1 }
+                }
+                let victimName = try #require(History.leaders(history.entries, election: "e1").first)
+                let victim = try #require(all.first { $0.name == victimName })
+                let before = history.entries.count
+                let lost = Set(elections.filter { History.leaders(history.entries, election: $0) == [victimName] })
+
+                switch fault {
+                case .gracefulStop:
+                    try await victim.stop()
+                case .crash:
+                    await victim.crash()
+                case .freeze:
+                    // The loop is held well past the lease; the watchdog demotes on time regardless.
+                    victim.node.freezeLoop(for: victim.node.configuration.lease + .seconds(1))
+                case .terminateBackend:
+                    let pid = try #require(victim.node.backendPID)
+                    _ = try await database.admin("SELECT pg_terminate_backend(\(pid))")
+                }
+
+                try await history.wait("every election the victim led has a new leadership") { entries in
+                    let after = entries.dropFirst(before)
+                    return lost.allSatisfy { election in
+                        after.contains { $0.election == election && $0.kind == .nowLeader }
+                            && History.leaders(entries, election: election).count == 1
+                    }
+                }
+                let after = history.entries.dropFirst(before)
+                for election in lost {
+                    let demotion = after.first { $0.node == victimName && $0.election == election && $0.isDemotion }
+                    switch fault {
+                    case .gracefulStop, .crash:
+                        #expect(demotion?.kind == .shutdown)
+                        #expect(History.leaders(history.entries, election: election) != [victimName])
+                    case .freeze:
+                        #expect(demotion?.event == .nowFollower(leader: nil, reason: .leaseExpired))
+                    case .terminateBackend:
+                        #expect(demotion?.event == .nowFollower(leader: nil, reason: .connectionLost))
+                    }
+                    #expect(demotion?.isLeaderAtStart == false)
+                    let successor = after.first { $0.election == election && $0.kind == .nowLeader }
+                    if let demotion, let endedAt = demotion.endedAt, let successor {
+                        #expect(endedAt <= successor.at)
+                    }
+                }
+                if fault == .freeze || fault == .terminateBackend {
+                    // The victim comes back as a new incarnation and stays a follower or leads again; either way
+                    // one leader per election.
+                    try await history.wait("the history settles with one leader per election") { entries in
+                        elections.allSatisfy { History.leaders(entries, election: $0).count == 1 }
+                    }
+                }
+                for election in elections {
+                    #expect(try await lockHolders(election, in: database) == 1)
+                }
+                for node in all where !(node === victim && fault != .freeze && fault != .terminateBackend) {
+                    try await node.stop()
+                }
+                history.check(complete: true)
+            } catch {
+                await nodes.crashAll()
+                throw error
+            }
+        }
+    }
+
+    @Test("PostgreSQL restarted with -m immediate: every leader demotes, then exactly one leader per election")
+    func serverRestart() async throws {
+        let postgres = try await TestPostgres.start()
+        do {
+            try await postgres.withDatabase { database in
+                let history = History()
+                let nodes = Nodes()
+                let elections = ["e1", "e2", "e3"]
+                do {
+                    let all = try ["a", "b", "c"].map { name in
+                        nodes.add(try TestNode(name, database: database, elections: elections, history: history))
+                    }
+                    try await history.wait("every election has a leader") { entries in
+                        elections.allSatisfy { History.leaders(entries, election: $0).count == 1 }
+                    }
+                    let leadersBefore = history.entries.filter { $0.kind == .nowLeader }.count
+                    try await postgres.restart()
+                    try await history.wait("every leader demoted and every election has a new leader") { entries in
+                        let demotions = entries.filter {
+                            $0.event == .nowFollower(leader: nil, reason: .connectionLost)
+                        }
+                        return demotions.count >= elections.count
+                            && entries.filter { $0.kind == .nowLeader }.count >= leadersBefore + elections.count
+                            && elections.allSatisfy { History.leaders(entries, election: $0).count == 1 }
+                    }
+                    for election in elections {
+                        #expect(try await lockHolders(election, in: database) == 1)
+                        let leaders = History.leaders(history.entries, election: election)
+                        #expect(try await whereis(election, in: database)?.member.name == leaders.first)
+                    }
+                    for node in all { try await node.stop() }
+                    history.check(complete: true)
+                } catch {
+                    await nodes.crashAll()
+                    throw error
+                }
+            }
+        } catch {
+            await postgres.stop()
+            throw error
+        }
+        await postgres.stop()
+    }
+
+    @Test("a stale leader's fenced write fails with the fence SQLSTATE once a new term exists")
+    func fencing() async throws {
+        try await withTestDatabase { database in
+            let history = History()
+            let nodes = Nodes()
+            do {
+                _ = try await database.admin("CREATE TABLE ledger (term bigint, note text)")
+                let a = nodes.add(try TestNode("a", database: database, elections: ["e"], history: history))
+                try await history.wait("a leads") { History.count($0, .nowLeader) == 1 }
+                let staleTerm = try #require(history.entries.first { $0.kind == .nowLeader }?.term)
+                let fence = try Fence.sql()
+                // While the term is current, the fenced write goes through.
+                try await fencedWrite(fence, term: staleTerm, in: database)
+                #expect(try await database.admin("SELECT count(*) FROM ledger") == [["1"]])
+
+                let b = nodes.add(try TestNode("b", database: database, elections: ["e"], history: history))
+                await a.crash()
+                try await history.wait("b leads") { History.leaders($0, election: "e") == ["b"] }
+                let error = await #expect(throws: StokerError.self) {
+                    try await fencedWrite(fence, term: staleTerm, in: database)
+                }
+                #expect(error?.sqlState == Fence.staleTermSQLState)
+                #expect(try await database.admin("SELECT count(*) FROM ledger") == [["1"]])
+                // The new leader's term passes.
+                let newTerm = try #require(history.entries.last { $0.kind == .nowLeader }?.term)
+                #expect(newTerm > staleTerm)
+                try await fencedWrite(fence, term: newTerm, in: database)
+                try await b.stop()
+                history.check(complete: true)
+            } catch {
+                await nodes.crashAll()
+                throw error
+            }
+        }
+    }
+
+    @Test("a second activator for one election on one node is refused with .invalidConfiguration")
+    func duplicateActivator() async throws {
+        try await withTestDatabase { database in
+            let history = History()
+            let node = try TestNode("a", database: database, elections: ["e"], history: history)
+            do {
+                try await history.wait("a leads") { History.count($0, .nowLeader) == 1 }
+                let second = try Activator(
+                    election: "e", node: node.node, behaviour: RecordingBehaviour(history: history))
+                let error = await #expect(throws: StokerError.self) { try await second.run() }
+                #expect(error?.code == .invalidConfiguration)
+                try await node.stop()
+                history.check(complete: true)
+            } catch {
+                await node.crash()
+                throw error
+            }
+        }
+    }
+}
+
+/// A user transaction guarded by the fence, on the user's own connection.
+private func fencedWrite(_ fence: String, term: Int64, in database: TestDatabase) async throws {
+    try await withSession(database.conninfo) { session in
+        try await session.run { connection in
+            try connection.transaction {
+                try connection.execute(fence, ["test", "e", "\(term)"])
+                try connection.execute("INSERT INTO ledger VALUES ($1, 'written by the leader')", ["\(term)"])
+            }
+        }
+    }
+}
