@@ -60,6 +60,8 @@ final class NodeCore: Sendable {
         var resignWaiter: CheckedContinuation<Void, Never>?
         /// When a resignation ended leadership (for the node-initiated `.stopped`).
         var endedAt: ContinuousClock.Instant?
+        /// The node's graceful stop asked the activator to hand the election over.
+        var askedToResign = false
     }
 
     private enum Phase { case idle, running, exited }
@@ -685,8 +687,18 @@ final class NodeCore: Sendable {
             case .hard?:
                 return .hardStop
             case .graceful?:
-                try leave(&context)
-                return .stopped
+                // Each activator hands its election over itself (awaiting its leader work); the node leaves last.
+                let waiting = state.withLock { state -> Bool in
+                    for name in state.slots.keys where state.slots[name]?.askedToResign == false {
+                        state.slots[name]?.askedToResign = true
+                        state.slots[name]?.mailbox.yield(.gracefulShutdown)
+                    }
+                    return !state.slots.isEmpty
+                }
+                if !waiting {
+                    try leave(&context)
+                    return .stopped
+                }
             case nil:
                 break
             }
@@ -710,7 +722,8 @@ final class NodeCore: Sendable {
             }
 
             let candidates = state.withLock { state in
-                state.slots.values.compactMap { slot in
+                // A stopping node takes no new leadership.
+                state.stop != nil ? [] : state.slots.values.compactMap { slot in
                     slot.machine.isCandidate && !slot.announcing && !slot.needsSetup ? slot.id : nil
                 }
             }
