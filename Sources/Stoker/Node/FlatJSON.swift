@@ -111,10 +111,16 @@ enum FlatJSON {
 
         private mutating func hex4() -> UInt32? {
             guard index + 4 <= bytes.count,
+                bytes[index..<index + 4].allSatisfy({ Self.isHexDigit($0) }),
                 let value = UInt32(String(decoding: bytes[index..<index + 4], as: UTF8.self), radix: 16)
             else { return nil }
             index += 4
             return value
+        }
+
+        private static func isHexDigit(_ byte: UInt8) -> Bool {
+            (UInt8(ascii: "0")...UInt8(ascii: "9")).contains(byte) || (UInt8(ascii: "a")...UInt8(ascii: "f")).contains(byte)
+                || (UInt8(ascii: "A")...UInt8(ascii: "F")).contains(byte)
         }
 
         private mutating func take(_ byte: UInt8) -> Bool {

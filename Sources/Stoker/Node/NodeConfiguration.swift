@@ -16,7 +16,7 @@ extension StokerNode {
     /// | ``retryInterval`` | 100 ms | failover after a crash ≤ retry + a round-trip |
     /// | ``margin`` | lease / 10 | how much earlier than the server the node gives leadership up |
     /// | ``statementTimeout`` | lease / 2 | the longest a statement of the node's session may run |
-    public struct Configuration: Sendable {
+    public struct Configuration: Sendable, CustomStringConvertible, CustomDebugStringConvertible, CustomReflectable {
         /// A libpq connection string: a `postgresql://` URL or `key=value` pairs; empty means libpq's `PG*`
         /// environment variables. Must reach a read-write primary directly or through a session-mode pooler.
         public var connection: String
@@ -55,6 +55,21 @@ extension StokerNode {
             self.cluster = cluster
             self.nodeName = nodeName ?? Self.defaultNodeName()
         }
+
+        /// Every setting, with the connection string's password removed (also what `dump` and test failures show).
+        public var description: String {
+            let shown = (try? ConnectionConfiguration(connection).redactedDescription) ?? "(unparsable, hidden)"
+            return "StokerNode.Configuration(connection: \(shown), cluster: \(cluster), nodeName: \(nodeName), "
+                + "schema: \(schema), migrate: \(migrate), lease: \(lease), heartbeatInterval: "
+                + "\(effectiveHeartbeatInterval), retryInterval: \(retryInterval), margin: \(effectiveMargin), "
+                + "statementTimeout: \(effectiveStatementTimeout), reconnectDelay: \(reconnectDelay)..."
+                + "\(maximumReconnectDelay))"
+        }
+
+        public var debugDescription: String { description }
+
+        /// Mirrors show the redacted description only, never the connection string.
+        public var customMirror: Mirror { Mirror(self, children: ["description": description]) }
 
         /// `<hostname>:<pid>`.
         public static func defaultNodeName() -> String {
@@ -102,6 +117,9 @@ extension StokerNode {
             }
             if retryInterval > .seconds(86_400) {
                 throw invalid("retryInterval is \(retryInterval); it must be at most one day.")
+            }
+            if maximumReconnectDelay > .seconds(3600) {
+                throw invalid("maximumReconnectDelay is \(maximumReconnectDelay); it must be at most one hour.")
             }
             if reconnectDelay > maximumReconnectDelay {
                 throw invalid(

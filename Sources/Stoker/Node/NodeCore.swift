@@ -95,6 +95,7 @@ final class NodeCore: Sendable {
     ) throws(StokerError) {
         try configuration.validate()
         let connection = try ConnectionConfiguration(configuration.connection)
+        try connection.validateValues()
         let lease = configuration.lease
         self.connection = connection.addingDefaults([
             ("connect_timeout", "10", "PGCONNECT_TIMEOUT"),
@@ -428,11 +429,17 @@ final class NodeCore: Sendable {
         while state.withLock({ $0.stop == nil }) {
             if joinedOnce { metrics.reconnects.increment() }
             let end: SessionEnd
+            var joined = false
             do {
                 let connection = try PGConnection(self.connection)
-                end = session(connection, joined: &joinedOnce)
+                end = session(connection, joined: &joined)
             } catch {
                 end = .lost(error)
+            }
+            if joined {
+                // A session that got as far as joining resets the backoff: the next loss starts from the first delay.
+                joinedOnce = true
+                delay = configuration.reconnectDelay
             }
             switch end {
             case .stopped, .hardStop:
@@ -522,7 +529,7 @@ final class NodeCore: Sendable {
     }
 
     /// One session: join, serve until it ends. Every way out ends this node's leaderships first.
-    private func session(_ connection: PGConnection, joined joinedOnce: inout Bool) -> SessionEnd {
+    private func session(_ connection: PGConnection, joined: inout Bool) -> SessionEnd {
         let generation: UInt64? = state.withLock { state in
             guard state.stop == nil else { return nil }
             state.session += 1
@@ -543,7 +550,7 @@ final class NodeCore: Sendable {
         var context = SessionContext(connection: connection, generation: generation)
         do {
             try join(&context)
-            joinedOnce = true
+            joined = true
             return try serve(&context)
         } catch is LeaseLost {
             // The watchdog (or the reply that came too late) already ended every leadership.

@@ -70,6 +70,37 @@ struct ConnectionConfiguration: Sendable {
         return ConnectionConfiguration(options: options, redactedDescription: redactedDescription, secrets: secrets)
     }
 
+    /// Checks the values libpq would refuse only when connecting (its parser checks the syntax, not the values), so
+    /// a node can report them when it is created. Names the keyword and the allowed values; never echoes a secret.
+    func validateValues() throws(StokerError) {
+        let choices: [String: [String]] = [
+            "sslmode": ["disable", "allow", "prefer", "require", "verify-ca", "verify-full"],
+            "gssencmode": ["disable", "prefer", "require"],
+            "target_session_attrs": ["any", "read-write", "read-only", "primary", "standby", "prefer-standby"],
+            "channel_binding": ["disable", "prefer", "require"],
+        ]
+        for (keyword, allowed) in choices.sorted(by: { $0.key < $1.key }) {
+            if let value = value(for: keyword), !allowed.contains(value) {
+                throw StokerError(
+                    .invalidConnectionString,
+                    "The connection string sets \(keyword) to \(Self.quoteForDisplay(redactor.scrub(value))); "
+                        + "use one of \(allowed.joined(separator: ", ")).")
+            }
+        }
+        for keyword in ["port", "connect_timeout", "keepalives", "keepalives_idle", "keepalives_interval",
+            "keepalives_count", "tcp_user_timeout"]
+        {
+            guard let value = value(for: keyword), !value.isEmpty else { continue }
+            let parts = keyword == "port" ? value.split(separator: ",", omittingEmptySubsequences: false) : [value[...]]
+            for part in parts where !part.isEmpty && Int(part.trimmingSpaces) == nil {
+                throw StokerError(
+                    .invalidConnectionString,
+                    "The connection string sets \(keyword) to \(Self.quoteForDisplay(redactor.scrub(value))), "
+                        + "which is not a whole number.")
+            }
+        }
+    }
+
     /// The value the string set for `keyword`, if any.
     func value(for keyword: String) -> String? {
         options.last(where: { $0.keyword == keyword })?.value
@@ -315,4 +346,13 @@ func trimmed(_ message: String) -> String {
     var text = Substring(message)
     while let last = text.last, last == "\n" || last == " " { text = text.dropLast() }
     return String(text)
+}
+
+extension Substring {
+    var trimmingSpaces: Substring {
+        var text = self
+        while text.first == " " { text.removeFirst() }
+        while text.last == " " { text.removeLast() }
+        return text
+    }
 }
