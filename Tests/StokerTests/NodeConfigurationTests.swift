@@ -66,6 +66,9 @@ struct NodeConfigurationTests {
         Rejected("lease Int64.max seconds", field: "lease") { $0.lease = .seconds(Int64.max) },
         Rejected("lease Int64.min seconds", field: "lease") { $0.lease = .seconds(Int64.min) },
         Rejected("heartbeatInterval zero", field: "heartbeatInterval") { $0.heartbeatInterval = .zero },
+        Rejected("heartbeatInterval just over half of lease − margin", field: "heartbeatInterval") {
+            $0.heartbeatInterval = .milliseconds(2_251)
+        },
         Rejected("heartbeatInterval negative", field: "heartbeatInterval") { $0.heartbeatInterval = .seconds(-1) },
         Rejected("heartbeatInterval equal to lease", field: "heartbeatInterval") {
             $0.lease = .seconds(5)
@@ -162,14 +165,11 @@ struct NodeConfigurationTests {
         Accepted("schema exactly 52 bytes") { $0.schema = String(repeating: "s", count: 52) },
         Accepted("schema with a double quote") { $0.schema = "my\"schema" },
         Accepted("lease exactly 100 ms") { $0.lease = .milliseconds(100) },
+        Accepted("heartbeatInterval exactly half of lease − margin") { $0.heartbeatInterval = .milliseconds(2_250) },
         Accepted("lease exactly one day") { $0.lease = .seconds(86_400) },
         Accepted("margin just below lease / 2") {
             $0.lease = .seconds(5)
             $0.margin = .milliseconds(2_500) - .nanoseconds(1)
-        },
-        Accepted("heartbeatInterval just below lease − margin") {
-            $0.lease = .seconds(5)
-            $0.heartbeatInterval = .milliseconds(4_500) - .nanoseconds(1)
         },
         Accepted("statementTimeout just below lease") {
             $0.lease = .seconds(5)

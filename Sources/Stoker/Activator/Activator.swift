@@ -11,8 +11,8 @@ import Synchronization
 ///   `error` and the activator goes on;
 /// - **graceful shutdown** hands the election over: leadership ends (leader tasks are cancelled, and awaited), the
 ///   lock is released, then ``ActivatorEvent/shutdown(reason:)`` is the last callback;
-/// - **cancellation** is a hard stop: leadership ends at once, the lock is released in the background, `shutdown`
-///   runs without waiting for leader tasks.
+/// - **cancellation** is a hard stop: leadership ends at once (leader tasks are cancelled, not awaited), then the
+///   node releases the lock — one round-trip, which `run()` waits for — and `shutdown` is the last callback.
 ///
 /// The fields of the seed's state, and more, are in ``dump()``.
 public final class Activator<Behaviour: StokerBehaviour>: Service, Sendable {
@@ -58,7 +58,7 @@ public final class Activator<Behaviour: StokerBehaviour>: Service, Sendable {
         }
         var run = Run(state: state)
         publish(run)
-        await withTaskGroup(of: Void.self) { timers in
+        await withDiscardingTaskGroup { timers in
             schedule(&run, inbox: inbox, in: &timers)
             await withTaskCancellationHandler {
                 await withGracefulShutdownHandler {
@@ -100,11 +100,14 @@ public final class Activator<Behaviour: StokerBehaviour>: Service, Sendable {
         _ message: ActivatorMessage,
         _ run: inout Run,
         inbox: AsyncStream<ActivatorMessage>.Continuation,
-        timers: inout TaskGroup<Void>
+        timers: inout DiscardingTaskGroup
     ) async -> Bool {
         defer { publish(run) }
         switch message {
         case .leader(let scope):
+            // Already over (lost while earlier callbacks ran): never start work for a leadership that ended. Its
+            // demotion, next in the mailbox, is skipped too.
+            guard scope.endedAt == nil else { return false }
             run.scope = scope
             run.role = .leader
             run.leader = node.configuration.nodeName
@@ -139,7 +142,7 @@ public final class Activator<Behaviour: StokerBehaviour>: Service, Sendable {
             schedule(&run, inbox: inbox, in: &timers)
         case .gracefulShutdown:
             let endedAt = await node.core.resign(election, drain: true)
-            await deliver(.shutdown(reason: .gracefulShutdown), &run, endedAt: endedAt)
+            await deliver(.shutdown(reason: .gracefulShutdown), &run, endedAt: endedAt ?? run.scope?.endedAt)
             run.stopped = true
             run.role = .stopped
             run.scope = nil
@@ -179,7 +182,7 @@ public final class Activator<Behaviour: StokerBehaviour>: Service, Sendable {
     private func schedule(
         _ run: inout Run,
         inbox: AsyncStream<ActivatorMessage>.Continuation,
-        in timers: inout TaskGroup<Void>
+        in timers: inout DiscardingTaskGroup
     ) {
         run.timerGeneration += 1
         run.nextTimer = behaviour.nextTimer(run.state)

@@ -50,6 +50,9 @@ final class LeaseClock: Sendable {
 /// task started through ``spawn(_:)``; the demotion callback is queued only after that.
 final class LeaderScope: Sendable {
     let term: Int64
+    let election: String
+    let metrics: ElectionMetrics
+    /// The lease clock of the session this leadership belongs to (a new session has a new clock).
     let lease: LeaseClock
 
     private struct State {
@@ -60,8 +63,10 @@ final class LeaderScope: Sendable {
 
     private let state = Mutex(State())
 
-    init(term: Int64, lease: LeaseClock) {
+    init(term: Int64, election: String, metrics: ElectionMetrics, lease: LeaseClock) {
         self.term = term
+        self.election = election
+        self.metrics = metrics
         self.lease = lease
     }
 

@@ -34,7 +34,7 @@ extension StokerNode {
         /// The server ends the session, releasing every lock it holds, after this long without a query
         /// (`idle_session_timeout`); the node gives leadership up `margin` before that. At least 100 ms, at most a day.
         public var lease: Duration = .seconds(5)
-        /// How often the node renews its lease with a heartbeat; `nil` means `lease / 5`. Must be below
+        /// How often the node renews its lease with a heartbeat; `nil` means `lease / 5`. At most half of
         /// `lease − margin`.
         public var heartbeatInterval: Duration?
         /// How often a follower tries to take the locks of its elections. A graceful hand-over does not wait for it:
@@ -104,10 +104,10 @@ extension StokerNode {
             if effectiveMargin >= lease / 2 {
                 throw invalid("margin (\(effectiveMargin)) must be below half the lease (\(lease)); default lease / 10.")
             }
-            if effectiveHeartbeatInterval >= lease - effectiveMargin {
+            if effectiveHeartbeatInterval > (lease - effectiveMargin) / 2 {
                 throw invalid(
-                    "heartbeatInterval (\(effectiveHeartbeatInterval)) must be shorter than lease − margin "
-                        + "(\(lease - effectiveMargin)), or the lease runs out between heartbeats; default lease / 5."
+                    "heartbeatInterval (\(effectiveHeartbeatInterval)) must be at most half of lease − margin "
+                        + "(\(lease - effectiveMargin)), so one late heartbeat cannot cost the lease; default lease / 5."
                 )
             }
             if effectiveStatementTimeout >= lease {

@@ -41,7 +41,6 @@ final class NodeCore: Sendable {
     let connection: ConnectionConfiguration
     let logger: Logger
     let metrics: NodeMetrics
-    let lease = LeaseClock()
 
     private struct Slot {
         var machine = ElectionStateMachine()
@@ -73,12 +72,20 @@ final class NodeCore: Sendable {
         var stop: StopKind?
         var failure: StokerError?
         var exitWaiters: [CheckedContinuation<Void, Never>] = []
-        /// The session's socket while it is open (for the watchdog and hard stop to cut it).
+        /// A duplicate of the session's socket while it is open (for the watchdog and hard stop to cut it with
+        /// `shutdown(2)`). A duplicate, so that libpq closing its own descriptor on EOF can never make this number
+        /// point at a descriptor the application opened since.
         var socket: Int32?
         /// Generation of the current session (0: none).
         var session: UInt64 = 0
-        /// The session whose lease ran out.
+        /// The current session's lease clock: a new one per session, so a leadership of an earlier session can never
+        /// read a later session's renewals as its own.
+        var lease = LeaseClock()
+        /// The session whose lease ran out, and its deadline (the instant its leaderships ended).
         var leaseExpiredSession: UInt64?
+        var expiredDeadline: ContinuousClock.Instant?
+        /// A hard stop is ending leaderships: no new one may start.
+        var halting = false
         var member: ClusterMember?
         var backendPID: Int32?
         var freeze: Duration?
@@ -100,7 +107,9 @@ final class NodeCore: Sendable {
         self.connection = connection.addingDefaults([
             ("connect_timeout", "10", "PGCONNECT_TIMEOUT"),
             ("keepalives", "1", nil),
-            ("keepalives_idle", "\(max(1, lease.roundedUpMilliseconds / 2000))", nil),
+            // idle + 3 × 1 s ≥ lease: keepalives can never drop a session before its lease (where the server cannot
+            // use tcp_user_timeout).
+            ("keepalives_idle", "\(max(1, (lease.roundedUpMilliseconds + 999) / 1000))", nil),
             ("keepalives_interval", "1", nil),
             ("keepalives_count", "3", nil),
             ("tcp_user_timeout", "\(lease.roundedUpMilliseconds)", nil),
@@ -142,8 +151,13 @@ final class NodeCore: Sendable {
             throw StokerError(.invalidConfiguration, "StokerNode.run() was called twice; a node runs once.")
         }
         do {
-            try startThread { self.sessionThread() }
             try startThread { self.watchdogThread() }
+        } catch {
+            finish(failure: error)
+            throw error
+        }
+        do {
+            try startThread { self.sessionThread() }
         } catch {
             finish(failure: error)
             throw error
@@ -171,31 +185,27 @@ final class NodeCore: Sendable {
         wake()
     }
 
-    /// Hard stop (cancellation): leadership ends at once, the session is cut without a goodbye (the server releases
-    /// the locks as for a crash), activators get `shutdown(.cancelled)`.
+    /// Hard stop (cancellation): leadership ends at once, then the session is cut without a goodbye (the server
+    /// releases the locks as for a crash); activators get `shutdown(.cancelled)`.
     func hardStop() {
         let now = ContinuousClock.now
-        let ended: [(LeaderScope?, Slot)] = state.withLock { state in
+        // 1. No new leadership from here on; every current one ends (flip + cancel) before the session is cut.
+        let ending = state.withLock { state in
+            state.halting = true
+            return beginLoss(.sessionLost, in: &state, finishing: .cancelled)
+        }
+        for (_, scope) in ending { endScope(scope, at: now, reason: "the node was cancelled") }
+        // 2. Only now that no leadership is left: stop, cut the session (the server then frees its locks at once).
+        let slots: [Slot] = state.withLock { state in
             state.stop = .hard
-            var ended: [(LeaderScope?, Slot)] = []
-            for (name, var slot) in state.slots {
-                _ = slot.machine.leadershipLost(.sessionLost)
-                ended.append((slot.scope, slot))
-                state.slots[name] = nil
-            }
-            return ended
-        }
-        var endedAt: [ContinuousClock.Instant?] = []
-        for (scope, slot) in ended {
-            endedAt.append(endScope(scope, at: now, slot: slot, reason: "the node was cancelled") ?? slot.endedAt)
-        }
-        // Only now that no leadership is left: cut the session (the server then frees its locks at once).
-        state.withLock { state in
             if let socket = state.socket { _ = shutdown(socket, Int32(SHUT_RDWR)) }
+            defer { state.slots.removeAll() }
+            return Array(state.slots.values)
         }
-        for ((_, slot), endedAt) in zip(ended, endedAt) {
+        for slot in slots {
+            if let scope = slot.scope { endScope(scope, at: now, reason: "the node was cancelled") }
             slot.resignWaiter?.resume()
-            slot.mailbox.yield(.stopped(.cancelled, endedAt: endedAt))
+            slot.mailbox.yield(.stopped(.cancelled, endedAt: slot.scope?.endedAt ?? slot.endedAt))
             slot.mailbox.finish()
         }
         wake()
@@ -233,41 +243,40 @@ final class NodeCore: Sendable {
     /// when the lock is released (or the session is gone), with the instant leadership ended, if this node led.
     func resign(_ election: String, drain: Bool) async -> ContinuousClock.Instant? {
         enum Step {
-            case done
-            case release(LeaderScope?, ContinuousClock.Instant)
+            case done(LeaderScope?)
+            case release(LeaderScope, ContinuousClock.Instant)
             case wait
         }
         let now = ContinuousClock.now
         let step: Step = state.withLock { state in
-            guard var slot = state.slots[election] else { return .done }
+            guard var slot = state.slots[election] else { return .done(nil) }
             switch slot.machine.resign() {
             case .finishResignation:
+                // A follower — or a leadership a loss is ending right now (its scope is still here): end it too.
                 state.slots[election] = nil
                 slot.mailbox.finish()
-                return .done
+                return .done(slot.scope)
             case .endLeadingAndRelease:
-                let scope = slot.scope
-                slot.scope = nil
                 slot.endedAt = now
                 state.slots[election] = slot
-                return .release(scope, now)
+                return slot.scope.map { .release($0, now) } ?? .wait
             default:
                 // Acquiring: the session thread finishes the resignation when the bump answers.
                 state.slots[election] = slot
                 return .wait
             }
         }
+        wake()
         switch step {
-        case .done:
-            return nil
+        case .done(let scope):
+            guard let scope else { return nil }
+            endScope(scope, at: now, reason: "resigned")
+            return scope.endedAt
         case .release(let scope, let endedAt):
-            if let scope {
-                _ = endScope(scope, at: endedAt, slot: nil, reason: "resigned")
-                state.withLock { state in state.slots[election]?.metrics.leading(false) }
-                if drain { await scope.waitForTasks() }
-            }
+            endScope(scope, at: endedAt, reason: "resigned")
+            if drain { await scope.waitForTasks() }
             await waitForResignation(election, markReady: true)
-            return endedAt
+            return scope.endedAt ?? endedAt
         case .wait:
             await waitForResignation(election, markReady: false)
             return nil
@@ -308,56 +317,77 @@ final class NodeCore: Sendable {
 
     // MARK: - Ending leadership (any thread)
 
-    /// Ends `scope` at `instant` (flips `isLeader`, cancels leader work), counts and logs it. Returns the instant it
-    /// ended, or `nil` when there was no leadership to end.
-    @discardableResult
-    private func endScope(
-        _ scope: LeaderScope?,
-        at instant: ContinuousClock.Instant,
-        slot: Slot?,
-        reason: String
-    ) -> ContinuousClock.Instant? {
-        guard let scope else { return nil }
-        scope.end(at: instant)
-        slot?.metrics.leading(false)
+    /// Ends `scope` at `instant` (flips `isLeader`, cancels leader work) unless it has ended already; counts and logs
+    /// the first end only. Never call it holding `state`: cancellation handlers run here.
+    private func endScope(_ scope: LeaderScope, at instant: ContinuousClock.Instant, reason: String) {
+        guard scope.end(at: instant) else { return }
+        scope.metrics.leading(false)
         logger.notice(
             "stepped down",
             metadata: metadata.merging(
-                ["stoker.term": "\(scope.term)", "stoker.reason": "\(reason)"], uniquingKeysWith: { $1 }))
-        return scope.endedAt ?? instant
+                ["stoker.election": "\(scope.election)", "stoker.term": "\(scope.term)", "stoker.reason": "\(reason)"],
+                uniquingKeysWith: { $1 }))
     }
 
-    /// The session's lease ran out or the session ended: every leadership of this node ends now (at `instant`), and
-    /// each activator is told — in that order, and never waiting for the cooperative pool.
-    private func loseAll(_ loss: ElectionStateMachine.Loss, at instant: ContinuousClock.Instant) {
-        let reason: DemotionReason = loss == .leaseExpired ? .leaseExpired : .connectionLost
-        let ended: [(String, LeaderScope)] = state.withLock { state in
-            var ended: [(String, LeaderScope)] = []
-            for name in state.slots.keys {
-                guard var slot = state.slots[name] else { continue }
-                switch slot.machine.leadershipLost(loss) {
-                case .endLeading:
-                    if let scope = slot.scope { ended.append((name, scope)) }
-                    slot.scope = nil
-                    slot.announcing = true
-                    state.slots[name] = slot
-                case .finishResignation:
-                    state.slots[name] = slot
-                    finishResignation(name, in: &state, reason: .nodeStopped)
-                default:
-                    state.slots[name] = slot
+    /// First step of a loss (under the lock): every leadership of the node stops counting as one — no longer a
+    /// candidate, its demotion being announced — and every scope still in a slot is returned, to be ended outside
+    /// the lock. Resignations under way finish (their lock is gone with the session).
+    private func beginLoss(
+        _ loss: ElectionStateMachine.Loss,
+        in state: inout State,
+        finishing reason: ShutdownReason
+    ) -> [(String, LeaderScope)] {
+        var ending: [(String, LeaderScope)] = []
+        for name in state.slots.keys {
+            guard var slot = state.slots[name] else { continue }
+            let action = slot.machine.leadershipLost(loss)
+            if let scope = slot.scope { ending.append((name, scope)) }
+            switch action {
+            case .endLeading:
+                slot.announcing = true
+                state.slots[name] = slot
+            case .finishResignation:
+                state.slots[name] = slot
+                finishResignation(name, in: &state, reason: reason)
+            default:
+                state.slots[name] = slot
+            }
+        }
+        return ending
+    }
+
+    /// Last step of a loss: announce each demotion (after its scope ended), clearing the scope from its slot.
+    private func announceLoss(_ ending: [(String, LeaderScope)], reason: DemotionReason) {
+        state.withLock { state in
+            for (name, scope) in ending {
+                guard var slot = state.slots[name], slot.scope === scope else { continue }
+                slot.scope = nil
+                slot.announcing = false
+                if let endedAt = scope.endedAt, slot.machine.leadingTerm == nil, case .follower = slot.machine.state {
+                    slot.mailbox.yield(.demoted(reason, endedAt: endedAt))
                 }
-            }
-            return ended
-        }
-        for (name, scope) in ended {
-            let slot = state.withLock { $0.slots[name] }
-            endScope(scope, at: instant, slot: slot, reason: "\(reason)")
-            state.withLock { state in
-                state.slots[name]?.announcing = false
-                state.slots[name]?.mailbox.yield(.demoted(reason, endedAt: scope.endedAt ?? instant))
+                state.slots[name] = slot
             }
         }
+    }
+
+    /// The session `session` ended or its lease ran out: every leadership of this node ends at `instant`, then each
+    /// activator is told — in that order, never waiting for the cooperative pool (DESIGN §2.1).
+    private func loseAll(_ loss: ElectionStateMachine.Loss, at instant: ContinuousClock.Instant, session: UInt64) {
+        let ending: [(String, LeaderScope)] = state.withLock { state in
+            guard state.session == session else { return [] }
+            return beginLoss(loss, in: &state, finishing: .nodeStopped)
+        }
+        let reason: DemotionReason = loss == .leaseExpired ? .leaseExpired : .connectionLost
+        for (_, scope) in ending { endScope(scope, at: instant, reason: "\(reason)") }
+        announceLoss(ending, reason: reason)
+    }
+
+    /// Ends (idempotently) every scope still held in a slot — called by the session thread before it lets a session
+    /// go, so no leader work outlives the session's locks, whoever else is busy announcing.
+    private func endRemainingScopes(at instant: ContinuousClock.Instant) {
+        let scopes = state.withLock { state in state.slots.values.compactMap(\.scope) }
+        for scope in scopes { endScope(scope, at: instant, reason: "the session ended") }
     }
 
     /// A resignation is complete: wake the activator waiting for it, or (node-initiated) tell it the node stopped.
@@ -366,7 +396,7 @@ final class NodeCore: Sendable {
         if let waiter = slot.resignWaiter {
             waiter.resume()
         } else {
-            slot.mailbox.yield(.stopped(reason, endedAt: slot.endedAt))
+            slot.mailbox.yield(.stopped(reason, endedAt: slot.scope?.endedAt ?? slot.endedAt))
         }
         slot.mailbox.finish()
     }
@@ -376,7 +406,7 @@ final class NodeCore: Sendable {
     private func watchdogThread() {
         while true {
             let (exit, deadline, session) = state.withLock { state in
-                (state.phase == .exited, lease.currentDeadline, state.session)
+                (state.phase == .exited, state.lease.currentDeadline, state.session)
             }
             if exit { return }
             var descriptor = pollfd(fd: watchdogDescriptor, events: Int16(POLLIN), revents: 0)
@@ -390,24 +420,28 @@ final class NodeCore: Sendable {
         }
     }
 
-    /// The lease of `session` ran out (checked again under the lock: a reply may just have extended it).
+    /// The lease of `session` ran out (checked again under the lock: a reply may just have extended it). Marking the
+    /// expiry and taking every leadership out of play happen in one critical section, for that session only.
     private func expireLease(session: UInt64) {
-        let deadline: ContinuousClock.Instant? = state.withLock { state in
+        let expired: (ContinuousClock.Instant, [(String, LeaderScope)])? = state.withLock { state in
             guard state.session == session, state.leaseExpiredSession != session,
-                let deadline = lease.currentDeadline, ContinuousClock.now >= deadline
+                let deadline = state.lease.currentDeadline, ContinuousClock.now >= deadline
             else { return nil }
             state.leaseExpiredSession = session
-            return deadline
+            state.expiredDeadline = deadline
+            return (deadline, beginLoss(.leaseExpired, in: &state, finishing: .nodeStopped))
         }
-        guard let deadline else { return }
+        guard let (deadline, ending) = expired else { return }
         // Leadership ended at the deadline, whenever this thread got to run: that is what `isLeader` said already.
-        loseAll(.leaseExpired, at: deadline)
-        logger.warning(
-            "lease expired: no reply confirmed the session in time; reconnecting as a new incarnation",
-            metadata: metadata)
+        for (_, scope) in ending { endScope(scope, at: deadline, reason: "\(DemotionReason.leaseExpired)") }
+        // Only then cut the session (the server frees the locks at once).
         state.withLock { state in
             if state.session == session, let socket = state.socket { _ = shutdown(socket, Int32(SHUT_RDWR)) }
         }
+        announceLoss(ending, reason: .leaseExpired)
+        logger.warning(
+            "lease expired: no reply confirmed the session in time; reconnecting as a new incarnation",
+            metadata: metadata)
         wake()
     }
 
@@ -478,15 +512,12 @@ final class NodeCore: Sendable {
             }
             return (Array(state.slots.values), state.exitWaiters)
         }
-        lease.revoke()
-        for var slot in slots {
-            let scope = slot.scope
-            _ = slot.machine.leadershipLost(.sessionLost)
-            let endedAt = endScope(scope, at: now, slot: slot, reason: "the node stopped") ?? slot.endedAt
+        for slot in slots {
+            if let scope = slot.scope { endScope(scope, at: now, reason: "the node stopped") }
             if let waiter = slot.resignWaiter {
                 waiter.resume()
             } else {
-                slot.mailbox.yield(.stopped(.nodeStopped, endedAt: endedAt))
+                slot.mailbox.yield(.stopped(.nodeStopped, endedAt: slot.scope?.endedAt ?? slot.endedAt))
             }
             slot.mailbox.finish()
         }
@@ -528,41 +559,60 @@ final class NodeCore: Sendable {
         }
     }
 
-    /// One session: join, serve until it ends. Every way out ends this node's leaderships first.
+    /// One session: join, serve until it ends. Every way out ends this node's leaderships before the connection is
+    /// let go.
     private func session(_ connection: PGConnection, joined: inout Bool) -> SessionEnd {
-        let generation: UInt64? = state.withLock { state in
+        let socket = dup(connection.socket)
+        let started: (UInt64, LeaseClock)? = state.withLock { state in
             guard state.stop == nil else { return nil }
             state.session += 1
-            state.socket = connection.socket
+            state.lease = LeaseClock()
+            state.socket = socket >= 0 ? socket : nil
             state.backendPID = connection.protocolBackendPID
             for name in state.slots.keys { state.slots[name]?.needsSetup = true }
-            return state.session
+            return (state.session, state.lease)
         }
-        guard let generation else { return .stopped }
         defer {
-            lease.revoke()
-            state.withLock { state in
-                state.socket = nil
-                state.member = nil
-                state.backendPID = nil
-            }
+            if socket >= 0 { closeDescriptor(socket) }
         }
-        var context = SessionContext(connection: connection, generation: generation)
+        guard let (generation, lease) = started else { return .stopped }
+        var context = SessionContext(connection: connection, generation: generation, lease: lease)
+        let end = run(&context, joined: &joined)
+        // Whoever else is still announcing a demotion, no leader work of this session outlives it.
+        let ended = state.withLock { state in
+            state.socket = nil
+            state.member = nil
+            state.backendPID = nil
+            return state.leaseExpiredSession == generation ? state.expiredDeadline : nil
+        }
+        lease.revoke()
+        endRemainingScopes(at: ended ?? .now)
+        return end
+    }
+
+    private func run(_ context: inout SessionContext, joined: inout Bool) -> SessionEnd {
+        let generation = context.generation
         do {
             try join(&context)
             joined = true
             return try serve(&context)
-        } catch is LeaseLost {
-            // The watchdog (or the reply that came too late) already ended every leadership.
-            loseAll(.leaseExpired, at: lease.currentDeadline ?? .now)
-            return state.withLock { $0.stop == .hard } ? .hardStop : .leaseExpired
         } catch {
-            // First: end leadership, at once, on the thread that saw the session go (DESIGN §2.1).
+            // First: end leadership, at once, on the thread that saw the session go (DESIGN §2.1). After a lease
+            // expiry it ended at the deadline (the watchdog or `confirmed` has already taken it out of play).
             let now = ContinuousClock.now
-            let expired = state.withLock { $0.leaseExpiredSession == generation }
-            loseAll(expired ? .leaseExpired : .sessionLost, at: now)
-            if state.withLock({ $0.stop == .hard }) { return .hardStop }
-            if expired { return .leaseExpired }
+            let (expiredAt, hard) = state.withLock { state in
+                (state.leaseExpiredSession == generation ? state.expiredDeadline : nil, state.stop == .hard)
+            }
+            if let expiredAt {
+                loseAll(.leaseExpired, at: expiredAt, session: generation)
+            } else if error is LeaseLost {
+                // The deadline passed before the watchdog ran: expire it here.
+                expireLease(session: generation)
+            } else {
+                loseAll(.sessionLost, at: now, session: generation)
+            }
+            if hard { return .hardStop }
+            if expiredAt != nil || error is LeaseLost { return .leaseExpired }
             let failure =
                 (error as? StokerError)
                 ?? StokerError(.connectionLost, "The node's session failed: \(error)")
@@ -574,6 +624,7 @@ final class NodeCore: Sendable {
     private struct SessionContext {
         let connection: PGConnection
         let generation: UInt64
+        let lease: LeaseClock
         var statements: ProtocolStatements?
         var clusterID = 0
         var channel = ""
@@ -592,9 +643,15 @@ final class NodeCore: Sendable {
         let value = try body()
         let valid = configuration.lease - configuration.effectiveMargin
         let trusted = state.withLock { state -> Bool in
-            guard state.leaseExpiredSession != context.generation, state.stop != .hard else { return false }
-            guard ContinuousClock.now < sent + valid else { return false }
-            lease.extend(to: sent + valid)
+            guard state.session == context.generation, state.leaseExpiredSession != context.generation,
+                state.stop != .hard
+            else { return false }
+            let now = ContinuousClock.now
+            // Neither a reply to a request older than lease − margin, nor any reply once the deadline has passed
+            // (even before the watchdog got to run): the lease, once out, stays out.
+            guard now < sent + valid else { return false }
+            if let deadline = context.lease.currentDeadline, now >= deadline { return false }
+            context.lease.extend(to: sent + valid)
             return true
         }
         guard trusted else {
@@ -623,7 +680,7 @@ final class NodeCore: Sendable {
             """,
             [
                 applicationName, "\(lease)", "\(configuration.effectiveStatementTimeout.roundedUpMilliseconds)",
-                "\(configuration.connectionCheckInterval.roundedUpMilliseconds)", "\(max(1, lease / 2000))",
+                "\(configuration.connectionCheckInterval.roundedUpMilliseconds)", "\(max(1, (lease + 999) / 1000))",
             ]
         )
         let migrator = Migrator(schema: configuration.schema)
@@ -687,7 +744,7 @@ final class NodeCore: Sendable {
                 Self.hold(freeze)
             }
             // Nothing is trusted past the lease: the watchdog may already have ended it.
-            if state.withLock({ $0.leaseExpiredSession == context.generation }) || !lease.isValid() {
+            if state.withLock({ $0.leaseExpiredSession == context.generation }) || !context.lease.isValid() {
                 throw LeaseLost()
             }
             switch state.withLock({ $0.stop }) {
@@ -730,7 +787,7 @@ final class NodeCore: Sendable {
 
             let candidates = state.withLock { state in
                 // A stopping node takes no new leadership.
-                state.stop != nil ? [] : state.slots.values.compactMap { slot in
+                state.stop != nil || state.halting ? [] : state.slots.values.compactMap { slot in
                     slot.machine.isCandidate && !slot.announcing && !slot.needsSetup ? slot.id : nil
                 }
             }
@@ -776,12 +833,15 @@ final class NodeCore: Sendable {
     /// The try-lock returned `election`: this session holds its lock now.
     private func acquired(election id: Int, _ context: SessionContext) throws {
         guard let statements = context.statements else { return }
-        let found = state.withLock { state -> (String, ElectionStateMachine.Action)? in
-            guard let name = state.slots.first(where: { $0.value.id == id })?.key else { return nil }
-            let action = state.slots[name]!.machine.lockWon()
-            return (name, action)
+        let found = state.withLock { state -> (String, ElectionStateMachine.Action, ElectionMetrics)? in
+            guard let name = state.slots.first(where: { $0.value.id == id })?.key, var slot = state.slots[name] else {
+                return nil
+            }
+            let action = slot.machine.lockWon()
+            state.slots[name] = slot
+            return (name, action, slot.metrics)
         }
-        guard let (name, action) = found else {
+        guard let (name, action, electionMetrics) = found else {
             // The activator went away between the try-lock and now: give the lock back.
             try release(election: id, context)
             return
@@ -793,14 +853,15 @@ final class NodeCore: Sendable {
                     statements.bumpTerm, ["\(id)", "\(context.nodeID)", configuration.nodeName]
                 ).singleRow().int(0)
             }
-            let scope = LeaderScope(term: Int64(term), lease: lease)
+            let scope = LeaderScope(
+                term: Int64(term), election: name, metrics: electionMetrics, lease: context.lease)
             let started = state.withLock { state -> Bool in
                 guard var slot = state.slots[name] else { return false }
                 let next = slot.machine.termBumped(Int64(term))
                 switch next {
                 case .startLeading:
                     slot.scope = scope
-                    slot.metrics.leading(true)
+                    electionMetrics.leading(true)
                     // Queued under the lock: no demotion of this leadership can be queued before it.
                     slot.mailbox.yield(.leader(scope))
                     state.slots[name] = slot
@@ -860,37 +921,10 @@ final class NodeCore: Sendable {
         }
     }
 
-    /// Graceful stop: resign every election (releasing its lock), then leave the cluster.
+    /// Graceful stop, once every activator has handed its election over: leave the cluster (→ `node_down`).
     private func leave(_ context: inout SessionContext) throws {
-        let now = ContinuousClock.now
-        let resigned: [(String, LeaderScope?)] = state.withLock { state in
-            var resigned: [(String, LeaderScope?)] = []
-            for name in state.slots.keys {
-                guard var slot = state.slots[name] else { continue }
-                switch slot.machine.resign() {
-                case .finishResignation:
-                    state.slots[name] = slot
-                    finishResignation(name, in: &state, reason: .nodeStopped)
-                case .endLeadingAndRelease:
-                    resigned.append((name, slot.scope))
-                    slot.scope = nil
-                    slot.endedAt = slot.endedAt ?? now
-                    slot.releaseReady = true
-                    state.slots[name] = slot
-                default:
-                    // Already resigning (an activator stopping at the same time): release now, the node is going.
-                    slot.releaseReady = true
-                    state.slots[name] = slot
-                }
-            }
-            return resigned
-        }
-        for (name, scope) in resigned {
-            let slot = state.withLock { $0.slots[name] }
-            endScope(scope, at: now, slot: slot, reason: "the node is shutting down")
-        }
-        try performReleases(context)
-        _ = try confirmed(context) { try context.connection.execute(context.statements!.leave, ["\(context.nodeID)"]) }
+        guard let statements = context.statements else { return }
+        _ = try confirmed(context) { try context.connection.execute(statements.leave, ["\(context.nodeID)"]) }
         logger.info("left the cluster", metadata: metadata)
     }
 

@@ -125,7 +125,9 @@ final class PGConnection {
         }
         defer { if let result { PQclear(result) } }
         drainNotifications()
-        return try makeResult(result)
+        let value = try makeResult(result)
+        try requireHealthy()
+        return value
     }
 
     /// Runs SQL that may hold several statements and no parameters (simple query protocol), e.g. a migration file.
@@ -137,7 +139,9 @@ final class PGConnection {
         let result = PQexec(raw, sql)
         defer { if let result { PQclear(result) } }
         drainNotifications()
-        return try makeResult(result)
+        let value = try makeResult(result)
+        try requireHealthy()
+        return value
     }
 
     /// Sends `sql` (no parameters; several statements allowed) without waiting for the answer; collect it with
@@ -310,6 +314,19 @@ final class PGConnection {
     func takeNotifications() -> [PostgresNotification] {
         defer { notifications.removeAll() }
         return notifications
+    }
+
+    /// Throws ``StokerError/Code/connectionLost`` when the session is over — also when a FATAL arrived right behind a
+    /// good reply: that reply must not be taken as proof the session lives.
+    private func requireHealthy() throws(StokerError) {
+        guard !isHealthy else { return }
+        throw StokerError(
+            .connectionLost,
+            "The connection to PostgreSQL was lost.",
+            serverMessage: configuration.redactor.scrub(
+                fatalNotice.message ?? trimmed(String(cString: PQerrorMessage(raw)))),
+            connection: redactedDescription
+        )
     }
 
     /// Reads whatever arrived on the socket; throws ``StokerError/Code/connectionLost`` when the connection broke.

@@ -284,9 +284,13 @@ private final class SessionCore: Sendable {
             return error
         }
         ready.resume()
-        state.withLock { $0.socket = connection.socket }
+        // A duplicate for cancel/abort's shutdown(2): libpq closes its own descriptor when it sees the EOF, and the
+        // number could then be handed to anything else this process opens.
+        let socket = dup(connection.socket)
+        state.withLock { $0.socket = socket >= 0 ? socket : nil }
         let failure = serve(connection)
         state.withLock { $0.socket = nil }
+        if socket >= 0 { closeDescriptor(socket) }
         withExtendedLifetime(connection) {}  // PQfinish (deinit) only after the socket was cleared
         return failure
     }
