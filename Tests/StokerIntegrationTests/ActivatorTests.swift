@@ -50,8 +50,7 @@ struct ActivatorTests {
         try await withTestDatabase { database in
             let history = History()
             let log = TaskLog()
-            let nodes = Nodes()
-            do {
+            try await withNodes { nodes in
                 let behaviour = Worker(history: history, log: log, cleanup: .milliseconds(200))
                 let a = nodes.add(try TestNode("a", database: database, elections: [], history: history))
                 try await waitForMembers(1, in: database)
@@ -88,9 +87,6 @@ struct ActivatorTests {
                 try await a.stop()
                 try await c.stop()
                 history.check(complete: true)
-            } catch {
-                await nodes.crashAll()
-                throw error
             }
         }
     }
@@ -141,8 +137,7 @@ struct ActivatorTests {
         for validity in [ClusterValidity.yes, .clusterSplit, .no] {
             try await withTestDatabase { database in
                 let history = History()
-                let nodes = Nodes()
-                do {
+                try await withNodes { nodes in
                     let a = nodes.add(
                         try TestNode("a", database: database, elections: ["e"], history: history, validity: validity))
                     // A witness election on the same node, always valid: once it has seen b come and go, the
@@ -178,9 +173,6 @@ struct ActivatorTests {
                     }
                     if validity != .no { try await a.stop() }
                     history.check(complete: true)
-                } catch {
-                    await nodes.crashAll()
-                    throw error
                 }
             }
         }
@@ -192,7 +184,7 @@ struct ActivatorTests {
             let history = History()
             let metrics = TestMetrics()
             var configuration = TestNode.configuration(database, cluster: "test", name: "a")
-            configuration.lease = .milliseconds(500)  // heartbeats every 100 ms
+            configuration.heartbeatInterval = .milliseconds(100)
             let node = try StokerNode(configuration: configuration, logger: testLogger("a"), metricsFactory: metrics)
             let activator = try Activator(election: "e", node: node, behaviour: RecordingBehaviour(history: history))
             let group = ServiceGroup(configuration: .init(services: [node, activator], logger: testLogger("a")))

@@ -318,6 +318,18 @@ final class Nodes: Sendable {
     }
 }
 
+/// Runs `body` with a fresh ``Nodes``; on failure, crashes every node it created before rethrowing, so a failing test
+/// leaves no node running.
+func withNodes<T>(_ body: (Nodes) async throws -> T) async throws -> T {
+    let nodes = Nodes()
+    do {
+        return try await body(nodes)
+    } catch {
+        await nodes.crashAll()
+        throw error
+    }
+}
+
 /// The leader of `election` according to `pg_locks` (through `whereis`), from a separate session.
 func whereis(_ election: String, cluster: String = "test", in database: TestDatabase) async throws -> StokerNode.Leader? {
     try await StokerNode.whereis(election: election, cluster: cluster, connection: database.conninfo)

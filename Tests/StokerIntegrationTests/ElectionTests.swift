@@ -11,9 +11,8 @@ struct ElectionTests {
     func convergence() async throws {
         try await withTestDatabase { database in
             let history = History()
-            let nodes = Nodes()
             let elections = ["e1", "e2", "e3"]
-            do {
+            try await withNodes { nodes in
                 let all = try ["a", "b", "c"].map { name in
                     nodes.add(try TestNode(name, database: database, elections: elections, history: history))
                 }
@@ -44,9 +43,6 @@ struct ElectionTests {
                 }
                 try await all[2].stop()
                 history.check(complete: true)
-            } catch {
-                await nodes.crashAll()
-                throw error
             }
         }
     }
@@ -60,9 +56,8 @@ struct ElectionTests {
     func fault(_ fault: Fault) async throws {
         try await withTestDatabase { database in
             let history = History()
-            let nodes = Nodes()
             let elections = ["e1", "e2"]
-            do {
+            try await withNodes { nodes in
                 let all = try ["a", "b", "c"].map { name in
                     nodes.add(try TestNode(name, database: database, elections: elections, history: history))
                 }
@@ -126,9 +121,6 @@ struct ElectionTests {
                     try await node.stop()
                 }
                 history.check(complete: true)
-            } catch {
-                await nodes.crashAll()
-                throw error
             }
         }
     }
@@ -139,9 +131,8 @@ struct ElectionTests {
         do {
             try await postgres.withDatabase { database in
                 let history = History()
-                let nodes = Nodes()
                 let elections = ["e1", "e2", "e3"]
-                do {
+                try await withNodes { nodes in
                     let all = try ["a", "b", "c"].map { name in
                         nodes.add(try TestNode(name, database: database, elections: elections, history: history))
                     }
@@ -165,9 +156,6 @@ struct ElectionTests {
                     }
                     for node in all { try await node.stop() }
                     history.check(complete: true)
-                } catch {
-                    await nodes.crashAll()
-                    throw error
                 }
             }
         } catch {
@@ -181,8 +169,7 @@ struct ElectionTests {
     func fencing() async throws {
         try await withTestDatabase { database in
             let history = History()
-            let nodes = Nodes()
-            do {
+            try await withNodes { nodes in
                 _ = try await database.admin("CREATE TABLE ledger (term bigint, note text)")
                 let a = nodes.add(try TestNode("a", database: database, elections: ["e"], history: history))
                 try await history.wait("a leads") { History.count($0, .nowLeader) == 1 }
@@ -206,9 +193,6 @@ struct ElectionTests {
                 try await fencedWrite(fence, term: newTerm, in: database)
                 try await b.stop()
                 history.check(complete: true)
-            } catch {
-                await nodes.crashAll()
-                throw error
             }
         }
     }

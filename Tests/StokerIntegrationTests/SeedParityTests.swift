@@ -37,8 +37,7 @@ struct SeedParityTests {
     func stopLeader() async throws {
         try await withTestDatabase { database in
             let history = History()
-            let nodes = Nodes()
-            do {
+            try await withNodes { nodes in
                 let a = nodes.add(try TestNode("a", database: database, elections: ["e"], history: history))
                 let b = nodes.add(try TestNode("b", database: database, elections: ["e"], history: history))
                 try await history.wait("one leads") { History.count($0, .nowLeader) == 1 }
@@ -53,9 +52,6 @@ struct SeedParityTests {
                 #expect(try await whereis("e", in: database)?.member.name == other.name)
                 try await other.stop()
                 history.check(complete: true)
-            } catch {
-                await nodes.crashAll()
-                throw error
             }
         }
     }
@@ -64,8 +60,7 @@ struct SeedParityTests {
     func stopFollower() async throws {
         try await withTestDatabase { database in
             let history = History()
-            let nodes = Nodes()
-            do {
+            try await withNodes { nodes in
                 // Both nodes join before either stands for the election, so the leader's first membership event
                 // is the follower leaving (the seed's nodes were connected before the activators started).
                 let a = nodes.add(try TestNode("a", database: database, elections: [], history: history))
@@ -97,9 +92,6 @@ struct SeedParityTests {
                 leaderRun.cancel()
                 for run in runs { _ = try? await run.value }
                 history.check(complete: true)
-            } catch {
-                await nodes.crashAll()
-                throw error
             }
         }
     }
@@ -108,8 +100,7 @@ struct SeedParityTests {
     func timers() async throws {
         try await withTestDatabase { database in
             let history = History()
-            let nodes = Nodes()
-            do {
+            try await withNodes { nodes in
                 let a = nodes.add(
                     try TestNode("a", database: database, elections: ["e"], history: history, timer: .milliseconds(20)))
                 let b = nodes.add(
@@ -122,9 +113,6 @@ struct SeedParityTests {
                 try await a.stop()
                 try await b.stop()
                 history.check(complete: true)
-            } catch {
-                await nodes.crashAll()
-                throw error
             }
         }
     }

@@ -666,6 +666,13 @@ final class NodeCore: Sendable {
         let configuration = self.configuration
         let lease = configuration.lease.roundedUpMilliseconds
         let applicationName = Self.applicationName(cluster: configuration.cluster, node: configuration.nodeName)
+        // Migrations first, under the session's defaults: waiting for another process's migration lock is not a
+        // statement the lease's timeouts should cut. Nothing is held yet.
+        let migrator = Migrator(schema: configuration.schema)
+        let report = try configuration.migrate ? migrator.migrate(on: connection) : migrator.verify(on: connection)
+        if !report.applied.isEmpty {
+            logger.notice("applied Stoker migrations", metadata: ["stoker.migrations": "\(report.applied)"])
+        }
         try connection.execute(
             """
             SELECT set_config('application_name', $1, false),
@@ -683,11 +690,6 @@ final class NodeCore: Sendable {
                 "\(configuration.connectionCheckInterval.roundedUpMilliseconds)", "\(max(1, (lease + 999) / 1000))",
             ]
         )
-        let migrator = Migrator(schema: configuration.schema)
-        let report = try configuration.migrate ? migrator.migrate(on: connection) : migrator.verify(on: connection)
-        if !report.applied.isEmpty {
-            logger.notice("applied Stoker migrations", metadata: ["stoker.migrations": "\(report.applied)"])
-        }
         let quoted = try connection.quoteIdentifier(configuration.schema, kind: "schema name")
         guard
             let namespace = try connection.execute(ProtocolStatements.lockNamespaceQuery, [configuration.schema]).rows

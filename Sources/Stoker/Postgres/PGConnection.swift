@@ -335,7 +335,7 @@ final class PGConnection {
         // PQconsumeInput only fills the buffer; PQnotifies parses it — and hands a FATAL to the notice receiver. Parse
         // first, then judge the connection: a FATAL read together with a notification must not wait for the EOF.
         drainNotifications()
-        if consumed == 0 || !isHealthy {
+        if consumed == 0 {
             throw StokerError(
                 .connectionLost,
                 "The connection to PostgreSQL was lost.",
@@ -344,6 +344,7 @@ final class PGConnection {
                 connection: redactedDescription
             )
         }
+        try requireHealthy()
     }
 
     private func drainNotifications() {
