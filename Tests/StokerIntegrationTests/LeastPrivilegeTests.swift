@@ -116,6 +116,38 @@ struct LeastPrivilegeTests {
         }
     }
 
+    @Test("nodes running as that role (migrate: false) elect a leader, hand over and leave")
+    func nodesAsNodeRole() async throws {
+        try await withTestDatabase { database in
+            let owner = try await database.createRole(prefix: "stk_owner", password: "owner-pw-2")
+            let app = try await database.createRole(prefix: "stk_app", password: "app-pw-2")
+            try await database.admin("GRANT CREATE ON DATABASE \(database.name) TO \(owner)")
+            let ownerConnection = database.tcpConninfo(user: owner, password: "owner-pw-2")
+            let appConnection = database.tcpConninfo(user: app, password: "app-pw-2")
+            try await StokerSchema.migrate(connection: ownerConnection)
+            try await StokerSchema.grant(to: app, connection: ownerConnection)
+            let history = History()
+            try await withNodes { nodes in
+                let all = try ["a", "b"].map { name in
+                    nodes.add(
+                        try TestNode(name, database: database, elections: ["e"], history: history) { configuration in
+                            configuration.connection = appConnection
+                            configuration.migrate = false
+                        })
+                }
+                try await history.wait("one leads") { History.leaders($0, election: "e").count == 1 }
+                let leader = try #require(all.first { History.leaders(history.entries, election: "e") == [$0.name] })
+                let other = try #require(all.first { $0 !== leader })
+                try await leader.stop()
+                try await history.wait("the other leads") { History.leaders($0, election: "e") == [other.name] }
+                #expect(try await whereis("e", in: database)?.member.name == other.name)
+                try await other.stop()
+                #expect(try await whereis("e", in: database) == nil)
+                history.check(complete: true)
+            }
+        }
+    }
+
     private func expectFenceRefused(
         _ session: PostgresSession,
         _ statements: ProtocolStatements,
