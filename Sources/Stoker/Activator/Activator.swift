@@ -75,8 +75,8 @@ public final class Activator<Behaviour: StokerBehaviour>: Service, Sendable {
         }
         if !run.stopped {
             // Cancelled: a hard stop. Leadership ends now; the node releases the lock without waiting for leader work.
-            let endedAt = await core.resign(election, drain: false)
-            await deliver(.shutdown(reason: .cancelled), &run, endedAt: endedAt ?? run.scope?.endedAt)
+            _ = await core.resign(election, drain: false)
+            await deliver(.shutdown(reason: .cancelled), &run, endedAt: endLeadership(run))
             run.stopped = true
             run.role = .stopped
             publish(run)
@@ -141,20 +141,28 @@ public final class Activator<Behaviour: StokerBehaviour>: Service, Sendable {
             await deliver(.timer, &run, endedAt: nil)
             schedule(&run, inbox: inbox, in: &timers)
         case .gracefulShutdown:
-            let endedAt = await node.core.resign(election, drain: true)
-            await deliver(.shutdown(reason: .gracefulShutdown), &run, endedAt: endedAt ?? run.scope?.endedAt)
+            _ = await node.core.resign(election, drain: true)
+            await deliver(.shutdown(reason: .gracefulShutdown), &run, endedAt: endLeadership(run))
             run.stopped = true
             run.role = .stopped
             run.scope = nil
             return true
-        case .stopped(let reason, let endedAt):
-            await deliver(.shutdown(reason: reason), &run, endedAt: endedAt ?? run.scope?.endedAt)
+        case .stopped(let reason, _):
+            await deliver(.shutdown(reason: reason), &run, endedAt: endLeadership(run))
             run.stopped = true
             run.role = .stopped
             run.scope = nil
             return true
         }
         return false
+    }
+
+    /// On the last event: when the leadership this behaviour saw (``Run/scope``) ended — never another one's instant.
+    /// The node has ended it by now; ending it here too (idempotent) only guarantees `shutdown` is a demotion.
+    private func endLeadership(_ run: Run) -> ContinuousClock.Instant? {
+        guard let scope = run.scope else { return nil }
+        scope.end(at: .now)
+        return scope.endedAt
     }
 
     /// Calls the behaviour. A throw is logged, never fatal.

@@ -10,21 +10,27 @@ final class LeaseClock: Sendable {
     /// Every instant is stored as nanoseconds since `base`, so it fits an atomic.
     let base: ContinuousClock.Instant
     private let deadline = Atomic<Int64>(.min)
+    private let revoked = Atomic<Bool>(false)
 
     init() { base = .now }
 
     func nanoseconds(_ instant: ContinuousClock.Instant) -> Int64 { base.duration(to: instant).nanoseconds }
     func instant(_ nanoseconds: Int64) -> ContinuousClock.Instant { base + .nanoseconds(nanoseconds) }
 
-    /// The current deadline, if the session is confirmed at all.
+    /// The current deadline, while the session is confirmed and not over.
     var currentDeadline: ContinuousClock.Instant? {
+        revoked.load(ordering: .acquiring) ? nil : lastDeadline
+    }
+
+    /// The last deadline the session reached, also after it ended: no leadership of this session lasted past it.
+    var lastDeadline: ContinuousClock.Instant? {
         let value = deadline.load(ordering: .acquiring)
         return value == .min ? nil : instant(value)
     }
 
     /// Is the lease valid at `now`?
     func isValid(at now: ContinuousClock.Instant = .now) -> Bool {
-        nanoseconds(now) < deadline.load(ordering: .acquiring)
+        !revoked.load(ordering: .acquiring) && nanoseconds(now) < deadline.load(ordering: .acquiring)
     }
 
     /// Moves the deadline later (never earlier).
@@ -39,8 +45,8 @@ final class LeaseClock: Sendable {
         }
     }
 
-    /// No lease: the session ended or was never confirmed.
-    func revoke() { deadline.store(.min, ordering: .releasing) }
+    /// No lease any more: the session ended. Final.
+    func revoke() { revoked.store(true, ordering: .releasing) }
 }
 
 /// One leadership of one election on this node: from the term bump to the demotion.
@@ -79,16 +85,22 @@ final class LeaderScope: Sendable {
 
     /// Ends the leadership at `instant` and cancels its tasks. Only the first call counts; returns whether it was it.
     @discardableResult
+    ///
+    /// The instant is never later than the session's last lease deadline: `isLeader` was already false from there,
+    /// so a thread that only got to run later (after a freeze) still records when leadership really ended.
+    ///
+    /// Every caller — not only the first — cancels the tasks before returning, so whoever goes on to let the lock
+    /// go knows the work has been told to stop (`Task.cancel` is idempotent).
     func end(at instant: ContinuousClock.Instant) -> Bool {
-        let tasks: [Task<Void, Never>]? = state.withLock { state in
-            guard state.endedAt == nil else { return nil }
-            state.endedAt = instant
-            return Array(state.tasks.values)
+        let ended = lease.lastDeadline.map { min(instant, $0) } ?? instant
+        let (first, tasks) = state.withLock { state in
+            let first = state.endedAt == nil
+            if first { state.endedAt = ended }
+            return (first, Array(state.tasks.values))
         }
-        guard let tasks else { return false }
         // Outside the lock: cancellation handlers run synchronously here and may read `isLeader`.
         for task in tasks { task.cancel() }
-        return true
+        return first
     }
 
     /// Starts `operation` as a task cancelled when this leadership ends (at once if it already has).

@@ -86,6 +86,9 @@ final class NodeCore: Sendable {
         var expiredDeadline: ContinuousClock.Instant?
         /// A hard stop is ending leaderships: no new one may start.
         var halting = false
+        /// Scopes taken out of their slot before they were surely ended; the session thread ends them (again,
+        /// idempotently) before it lets the session go.
+        var ending: [ObjectIdentifier: LeaderScope] = [:]
         var member: ClusterMember?
         var backendPID: Int32?
         var freeze: Duration?
@@ -195,15 +198,18 @@ final class NodeCore: Sendable {
             return beginLoss(.sessionLost, in: &state, finishing: .cancelled)
         }
         for (_, scope) in ending { endScope(scope, at: now, reason: "the node was cancelled") }
-        // 2. Only now that no leadership is left: stop, cut the session (the server then frees its locks at once).
-        let slots: [Slot] = state.withLock { state in
+        // 2. Stop; every scope still around ends (the session thread refuses to start one while halting).
+        let (slots, pending): ([Slot], [LeaderScope]) = state.withLock { state in
             state.stop = .hard
-            if let socket = state.socket { _ = shutdown(socket, Int32(SHUT_RDWR)) }
             defer { state.slots.removeAll() }
-            return Array(state.slots.values)
+            return (Array(state.slots.values), Array(state.ending.values))
+        }
+        for scope in slots.compactMap(\.scope) + pending { endScope(scope, at: now, reason: "the node was cancelled") }
+        // 3. Only now that no leadership is left: cut the session (the server then frees its locks at once).
+        state.withLock { state in
+            if let socket = state.socket { _ = shutdown(socket, Int32(SHUT_RDWR)) }
         }
         for slot in slots {
-            if let scope = slot.scope { endScope(scope, at: now, reason: "the node was cancelled") }
             slot.resignWaiter?.resume()
             slot.mailbox.yield(.stopped(.cancelled, endedAt: slot.scope?.endedAt ?? slot.endedAt))
             slot.mailbox.finish()
@@ -255,6 +261,7 @@ final class NodeCore: Sendable {
                 // A follower — or a leadership a loss is ending right now (its scope is still here): end it too.
                 state.slots[election] = nil
                 slot.mailbox.finish()
+                if let scope = slot.scope { state.ending[ObjectIdentifier(scope)] = scope }
                 return .done(slot.scope)
             case .endLeadingAndRelease:
                 slot.endedAt = now
@@ -386,13 +393,17 @@ final class NodeCore: Sendable {
     /// Ends (idempotently) every scope still held in a slot — called by the session thread before it lets a session
     /// go, so no leader work outlives the session's locks, whoever else is busy announcing.
     private func endRemainingScopes(at instant: ContinuousClock.Instant) {
-        let scopes = state.withLock { state in state.slots.values.compactMap(\.scope) }
+        let scopes = state.withLock { state in
+            defer { state.ending.removeAll() }
+            return state.slots.values.compactMap(\.scope) + state.ending.values
+        }
         for scope in scopes { endScope(scope, at: instant, reason: "the session ended") }
     }
 
     /// A resignation is complete: wake the activator waiting for it, or (node-initiated) tell it the node stopped.
     private func finishResignation(_ name: String, in state: inout State, reason: ShutdownReason) {
         guard let slot = state.slots.removeValue(forKey: name) else { return }
+        if let scope = slot.scope { state.ending[ObjectIdentifier(scope)] = scope }
         if let waiter = slot.resignWaiter {
             waiter.resume()
         } else {
@@ -508,6 +519,7 @@ final class NodeCore: Sendable {
             if state.failure == nil { state.failure = failure }
             defer {
                 state.slots.removeAll()
+                state.ending.removeAll()
                 state.exitWaiters.removeAll()
             }
             return (Array(state.slots.values), state.exitWaiters)
@@ -585,8 +597,8 @@ final class NodeCore: Sendable {
             state.backendPID = nil
             return state.leaseExpiredSession == generation ? state.expiredDeadline : nil
         }
-        lease.revoke()
         endRemainingScopes(at: ended ?? .now)
+        lease.revoke()
         return end
     }
 
@@ -605,14 +617,15 @@ final class NodeCore: Sendable {
             }
             if let expiredAt {
                 loseAll(.leaseExpired, at: expiredAt, session: generation)
-            } else if error is LeaseLost {
-                // The deadline passed before the watchdog ran: expire it here.
+            } else if error is LeaseLost || !context.lease.isValid(at: now) {
+                // The deadline passed before the watchdog ran (after a freeze, say): it is a lease expiry, and
+                // leadership ended at the deadline, not now.
                 expireLease(session: generation)
             } else {
                 loseAll(.sessionLost, at: now, session: generation)
             }
             if hard { return .hardStop }
-            if expiredAt != nil || error is LeaseLost { return .leaseExpired }
+            if expiredAt != nil || error is LeaseLost || !context.lease.isValid(at: now) { return .leaseExpired }
             let failure =
                 (error as? StokerError)
                 ?? StokerError(.connectionLost, "The node's session failed: \(error)")
@@ -857,13 +870,21 @@ final class NodeCore: Sendable {
             }
             let scope = LeaderScope(
                 term: Int64(term), election: name, metrics: electionMetrics, lease: context.lease)
+            // Counted before the scope can be seen by anyone who might end it (so the gauge goes 1, then 0), and
+            // outside the lock: a metrics handler is user code.
+            electionMetrics.leading(true)
             let started = state.withLock { state -> Bool in
                 guard var slot = state.slots[name] else { return false }
+                if state.halting || state.stop == .hard {
+                    // A hard stop began while the bump was in flight: this leadership never starts.
+                    _ = slot.machine.leadershipLost(.sessionLost)
+                    state.slots[name] = slot
+                    return false
+                }
                 let next = slot.machine.termBumped(Int64(term))
                 switch next {
                 case .startLeading:
                     slot.scope = scope
-                    electionMetrics.leading(true)
                     // Queued under the lock: no demotion of this leadership can be queued before it.
                     slot.mailbox.yield(.leader(scope))
                     state.slots[name] = slot
@@ -877,6 +898,7 @@ final class NodeCore: Sendable {
                     return false
                 }
             }
+            if !started { electionMetrics.leading(false) }
             if started {
                 logger.notice(
                     "became leader",
