@@ -48,7 +48,7 @@ struct ElectionTests {
     }
 
     enum Fault: String, CaseIterable, Sendable, CustomTestStringConvertible {
-        case gracefulStop, crash, freeze, terminateBackend
+        case gracefulStop, crash, freeze, processFreeze, terminateBackend
         var testDescription: String { rawValue }
     }
 
@@ -77,6 +77,10 @@ struct ElectionTests {
                 case .freeze:
                     // The loop is held well past the lease; the watchdog demotes on time regardless.
                     victim.node.freezeLoop(for: victim.node.configuration.lease + .seconds(1))
+                case .processFreeze:
+                    // Loop and watchdog both held, as under SIGSTOP: only the server's idle timeout frees the lock,
+                    // and the victim learns of it on resuming — its demotion still ends at its lease deadline.
+                    victim.node.freezeThreads(for: victim.node.configuration.lease + .seconds(1))
                 case .terminateBackend:
                     let pid = try #require(victim.node.backendPID)
                     _ = try await database.admin("SELECT pg_terminate_backend(\(pid))")
@@ -96,7 +100,7 @@ struct ElectionTests {
                     case .gracefulStop, .crash:
                         #expect(demotion?.kind == .shutdown)
                         #expect(History.leaders(history.entries, election: election) != [victimName])
-                    case .freeze:
+                    case .freeze, .processFreeze:
                         #expect(demotion?.event == .nowFollower(leader: nil, reason: .leaseExpired))
                     case .terminateBackend:
                         #expect(demotion?.event == .nowFollower(leader: nil, reason: .connectionLost))
@@ -107,7 +111,7 @@ struct ElectionTests {
                         #expect(endedAt <= successor.at)
                     }
                 }
-                if fault == .freeze || fault == .terminateBackend {
+                if [.freeze, .processFreeze, .terminateBackend].contains(fault) {
                     // The victim comes back as a new incarnation and stays a follower or leads again; either way
                     // one leader per election.
                     try await history.wait("the history settles with one leader per election") { entries in
@@ -117,7 +121,7 @@ struct ElectionTests {
                 for election in elections {
                     #expect(try await lockHolders(election, in: database) == 1)
                 }
-                for node in all where !(node === victim && fault != .freeze && fault != .terminateBackend) {
+                for node in all where !(node === victim && [.gracefulStop, .crash].contains(fault)) {
                     try await node.stop()
                 }
                 history.check(complete: true)

@@ -92,6 +92,7 @@ final class NodeCore: Sendable {
         var member: ClusterMember?
         var backendPID: Int32?
         var freeze: Duration?
+        var watchdogFreeze: Duration?
     }
 
     private let state = Mutex(State())
@@ -309,6 +310,18 @@ final class NodeCore: Sendable {
         wake()
     }
 
+    /// Test hook: holds the session thread and the lease watchdog for `duration`, as a stopped process (SIGSTOP):
+    /// nothing of the node runs until both resume. The watchdog resumes 100 ms after the session thread — the worse
+    /// order, in which the thread that reads the socket learns of the loss first, well after the lease deadline.
+    func freezeThreads(for duration: Duration) {
+        state.withLock { state in
+            state.freeze = duration
+            state.watchdogFreeze = duration + .milliseconds(100)
+        }
+        wake()
+        wakeWatchdog()
+    }
+
     var member: ClusterMember? { state.withLock { $0.member } }
     var backendPID: Int32? { state.withLock { $0.backendPID } }
 
@@ -416,10 +429,15 @@ final class NodeCore: Sendable {
 
     private func watchdogThread() {
         while true {
-            let (exit, deadline, session) = state.withLock { state in
-                (state.phase == .exited, state.lease.currentDeadline, state.session)
+            let (exit, deadline, session, freeze) = state.withLock { state in
+                defer { state.watchdogFreeze = nil }
+                return (state.phase == .exited, state.lease.currentDeadline, state.session, state.watchdogFreeze)
             }
             if exit { return }
+            if let freeze {
+                Self.hold(freeze)
+                continue
+            }
             var descriptor = pollfd(fd: watchdogDescriptor, events: Int16(POLLIN), revents: 0)
             let timeout = deadline.map { Int32(clamping: ContinuousClock.now.duration(to: $0).roundedUpMilliseconds) }
             _ = poll(&descriptor, 1, timeout.map { max(0, $0) } ?? -1)
@@ -752,12 +770,6 @@ final class NodeCore: Sendable {
         var nextRetry = ContinuousClock.now
         var retryNow = true
         while true {
-            if let freeze = state.withLock({ state -> Duration? in
-                defer { state.freeze = nil }
-                return state.freeze
-            }) {
-                Self.hold(freeze)
-            }
             // Nothing is trusted past the lease: the watchdog may already have ended it.
             if state.withLock({ $0.leaseExpiredSession == context.generation }) || !context.lease.isValid() {
                 throw LeaseLost()
@@ -819,6 +831,14 @@ final class NodeCore: Sendable {
 
             var until = nextHeartbeat
             if !candidates.isEmpty { until = min(until, nextRetry) }
+            if let freeze = state.withLock({ state -> Duration? in
+                defer { state.freeze = nil }
+                return state.freeze
+            }) {
+                // Test hook: held where the thread would sleep in poll(2), so on resuming it reads the socket first,
+                // as a thread stopped inside poll would.
+                Self.hold(freeze)
+            }
             var polls = 0
             _ = try connection.waitForNotifications(until: until, wakeDescriptor: wakeDescriptor, pollCount: &polls)
         }

@@ -88,6 +88,12 @@ public final class StokerNode: Service, Sendable {
         core.freezeLoop(for: duration)
     }
 
+    /// Test hook: holds both of the node's threads (the session loop and the lease watchdog) for `duration`, as a
+    /// stopped process would be held; the server's idle timeout then ends the session and frees its locks.
+    @_spi(Testing) public func freezeThreads(for duration: Duration) {
+        core.freezeThreads(for: duration)
+    }
+
     /// Test hook: the backend pid of the node's current session.
     @_spi(Testing) public var backendPID: Int32? { core.backendPID }
 }
