@@ -129,6 +129,60 @@ struct ElectionTests {
         }
     }
 
+    @Test("a partition between the leader and PostgreSQL: it demotes at its lease deadline, before a new leadership")
+    func partition() async throws {
+        try await withTestDatabase { database in
+            // The victim reaches PostgreSQL over TCP through a proxy that can blackhole it, as a role with the
+            // node's grants; the others connect directly.
+            try #require(!database.server.host.hasPrefix("/"), "needs a TCP server")
+            let role = try await database.createRole(prefix: "stk_part", password: "part-pw-1")
+            try await StokerSchema.migrate(connection: database.conninfo)
+            try await StokerSchema.grant(to: role, connection: database.conninfo)
+            let proxy = try TestProxy(upstreamHost: database.server.host, upstreamPort: database.server.port)
+            defer { proxy.stop() }
+            let viaProxy = database.tcpConninfo(
+                user: role, password: "part-pw-1", extra: ["host": "127.0.0.1", "port": "\(proxy.port)"])
+            let history = History()
+            let elections = ["e1", "e2"]
+            try await withNodes { nodes in
+                let victim = nodes.add(
+                    try TestNode("v", database: database, elections: elections, history: history) {
+                        $0.connection = viaProxy
+                        $0.migrate = false
+                    })
+                try await history.wait("the victim leads both") { entries in
+                    elections.allSatisfy { History.leaders(entries, election: $0) == ["v"] }
+                }
+                let others = try ["a", "b"].map { name in
+                    nodes.add(try TestNode(name, database: database, elections: elections, history: history))
+                }
+                try await waitForMembers(3, in: database)
+                let before = history.entries.count
+                proxy.partition()
+                // A new leadership (a new term) for each: another node's, or the victim's own new incarnation,
+                // which comes back on a new path and may win the race once the server freed the old session's lock.
+                try await history.wait("every election has a new leadership") { entries in
+                    let after = entries.dropFirst(before)
+                    return elections.allSatisfy { election in
+                        after.contains { $0.election == election && $0.kind == .nowLeader }
+                            && History.leaders(entries, election: election).count == 1
+                    }
+                }
+                let after = history.entries.dropFirst(before)
+                for election in elections {
+                    let demotion = try #require(
+                        after.first { $0.node == "v" && $0.election == election && $0.isDemotion })
+                    #expect(demotion.event == .nowFollower(leader: nil, reason: .leaseExpired))
+                    let successor = try #require(after.first { $0.election == election && $0.kind == .nowLeader })
+                    #expect(try #require(demotion.endedAt) <= successor.at)
+                }
+                for election in elections { #expect(try await lockHolders(election, in: database) == 1) }
+                for node in others + [victim] { try await node.stop() }
+                history.check(complete: true)
+            }
+        }
+    }
+
     @Test("PostgreSQL restarted with -m immediate: every leader demotes, then exactly one leader per election")
     func serverRestart() async throws {
         let postgres = try await TestPostgres.start()
