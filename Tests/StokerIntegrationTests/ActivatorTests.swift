@@ -59,7 +59,8 @@ struct ActivatorTests {
                 try await history.wait("a leads") { History.leaders($0, election: "e") == ["a"] }
                 // b runs its node and activator in one ServiceGroup, as an application would.
                 let bNode = try StokerNode(
-                    configuration: TestNode.configuration(database, cluster: "test", name: "b"), logger: testLogger("b"))
+                    configuration: TestNode.configuration(database, cluster: "test", name: "b"), logger: testLogger("b")
+                )
                 let second = try Activator(election: "e", node: bNode, behaviour: behaviour)
                 let bGroup = ServiceGroup(configuration: .init(services: [bNode, second], logger: testLogger("b")))
                 let bRun = Task { try await bGroup.run() }

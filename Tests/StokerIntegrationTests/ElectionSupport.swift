@@ -4,13 +4,13 @@ import StokerTestSupport
 import Synchronization
 import Testing
 
+@_spi(Testing) @testable import Stoker
+
 #if canImport(Glibc)
     import Glibc
 #elseif canImport(Darwin)
     import Darwin
 #endif
-
-@_spi(Testing) @testable import Stoker
 
 /// One callback as a behaviour saw it.
 struct HistoryEntry: Sendable, CustomStringConvertible {
@@ -140,8 +140,9 @@ final class History: Sendable {
     func check(complete: Bool = false, sourceLocation: SourceLocation = #_sourceLocation) {
         let entries = self.entries
         for election in Set(entries.map(\.election)) {
-            var intervals: [(node: String, term: Int64, start: ContinuousClock.Instant, end: ContinuousClock.Instant?)] =
-                []
+            var intervals:
+                [(node: String, term: Int64, start: ContinuousClock.Instant, end: ContinuousClock.Instant?)] =
+                    []
             var open: [String: Int] = [:]
             for entry in entries where entry.election == election {
                 if entry.kind == .nowLeader {
@@ -331,7 +332,8 @@ func withNodes<T>(_ body: (Nodes) async throws -> T) async throws -> T {
 }
 
 /// The leader of `election` according to `pg_locks` (through `whereis`), from a separate session.
-func whereis(_ election: String, cluster: String = "test", in database: TestDatabase) async throws -> StokerNode.Leader? {
+func whereis(_ election: String, cluster: String = "test", in database: TestDatabase) async throws -> StokerNode.Leader?
+{
     try await StokerNode.whereis(election: election, cluster: cluster, connection: database.conninfo)
 }
 

@@ -58,7 +58,8 @@ struct FlatJSONTests {
         Case(
             label: "escaped backslash before a closing quote", text: #"{"name" : "a\\"}"#,
             expected: ["name": .string("a\\")]),
-        Case(label: "escaped newline", text: #"{"name" : "line1\nline2"}"#, expected: ["name": .string("line1\nline2")]),
+        Case(
+            label: "escaped newline", text: #"{"name" : "line1\nline2"}"#, expected: ["name": .string("line1\nline2")]),
         Case(
             label: "every short escape", text: #"{"s" : "\"\\\/\b\f\n\r\t"}"#,
             expected: ["s": .string("\"\\/\u{08}\u{0C}\n\r\t")]),

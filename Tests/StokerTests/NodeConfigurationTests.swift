@@ -129,7 +129,9 @@ struct NodeConfigurationTests {
     static let badNames: [Rejected] = [
         Rejected("cluster name empty", field: "cluster name") { $0.cluster = "" },
         Rejected("cluster name with a NUL byte", field: "cluster name") { $0.cluster = "bill\u{0}ing" },
-        Rejected("cluster name 10 kB long", field: "cluster name") { $0.cluster = String(repeating: "c", count: 10_240) },
+        Rejected("cluster name 10 kB long", field: "cluster name") {
+            $0.cluster = String(repeating: "c", count: 10_240)
+        },
         Rejected("cluster name 256 bytes", field: "cluster name") { $0.cluster = String(repeating: "c", count: 256) },
         Rejected("node name empty", field: "node name") { $0.nodeName = "" },
         Rejected("node name with a NUL byte", field: "node name") { $0.nodeName = "\u{0}" },
@@ -206,7 +208,6 @@ struct NodeConfigurationTests {
         let passwords: [String]
         var testDescription: String { label }
     }
-
 
     static let badConnections: [BadConnection] = [
         BadConnection(

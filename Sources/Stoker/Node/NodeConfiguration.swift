@@ -102,7 +102,8 @@ extension StokerNode {
             try Self.positive(reconnectDelay, "reconnectDelay")
             try Self.positive(maximumReconnectDelay, "maximumReconnectDelay")
             if effectiveMargin >= lease / 2 {
-                throw invalid("margin (\(effectiveMargin)) must be below half the lease (\(lease)); default lease / 10.")
+                throw invalid(
+                    "margin (\(effectiveMargin)) must be below half the lease (\(lease)); default lease / 10.")
             }
             if effectiveHeartbeatInterval > (lease - effectiveMargin) / 2 {
                 throw invalid(

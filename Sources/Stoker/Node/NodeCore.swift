@@ -814,9 +814,11 @@ final class NodeCore: Sendable {
 
             let candidates = state.withLock { state in
                 // A stopping node takes no new leadership.
-                state.stop != nil || state.halting ? [] : state.slots.values.compactMap { slot in
-                    slot.machine.isCandidate && !slot.announcing && !slot.needsSetup ? slot.id : nil
-                }
+                state.stop != nil || state.halting
+                    ? []
+                    : state.slots.values.compactMap { slot in
+                        slot.machine.isCandidate && !slot.announcing && !slot.needsSetup ? slot.id : nil
+                    }
             }
             now = ContinuousClock.now
             if !candidates.isEmpty, retryNow || now >= nextRetry {

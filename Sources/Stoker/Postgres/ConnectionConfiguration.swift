@@ -61,7 +61,8 @@ struct ConnectionConfiguration: Sendable {
 
     /// This configuration with `defaults` added for every keyword neither the string nor (where libpq has one) its
     /// environment variable set. The description is unchanged: it shows what the user wrote.
-    func addingDefaults(_ defaults: [(keyword: String, value: String, environment: String?)]) -> ConnectionConfiguration {
+    func addingDefaults(_ defaults: [(keyword: String, value: String, environment: String?)]) -> ConnectionConfiguration
+    {
         var options = self.options
         for (keyword, value, variable) in defaults where self.value(for: keyword) == nil {
             if let variable, getenv(variable) != nil { continue }
@@ -87,9 +88,10 @@ struct ConnectionConfiguration: Sendable {
                         + "use one of \(allowed.joined(separator: ", ")).")
             }
         }
-        for keyword in ["port", "connect_timeout", "keepalives", "keepalives_idle", "keepalives_interval",
-            "keepalives_count", "tcp_user_timeout"]
-        {
+        for keyword in [
+            "port", "connect_timeout", "keepalives", "keepalives_idle", "keepalives_interval",
+            "keepalives_count", "tcp_user_timeout",
+        ] {
             guard let value = value(for: keyword), !value.isEmpty else { continue }
             let parts = keyword == "port" ? value.split(separator: ",", omittingEmptySubsequences: false) : [value[...]]
             for part in parts where !part.isEmpty && Int(part.trimmingSpaces) == nil {

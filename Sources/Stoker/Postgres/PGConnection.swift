@@ -70,7 +70,8 @@ final class PGConnection {
                     severity == "FATAL" || severity == "PANIC"
                 else { return }
                 let box = Unmanaged<FatalNotice>.fromOpaque(context).takeUnretainedValue()
-                box.message = PQresultErrorField(result, Int32(UInt8(ascii: "M"))).map { String(cString: $0) } ?? severity
+                box.message =
+                    PQresultErrorField(result, Int32(UInt8(ascii: "M"))).map { String(cString: $0) } ?? severity
             },
             Unmanaged.passUnretained(fatalNotice).toOpaque()
         )

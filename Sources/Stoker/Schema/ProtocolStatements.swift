@@ -44,7 +44,8 @@ struct ProtocolStatements: Sendable {
     /// `$1` cluster id → `id`, `name` of every member whose node lock is gone (rows deleted; `node_down` sent).
     let sweep: String
     /// `$1` cluster id, `$2` election name → `term`, node `id`, node `name` of the node holding the election lock,
-    /// counted only while that same backend also holds the node's lock (no row: no leader).
+    /// counted only while that same backend also holds the node's lock and the row names it leader — its term bump
+    /// has committed, so the term is its own (no row: no leader; also while a node is between its lock and its bump).
     let whereis: String
     /// `$1` node id: graceful leave (→ `node_down`).
     let leave: String
@@ -114,6 +115,7 @@ struct ProtocolStatements: Sendable {
                              AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
                              AND l.classid = \(ns)::oid AND l.objid = (-e.id)::oid
               JOIN \(s).nodes n ON n.backend_pid = l.pid AND n.cluster_id = e.cluster_id
+                              AND n.id = e.leader_node
                               AND EXISTS (\(heldLock("n.id", "l.pid")))
              WHERE e.cluster_id = $1 AND e.name = $2
             """
