@@ -129,6 +129,37 @@ struct ElectionTests {
         }
     }
 
+    @Test("a graceful hand-over is driven by the released notification, not by the retry interval")
+    func handOverByNotification() async throws {
+        try await withTestDatabase { database in
+            let history = History()
+            try await withNodes { nodes in
+                // Followers that retry once an hour: only the `released` notification can make one take over.
+                let all = try ["a", "b", "c"].map { name in
+                    nodes.add(
+                        try TestNode(name, database: database, elections: ["e"], history: history) {
+                            $0.retryInterval = .seconds(3600)
+                        })
+                }
+                try await waitForMembers(3, in: database)
+                try await history.wait("one leads") { History.leaders($0, election: "e").count == 1 }
+                for _ in 0..<2 {
+                    let leaderName = try #require(History.leaders(history.entries, election: "e").first)
+                    let leader = try #require(all.first { $0.name == leaderName })
+                    try await leader.stop()
+                    try await history.wait("another node leads") { entries in
+                        let leaders = History.leaders(entries, election: "e")
+                        return leaders.count == 1 && leaders != [leaderName]
+                    }
+                }
+                for node in all where History.leaders(history.entries, election: "e") == [node.name] {
+                    try await node.stop()
+                }
+                history.check(complete: true)
+            }
+        }
+    }
+
     @Test("a partition between the leader and PostgreSQL: it demotes at its lease deadline, before a new leadership")
     func partition() async throws {
         try await withTestDatabase { database in
