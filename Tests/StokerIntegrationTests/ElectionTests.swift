@@ -297,6 +297,9 @@ struct ElectionTests {
                     election: "e", node: node.node, behaviour: RecordingBehaviour(history: history))
                 let error = await #expect(throws: StokerError.self) { try await second.run() }
                 #expect(error?.code == .invalidConfiguration)
+                // An activator runs once: a second run() of the first one is refused too.
+                let again = await #expect(throws: StokerError.self) { try await node.activators[0].run() }
+                #expect(again?.code == .invalidConfiguration)
                 try await node.stop()
                 history.check(complete: true)
             } catch {

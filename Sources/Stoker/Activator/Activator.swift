@@ -22,6 +22,7 @@ public final class Activator<Behaviour: StokerBehaviour>: Service, Sendable {
     private let logger: Logger
     private let createdAt = ContinuousClock.now
     private let snapshot: Mutex<ActivatorSnapshot<Behaviour.State>>
+    private let started = Atomic<Bool>(false)
 
     /// - Throws: ``StokerError/Code/invalidConfiguration`` for an empty election name, one over 255 bytes or holding a
     ///   NUL byte.
@@ -45,8 +46,14 @@ public final class Activator<Behaviour: StokerBehaviour>: Service, Sendable {
     /// Runs until graceful shutdown, cancellation, or the node stopping. May be called once.
     ///
     /// - Throws: ``StokerError/Code/invalidConfiguration`` when another activator of this election already runs on
-    ///   the node; whatever ``StokerBehaviour/initialState()`` throws (the election is then withdrawn).
+    ///   the node, or when this activator was run before; whatever ``StokerBehaviour/initialState()`` throws (the election is then withdrawn).
     public func run() async throws {
+        guard started.compareExchange(expected: false, desired: true, ordering: .acquiringAndReleasing).exchanged
+        else {
+            throw StokerError(
+                .invalidConfiguration,
+                "Activator.run() was called twice for election \"\(election)\"; create a new Activator instead.")
+        }
         let core = node.core
         let (mailbox, inbox) = try core.register(election)
         let state: Behaviour.State

@@ -29,6 +29,7 @@ public final class StokerNode: Service, Sendable {
     /// ``run()``.
     ///
     /// - Parameters:
+    ///   - configuration: Where PostgreSQL is, the cluster and node names, the timing (see ``Configuration``).
     ///   - logger: Where the node logs: leadership changes at `notice`, session losses at `warning`. No log line holds
     ///     a password.
     ///   - metricsFactory: The factory for the node's metrics (see `NodeMetrics`); `nil` uses the process's
