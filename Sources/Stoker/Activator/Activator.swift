@@ -46,7 +46,8 @@ public final class Activator<Behaviour: StokerBehaviour>: Service, Sendable {
     /// Runs until graceful shutdown, cancellation, or the node stopping. May be called once.
     ///
     /// - Throws: ``StokerError/Code/invalidConfiguration`` when another activator of this election already runs on
-    ///   the node, or when this activator was run before; whatever ``StokerBehaviour/initialState()`` throws (the election is then withdrawn).
+    ///   the node, or when this activator was run before; whatever ``StokerBehaviour/initialState()`` throws (the
+    ///   election is then withdrawn).
     public func run() async throws {
         guard started.compareExchange(expected: false, desired: true, ordering: .acquiringAndReleasing).exchanged
         else {
