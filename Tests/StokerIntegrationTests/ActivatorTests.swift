@@ -246,6 +246,23 @@ struct ActivatorTests {
         }
     }
 
+    @Test(
+        "migrate: false on a database without the schema: run() throws .schemaMismatch at once, no retry loop",
+        .timeLimit(.minutes(1)))
+    func missingSchema() async throws {
+        try await withTestDatabase { database in
+            let capture = LogCapture()
+            var configuration = TestNode.configuration(database, cluster: "test", name: "a")
+            configuration.migrate = false
+            let node = try StokerNode(configuration: configuration, logger: capture.logger)
+            let error = await #expect(throws: StokerError.self) { try await node.run() }
+            #expect(error?.code == .schemaMismatch)
+            // One attempt: the node did not reconnect in a loop (each attempt would log a warning or count).
+            #expect(!capture.lines.contains { $0.level == .warning })
+            #expect(capture.lines.filter { $0.level == .error }.count == 1)
+        }
+    }
+
     @Test("a lost session is logged at warning with the connection, never the password")
     func sessionLossLog() async throws {
         try await withControlledDatabase { database in

@@ -113,9 +113,9 @@ public final class Activator<Behaviour: StokerBehaviour>: Service, Sendable {
         defer { publish(run) }
         switch message {
         case .leader(let scope):
-            // Already over (lost while earlier callbacks ran): never start work for a leadership that ended. Its
+            // Already over (lost, or its lease ran out, while earlier callbacks ran): never start work for it. Its
             // demotion, next in the mailbox, is skipped too.
-            guard scope.endedAt == nil else { return false }
+            guard scope.isLeader else { return false }
             run.scope = scope
             run.role = .leader
             run.leader = node.configuration.nodeName

@@ -192,11 +192,11 @@ final class NodeCore: Sendable {
     /// Hard stop (cancellation): leadership ends at once, then the session is cut without a goodbye (the server
     /// releases the locks as for a crash); activators get `shutdown(.cancelled)`.
     func hardStop() {
-        let now = ContinuousClock.now
-        // 1. No new leadership from here on; every current one ends (flip + cancel) before the session is cut.
-        let ending = state.withLock { state in
+        // 1. No new leadership from here on; every current one ends (flip + cancel) before the session is cut. The
+        //    instant is taken under the lock: no leadership can have started after it.
+        let (now, ending) = state.withLock { state in
             state.halting = true
-            return beginLoss(.sessionLost, in: &state, finishing: .cancelled)
+            return (ContinuousClock.now, beginLoss(.sessionLost, in: &state, finishing: .cancelled))
         }
         for (_, scope) in ending { endScope(scope, at: now, reason: "the node was cancelled") }
         // 2. Stop; every scope still around ends (the session thread refuses to start one while halting).
@@ -416,7 +416,8 @@ final class NodeCore: Sendable {
     /// A resignation is complete: wake the activator waiting for it, or (node-initiated) tell it the node stopped.
     private func finishResignation(_ name: String, in state: inout State, reason: ShutdownReason) {
         guard let slot = state.slots.removeValue(forKey: name) else { return }
-        if let scope = slot.scope { state.ending[ObjectIdentifier(scope)] = scope }
+        // Only a scope not yet ended needs tracking (a resignation's has been ended, its tasks cancelled).
+        if let scope = slot.scope, scope.endedAt == nil { state.ending[ObjectIdentifier(scope)] = scope }
         if let waiter = slot.resignWaiter {
             waiter.resume()
         } else {
@@ -630,12 +631,15 @@ final class NodeCore: Sendable {
             // First: end leadership, at once, on the thread that saw the session go (DESIGN §2.1). After a lease
             // expiry it ended at the deadline (the watchdog or `confirmed` has already taken it out of play).
             let now = ContinuousClock.now
+            // Past a deadline this session really had (a failure before the first confirmed reply is not a lease
+            // expiry: it is judged like any other failure below).
+            let pastDeadline = context.lease.lastDeadline.map { now >= $0 } ?? false
             let (expiredAt, hard) = state.withLock { state in
                 (state.leaseExpiredSession == generation ? state.expiredDeadline : nil, state.stop == .hard)
             }
             if let expiredAt {
                 loseAll(.leaseExpired, at: expiredAt, session: generation)
-            } else if error is LeaseLost || !context.lease.isValid(at: now) {
+            } else if error is LeaseLost || pastDeadline {
                 // The deadline passed before the watchdog ran (after a freeze, say): it is a lease expiry, and
                 // leadership ended at the deadline, not now.
                 expireLease(session: generation)
@@ -643,7 +647,7 @@ final class NodeCore: Sendable {
                 loseAll(.sessionLost, at: now, session: generation)
             }
             if hard { return .hardStop }
-            if expiredAt != nil || error is LeaseLost || !context.lease.isValid(at: now) { return .leaseExpired }
+            if expiredAt != nil || error is LeaseLost || pastDeadline { return .leaseExpired }
             let failure =
                 (error as? StokerError)
                 ?? StokerError(.connectionLost, "The node's session failed: \(error)")
