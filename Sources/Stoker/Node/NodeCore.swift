@@ -93,6 +93,8 @@ final class NodeCore: Sendable {
         var backendPID: Int32?
         var freeze: Duration?
         var watchdogFreeze: Duration?
+        /// Threads held by a test hook right now.
+        var holding = 0
     }
 
     private let state = Mutex(State())
@@ -322,6 +324,9 @@ final class NodeCore: Sendable {
         wakeWatchdog()
     }
 
+    /// Test hook: a freeze is pending or under way.
+    var isFrozen: Bool { state.withLock { $0.freeze != nil || $0.watchdogFreeze != nil || $0.holding > 0 } }
+
     var member: ClusterMember? { state.withLock { $0.member } }
     var backendPID: Int32? { state.withLock { $0.backendPID } }
 
@@ -431,12 +436,16 @@ final class NodeCore: Sendable {
     private func watchdogThread() {
         while true {
             let (exit, deadline, session, freeze) = state.withLock { state in
-                defer { state.watchdogFreeze = nil }
+                defer {
+                    if state.watchdogFreeze != nil { state.holding += 1 }
+                    state.watchdogFreeze = nil
+                }
                 return (state.phase == .exited, state.lease.currentDeadline, state.session, state.watchdogFreeze)
             }
             if exit { return }
             if let freeze {
                 Self.hold(freeze)
+                state.withLock { $0.holding -= 1 }
                 continue
             }
             var descriptor = pollfd(fd: watchdogDescriptor, events: Int16(POLLIN), revents: 0)
@@ -838,12 +847,16 @@ final class NodeCore: Sendable {
             var until = nextHeartbeat
             if !candidates.isEmpty { until = min(until, nextRetry) }
             if let freeze = state.withLock({ state -> Duration? in
-                defer { state.freeze = nil }
+                defer {
+                    if state.freeze != nil { state.holding += 1 }
+                    state.freeze = nil
+                }
                 return state.freeze
             }) {
                 // Test hook: held where the thread would sleep in poll(2), so on resuming it reads the socket first,
                 // as a thread stopped inside poll would.
                 Self.hold(freeze)
+                state.withLock { $0.holding -= 1 }
             }
             var polls = 0
             _ = try connection.waitForNotifications(until: until, wakeDescriptor: wakeDescriptor, pollCount: &polls)

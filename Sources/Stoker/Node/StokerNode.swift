@@ -95,6 +95,9 @@ public final class StokerNode: Service, Sendable {
         core.freezeThreads(for: duration)
     }
 
+    /// Test hook: a freeze asked for by ``freezeLoop(for:)`` or ``freezeThreads(for:)`` is pending or under way.
+    @_spi(Testing) public var isFrozen: Bool { core.isFrozen }
+
     /// Test hook: the backend pid of the node's current session.
     @_spi(Testing) public var backendPID: Int32? { core.backendPID }
 }
