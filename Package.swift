@@ -54,7 +54,8 @@ let package = Package(
         ),
         .testTarget(
             name: "StokerTests",
-            dependencies: ["Stoker"],
+            // StokerTestSupport for its seeded generator only: these tests never start a database.
+            dependencies: ["Stoker", "StokerTestSupport"],
             swiftSettings: strict
         ),
         .testTarget(

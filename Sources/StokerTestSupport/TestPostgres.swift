@@ -88,6 +88,35 @@ public final class TestPostgres: Sendable {
         try await startPrivate(options, stoppedAtExit: false)
     }
 
+    /// Starts a private cluster (``start(_:)``), runs `body` with it, and stops it afterwards — also when `body`
+    /// throws. Returns what `body` returned, once the cluster is gone.
+    public static func withPrivate<T: Sendable>(
+        _ options: Options = .init(),
+        _ body: (TestPostgres) async throws -> T
+    ) async throws -> T {
+        let postgres = try await start(options)
+        return try await postgres.stopping(after: body)
+    }
+
+    /// Starts a hot standby of this cluster (``startStandby()``), runs `body` with it, and stops the standby
+    /// afterwards — also when `body` throws.
+    public func withStandby<T: Sendable>(_ body: (TestPostgres) async throws -> T) async throws -> T {
+        let standby = try await startStandby()
+        return try await standby.stopping(after: body)
+    }
+
+    /// Runs `body` with this cluster, then stops it, whether `body` returned or threw.
+    private func stopping<T: Sendable>(after body: (TestPostgres) async throws -> T) async throws -> T {
+        do {
+            let value = try await body(self)
+            await stop()
+            return value
+        } catch {
+            await stop()
+            throw error
+        }
+    }
+
     /// The server every test of this process shares, created on first use:
     /// - `STOKER_TEST_DATABASE_URL` set: that existing server;
     /// - else `PGHOST` set: the server the `PG*` environment names (admin conninfo `""`);

@@ -114,8 +114,7 @@ struct ActivatorTests {
         try await withTestDatabase { database in
             let history = History()
             let capture = LogCapture()
-            var configuration = TestNode.configuration(database, cluster: "test", name: "a")
-            configuration.lease = .seconds(2)
+            let configuration = TestNode.configuration(database, cluster: "test", name: "a")
             let node = try StokerNode(configuration: configuration, logger: capture.logger)
             let activator = try Activator(election: "e", node: node, behaviour: Thrower(history: history))
             let group = ServiceGroup(configuration: .init(services: [node, activator], logger: capture.logger))

@@ -15,18 +15,6 @@ struct ChaosTests {
         case gracefulStop, crash, freezeLoop, freezeThreads, terminateBackend
     }
 
-    /// SplitMix64: a fixed seed gives the same sequence of faults on every run.
-    struct Generator: RandomNumberGenerator {
-        var state: UInt64
-        mutating func next() -> UInt64 {
-            state &+= 0x9E37_79B9_7F4A_7C15
-            var z = state
-            z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-            z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-            return z ^ (z >> 31)
-        }
-    }
-
     @Test(
         "4 nodes × 3 elections through a seeded series of faults: never two leaders, every leadership demoted, terms rise"
     )
@@ -37,7 +25,7 @@ struct ChaosTests {
             // STOKER_CHAOS_SEED / STOKER_CHAOS_ROUNDS explore other sequences; the defaults are what CI runs.
             let seed = getenv("STOKER_CHAOS_SEED").flatMap { UInt64(String(cString: $0)) } ?? 0x5707_4E52
             let rounds = getenv("STOKER_CHAOS_ROUNDS").flatMap { Int(String(cString: $0)) } ?? 12
-            var random = Generator(state: seed)
+            var random = SplitMix64(seed: seed)  // the same faults on every run of one seed
             try await withNodes { nodes in
                 func start(_ name: String) throws -> TestNode {
                     nodes.add(

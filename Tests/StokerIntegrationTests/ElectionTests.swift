@@ -216,8 +216,7 @@ struct ElectionTests {
 
     @Test("PostgreSQL restarted with -m immediate: every leader demotes, then exactly one leader per election")
     func serverRestart() async throws {
-        let postgres = try await TestPostgres.start()
-        do {
+        try await TestPostgres.withPrivate { postgres in
             try await postgres.withDatabase { database in
                 let history = History()
                 let elections = ["e1", "e2", "e3"]
@@ -247,11 +246,7 @@ struct ElectionTests {
                     history.check(complete: true)
                 }
             }
-        } catch {
-            await postgres.stop()
-            throw error
         }
-        await postgres.stop()
     }
 
     @Test("a stale leader's fenced write fails with the fence SQLSTATE once a new term exists")

@@ -7,9 +7,8 @@ import Testing
 struct RestartTests {
     @Test("restart cuts every session off, keeps data, socket and port, and accepts new sessions")
     func restart() async throws {
-        let postgres = try await TestPostgres.start()
-        let root = try #require(postgres.socketDirectory)
-        do {
+        let (postgres, root) = try await TestPostgres.withPrivate { postgres in
+            let root = try #require(postgres.socketDirectory)
             try await postgres.admin("CREATE TABLE kept (x int); INSERT INTO kept VALUES (42)")
             let held = try await HeldConnection.open(postgres.adminConninfo)
             let before = try await held.execute("SELECT pg_backend_pid()")
@@ -33,11 +32,8 @@ struct RestartTests {
             async let second: Void = postgres.restart()
             _ = try await (first, second)
             #expect(try await postgres.admin("SELECT x FROM kept") == [["42"]])
-        } catch {
-            await postgres.stop()
-            throw error
+            return (postgres, root)
         }
-        await postgres.stop()
         #expect(!FileManager.default.fileExists(atPath: root))
         #expect(processes(mentioning: root).isEmpty)
         await #expect(throws: TestPostgresError.self) { try await postgres.restart() }

@@ -6,15 +6,11 @@ import Testing
 struct StandbyTests {
     @Test("a standby streams the primary's rows, is in recovery, and both leave nothing behind when stopped")
     func standbyReplicates() async throws {
-        let primary = try await TestPostgres.start()
-        let primaryRoot = try #require(primary.socketDirectory)
-        var standbyRoot: String?
-        do {
+        let (primaryRoot, standbyRoot) = try await TestPostgres.withPrivate { primary in
+            let primaryRoot = try #require(primary.socketDirectory)
             try await primary.admin("CREATE TABLE replicated (x int); INSERT INTO replicated VALUES (42)")
-            let standby = try await primary.startStandby()
-            do {
+            let standbyRoot = try await primary.withStandby { standby in
                 let root = try #require(standby.socketDirectory)
-                standbyRoot = root
                 #expect(standby.isPrivate)
                 #expect(standby.tls == nil)
                 #expect(root.hasPrefix("/tmp/stoker-pg-"))
@@ -36,18 +32,12 @@ struct StandbyTests {
                     try await standby.admin("INSERT INTO replicated VALUES (44)")
                 }
                 #expect(error?.sqlState == "25006")
-            } catch {
-                await standby.stop()
-                throw error
+                return root
             }
-            await standby.stop()
-        } catch {
-            await primary.stop()
-            throw error
+            return (primaryRoot, standbyRoot)
         }
-        await primary.stop()
 
-        for root in [primaryRoot] + (standbyRoot.map { [$0] } ?? []) {
+        for root in [primaryRoot, standbyRoot] {
             #expect(!FileManager.default.fileExists(atPath: root), "\(root) is left")
             #expect(processes(mentioning: root).isEmpty, "processes are left in \(root)")
         }

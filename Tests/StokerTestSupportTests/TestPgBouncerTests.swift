@@ -8,8 +8,7 @@ private let childReportVariable = "STOKER_TEST_KILL_CHILD_REPORT"
 struct TestPgBouncerTests {
     @Test("a bouncer in front of a private cluster forwards SQL and leaves nothing behind when stopped")
     func lifecycle() async throws {
-        let postgres = try await TestPostgres.start()
-        do {
+        try await TestPostgres.withPrivate { postgres in
             try await postgres.withDatabase { database in
                 let bouncer = try await TestPgBouncer.start(inFrontOf: postgres, poolMode: .session, poolSize: 2)
                 let directory = bouncer.directory
@@ -30,11 +29,7 @@ struct TestPgBouncerTests {
                 #expect(!FileManager.default.fileExists(atPath: directory))
                 #expect(processes(mentioning: directory).isEmpty)
             }
-        } catch {
-            await postgres.stop()
-            throw error
         }
-        await postgres.stop()
     }
 
     @Test("cluster and bouncer vanish soon after the test process is killed with SIGKILL")

@@ -7,9 +7,8 @@ import Testing
 struct TestPostgresTests {
     @Test("a private TLS cluster starts, serves SQL and TLS, and leaves nothing behind when stopped")
     func privateClusterLifecycle() async throws {
-        let postgres = try await TestPostgres.start(.init(tls: true))
-        let root = try #require(postgres.socketDirectory)
-        do {
+        let root = try await TestPostgres.withPrivate(.init(tls: true)) { postgres in
+            let root = try #require(postgres.socketDirectory)
             #expect(postgres.isPrivate)
             #expect(postgres.host == "127.0.0.1")
             #expect(root.hasPrefix("/tmp/stoker-pg-"))
@@ -51,11 +50,8 @@ struct TestPostgresTests {
                     try await TestPostgres.execute("SELECT 1", conninfo: wrongPassword)
                 }
             }
-        } catch {
-            await postgres.stop()
-            throw error
+            return root
         }
-        await postgres.stop()
 
         #expect(!FileManager.default.fileExists(atPath: root))
         #expect(processes(mentioning: root).isEmpty)

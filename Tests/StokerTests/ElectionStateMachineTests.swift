@@ -1,3 +1,4 @@
+import StokerTestSupport
 import Testing
 
 @testable import Stoker
@@ -192,21 +193,6 @@ struct ElectionStateMachineTests {
     }
 
     // MARK: - Random walks
-
-    /// SplitMix64: tiny, deterministic, good enough to drive walks.
-    struct SplitMix64: RandomNumberGenerator {
-        var state: UInt64
-
-        init(seed: UInt64) { state = seed }
-
-        mutating func next() -> UInt64 {
-            state &+= 0x9E37_79B9_7F4A_7C15
-            var z = state
-            z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-            z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-            return z ^ (z >> 31)
-        }
-    }
 
     /// A random input; `resign` is rare so that walks spend time leading and losing before they withdraw.
     static func randomInput(_ rng: inout SplitMix64, nextTerm: inout Int64) -> Input {

@@ -73,9 +73,7 @@ extension StokerNode {
 
         /// `<hostname>:<pid>`.
         public static func defaultNodeName() -> String {
-            var buffer = [CChar](repeating: 0, count: 256)
-            let host = gethostname(&buffer, buffer.count - 1) == 0 ? decodeCString(buffer) : "localhost"
-            return "\(host):\(getpid())"
+            "\(NodeCore.hostName ?? "localhost"):\(getpid())"
         }
 
         var effectiveHeartbeatInterval: Duration { heartbeatInterval ?? lease / 5 }

@@ -157,12 +157,9 @@ final class NodeCore: Sendable {
             throw StokerError(.invalidConfiguration, "StokerNode.run() was called twice; a node runs once.")
         }
         do {
+            // The watchdog first: a session thread must never run unguarded. If the second start fails, `finish`
+            // makes the watchdog exit.
             try startThread { self.watchdogThread() }
-        } catch {
-            finish(failure: error)
-            throw error
-        }
-        do {
             try startThread { self.sessionThread() }
         } catch {
             finish(failure: error)
@@ -753,7 +750,7 @@ final class NodeCore: Sendable {
             try connection.transaction {
                 let id = try connection.execute(
                     statements.insertNode,
-                    ["\(clusterID)", configuration.nodeName, Self.hostName, "\(getpid())", "{}"]
+                    ["\(clusterID)", configuration.nodeName, Self.hostName ?? "", "\(getpid())", "{}"]
                 ).singleRow().int(0)
                 guard try connection.execute(statements.lockNode, ["\(id)"]).singleRow().bool(0) else {
                     throw StokerError(.unexpectedResult, "The new node row's lock was already taken.")
@@ -1050,9 +1047,11 @@ final class NodeCore: Sendable {
         while nanosleep(&remaining, &left) != 0 && errno == EINTR { remaining = left }
     }
 
-    static let hostName: String = {
+    /// This machine's host name (`nil` if `gethostname(2)` failed): the nodes table's `host`, and the default node
+    /// name's first half.
+    static let hostName: String? = {
         var buffer = [CChar](repeating: 0, count: 256)
-        return gethostname(&buffer, buffer.count - 1) == 0 ? decodeCString(buffer) : ""
+        return gethostname(&buffer, buffer.count - 1) == 0 ? decodeCString(buffer) : nil
     }()
 
     /// `cluster:node`, cut to PostgreSQL's 63 bytes on a character boundary.

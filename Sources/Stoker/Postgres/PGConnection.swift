@@ -321,7 +321,12 @@ final class PGConnection {
     /// good reply: that reply must not be taken as proof the session lives.
     private func requireHealthy() throws(StokerError) {
         guard !isHealthy else { return }
-        throw StokerError(
+        throw connectionLost()
+    }
+
+    /// The session is over: the server's FATAL if one came, else libpq's message — scrubbed of secrets.
+    func connectionLost() -> StokerError {
+        StokerError(
             .connectionLost,
             "The connection to PostgreSQL was lost.",
             serverMessage: configuration.redactor.scrub(
@@ -336,15 +341,7 @@ final class PGConnection {
         // PQconsumeInput only fills the buffer; PQnotifies parses it — and hands a FATAL to the notice receiver. Parse
         // first, then judge the connection: a FATAL read together with a notification must not wait for the EOF.
         drainNotifications()
-        if consumed == 0 {
-            throw StokerError(
-                .connectionLost,
-                "The connection to PostgreSQL was lost.",
-                serverMessage: configuration.redactor.scrub(
-                    fatalNotice.message ?? trimmed(String(cString: PQerrorMessage(raw)))),
-                connection: redactedDescription
-            )
-        }
+        if consumed == 0 { throw connectionLost() }
         try requireHealthy()
     }
 

@@ -310,11 +310,7 @@ private final class SessionCore: Sendable {
                 forward(connection.takeNotifications())
             }
             if !connection.isHealthy {
-                return StokerError(
-                    .connectionLost,
-                    "The connection to PostgreSQL was lost.",
-                    connection: connection.redactedDescription
-                )
+                return connection.connectionLost()
             }
             if job != nil { continue }
             if closing { return nil }
