@@ -13,8 +13,30 @@ struct StokerCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "stoker",
         abstract: "Leader election on PostgreSQL: keep a piece of work running always, and once.",
-        subcommands: [Migrate.self]
+        subcommands: [Migrate.self, Node.self]
     )
+
+    /// As ArgumentParser's, except that an error is one line on stderr (no usage block): scripts read it.
+    static func main() async {
+        do {
+            var command = try parseAsRoot()
+            if var command = command as? AsyncParsableCommand {
+                try await command.run()
+            } else {
+                try command.run()
+            }
+        } catch {
+            let code = exitCode(for: error)
+            if code == .success {
+                // --help, --version: the full text, on stdout.
+                print(fullMessage(for: error))
+                terminate(0)
+            }
+            let message = self.message(for: error)
+            if !message.isEmpty { writeStandardError("stoker: \(message)") }
+            terminate(code.rawValue)
+        }
+    }
 }
 
 /// Options every subcommand that talks to PostgreSQL shares.
@@ -89,6 +111,11 @@ struct Migrate: AsyncParsableCommand {
             throw ExitCode(1)
         }
     }
+}
+
+/// `exit(3)` (inside a command type `exit` names ArgumentParser's method).
+func terminate(_ code: Int32) -> Never {
+    exit(code)
 }
 
 func writeStandardError(_ text: String) {

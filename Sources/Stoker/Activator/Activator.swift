@@ -180,6 +180,7 @@ public final class Activator<Behaviour: StokerBehaviour>: Service, Sendable {
         let context = ActivatorContext(
             election: election,
             node: node.configuration.nodeName,
+            incarnation: run.scope?.incarnation ?? node.member?.id,
             scope: run.scope,
             leadershipEndedAt: endedAt,
             logger: logger
@@ -247,6 +248,10 @@ public struct ActivatorContext: Sendable {
     public let election: String
     /// This node's name.
     public let node: String
+    /// The node's incarnation (its row id in the nodes table; a reconnect is a new one) this event belongs to: on
+    /// ``ActivatorEvent/nowLeader(term:)`` and on the demotion that ends it, the incarnation that led; on other
+    /// events the node's current one (`nil` while it is not joined).
+    public let incarnation: Int?
     let scope: LeaderScope?
     /// On a demotion (``ActivatorEvent/nowFollower(leader:reason:)``, or ``ActivatorEvent/shutdown(reason:)`` after
     /// leading): the instant leadership ended — for a lost lease, the lease deadline, even when the callback runs
@@ -257,12 +262,14 @@ public struct ActivatorContext: Sendable {
     init(
         election: String,
         node: String,
+        incarnation: Int?,
         scope: LeaderScope?,
         leadershipEndedAt: ContinuousClock.Instant?,
         logger: Logger
     ) {
         self.election = election
         self.node = node
+        self.incarnation = incarnation
         self.scope = scope
         self.leadershipEndedAt = leadershipEndedAt
         self.logger = logger

@@ -57,6 +57,8 @@ final class LeaseClock: Sendable {
 final class LeaderScope: Sendable {
     let term: Int64
     let election: String
+    /// The node's incarnation (nodes row id) whose session holds this leadership.
+    let incarnation: Int
     let metrics: ElectionMetrics
     /// The lease clock of the session this leadership belongs to (a new session has a new clock).
     let lease: LeaseClock
@@ -69,9 +71,10 @@ final class LeaderScope: Sendable {
 
     private let state = Mutex(State())
 
-    init(term: Int64, election: String, metrics: ElectionMetrics, lease: LeaseClock) {
+    init(term: Int64, election: String, incarnation: Int, metrics: ElectionMetrics, lease: LeaseClock) {
         self.term = term
         self.election = election
+        self.incarnation = incarnation
         self.metrics = metrics
         self.lease = lease
     }

@@ -905,7 +905,8 @@ final class NodeCore: Sendable {
                 ).singleRow().int(0)
             }
             let scope = LeaderScope(
-                term: Int64(term), election: name, metrics: electionMetrics, lease: context.lease)
+                term: Int64(term), election: name, incarnation: context.nodeID, metrics: electionMetrics,
+                lease: context.lease)
             // Counted before the scope can be seen by anyone who might end it (so the gauge goes 1, then 0), and
             // outside the lock: a metrics handler is user code.
             electionMetrics.leading(true)

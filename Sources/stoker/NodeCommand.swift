@@ -1,0 +1,333 @@
+import ArgumentParser
+import Logging
+import ServiceLifecycle
+import Stoker
+import Synchronization
+
+#if canImport(Glibc)
+    import Glibc
+#elseif canImport(Darwin)
+    import Darwin
+#endif
+
+/// `stoker node`: one participant with a built-in behaviour that prints every callback as a JSON line (DESIGN §8).
+struct Node: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Run one participant: join a cluster, stand in its elections, print every callback as JSON.",
+        discussion: """
+            Prints one JSON object per line on stdout, flushed per line, for every callback: "at" (seconds of \
+            CLOCK_MONOTONIC, comparable across processes on one host), "time" (UTC), "node", "incarnation", \
+            "election", "event" (now_leader, now_follower, cluster_change, cluster_split, timer, shutdown), \
+            "term", and "ended_at" on every demotion (the monotonic instant leadership ended; for a lost lease, \
+            the lease deadline). SIGTERM or SIGINT hands the elections over and exits 0 after "shutdown". A bad \
+            flag or a connection error prints one line on stderr and exits non-zero. Durations: 250ms, 2s, 1.5s, \
+            1m (units ns, us, ms, s, m, h).
+            """
+    )
+
+    @OptionGroup var options: ConnectionOptions
+
+    @Option(name: .long, help: "The cluster to join (the group of processes that elect among themselves).")
+    var cluster: String
+
+    @Option(name: .long, help: "An election to stand in; repeat for several.")
+    var election: [String] = []
+
+    @Option(name: .long, help: "This node's name (default: <hostname>:<pid>).")
+    var name: String?
+
+    @Flag(name: .customLong("no-migrate"), help: "Do not apply migrations; only check that the schema is current.")
+    var noMigrate = false
+
+    @Option(
+        name: .long,
+        help: ArgumentHelp("How long a leader may act without a reply from PostgreSQL.", valueName: "duration"))
+    var lease: DurationArgument?
+
+    @Option(name: .long, help: ArgumentHelp("Heartbeat interval (default: lease / 5).", valueName: "duration"))
+    var heartbeat: DurationArgument?
+
+    @Option(
+        name: .long,
+        help: ArgumentHelp(
+            "How often a follower tries to take a free election (default: 100ms).", valueName: "duration"))
+    var retry: DurationArgument?
+
+    @Option(
+        name: .long,
+        help: ArgumentHelp(
+            "How long before the lease ends a leader steps down (default: lease / 10).", valueName: "duration"))
+    var margin: DurationArgument?
+
+    @Option(
+        name: .customLong("statement-timeout"),
+        help: ArgumentHelp("The session's statement_timeout (default: lease / 2).", valueName: "duration"))
+    var statementTimeout: DurationArgument?
+
+    @Option(
+        name: .customLong("reconnect-delay"),
+        help: ArgumentHelp(
+            "First delay before reconnecting after a lost session (default: 100ms).", valueName: "duration"))
+    var reconnectDelay: DurationArgument?
+
+    @Option(
+        name: .customLong("max-reconnect-delay"),
+        help: ArgumentHelp("Longest delay between reconnects (default: 5s).", valueName: "duration"))
+    var maximumReconnectDelay: DurationArgument?
+
+    @Option(
+        name: .long,
+        help: ArgumentHelp("Ask for a timer event every duration (the seed's next_timer_in).", valueName: "duration"))
+    var timer: DurationArgument?
+
+    @Option(name: .customLong("log-level"), help: "Log level of the node's own log lines on stderr.")
+    var logLevel: LogLevel = .warning
+
+    func validate() throws {
+        if election.isEmpty { throw ValidationError("give at least one --election") }
+        var seen = Set<String>()
+        for name in election where !seen.insert(name).inserted {
+            throw ValidationError("--election \(name) is given twice")
+        }
+        if let timer, timer.duration <= .zero { throw ValidationError("--timer must be longer than zero") }
+    }
+
+    func run() async throws {
+        var configuration = StokerNode.Configuration(
+            connection: options.connection, cluster: cluster, nodeName: name)
+        configuration.schema = options.schema
+        configuration.migrate = !noMigrate
+        if let lease { configuration.lease = lease.duration }
+        configuration.heartbeatInterval = heartbeat?.duration
+        if let retry { configuration.retryInterval = retry.duration }
+        configuration.margin = margin?.duration
+        configuration.statementTimeout = statementTimeout?.duration
+        if let reconnectDelay { configuration.reconnectDelay = reconnectDelay.duration }
+        if let maximumReconnectDelay { configuration.maximumReconnectDelay = maximumReconnectDelay.duration }
+
+        var logger = Logger(label: "stoker") { label in StreamLogHandler.standardError(label: label) }
+        logger.logLevel = logLevel.level
+        do {
+            let node = try StokerNode(configuration: configuration, logger: logger)
+            let output = LineOutput()
+            let behaviour = EventPrinter(timer: timer?.duration, output: output)
+            let activators = try election.map { try Activator(election: $0, node: node, behaviour: behaviour) }
+            // A first connection, to fail fast: the node itself retries connection failures forever, which is right
+            // for a service that starts before its database, not for a command a person or a script just typed.
+            if configuration.migrate {
+                _ = try await StokerSchema.migrate(connection: configuration.connection, schema: configuration.schema)
+            } else {
+                _ = try await StokerSchema.verify(connection: configuration.connection, schema: configuration.schema)
+            }
+            let group = ServiceGroup(
+                configuration: .init(
+                    // The node first: services stop in reverse order, so the elections are handed over before it leaves.
+                    services: [node] + activators.map { $0 as any Service },
+                    gracefulShutdownSignals: [.sigterm, .sigint],
+                    logger: logger
+                )
+            )
+            try await group.run()
+        } catch let error as StokerError {
+            // One line, no password: StokerError never holds one.
+            writeStandardError("stoker node: \(error)")
+            throw ExitCode(1)
+        } catch {
+            writeStandardError("stoker node: \(error)")
+            throw ExitCode(1)
+        }
+    }
+}
+
+/// `--log-level`.
+enum LogLevel: String, ExpressibleByArgument, CaseIterable, Sendable {
+    case trace, debug, info, notice, warning, error, critical
+
+    var level: Logger.Level {
+        switch self {
+        case .trace: .trace
+        case .debug: .debug
+        case .info: .info
+        case .notice: .notice
+        case .warning: .warning
+        case .error: .error
+        case .critical: .critical
+        }
+    }
+}
+
+/// The built-in behaviour of `stoker node`: one JSON line per callback.
+struct EventPrinter: StokerBehaviour {
+    let timer: Duration?
+    let output: LineOutput
+
+    func initialState() -> Int { 0 }
+
+    func nextTimer(_ state: Int) -> Duration? { timer }
+
+    func handle(_ event: ActivatorEvent, state: inout Int, context: ActivatorContext) async throws {
+        state += 1
+        output.emit(Self.line(for: event, context: context, now: MonotonicInstant.now()))
+    }
+
+    static func line(for event: ActivatorEvent, context: ActivatorContext, now: MonotonicInstant) -> String {
+        var object = JSONLine()
+        object.raw("at", now.seconds)
+        object.string("time", WallClock.iso8601())
+        object.string("node", context.node)
+        object.integer("incarnation", context.incarnation.map(Int64.init))
+        object.string("election", context.election)
+        switch event {
+        case .nowLeader(let term):
+            object.string("event", "now_leader")
+            object.integer("term", term)
+        case .nowFollower(let leader, let reason):
+            object.string("event", "now_follower")
+            object.integer("term", context.term)
+            object.string("leader", leader)
+            object.string("reason", reason == .leaseExpired ? "lease_expired" : "connection_lost")
+        case .clusterChange(let change), .clusterSplit(let change):
+            if case .clusterChange = event {
+                object.string("event", "cluster_change")
+            } else {
+                object.string("event", "cluster_split")
+            }
+            object.integer("term", context.term)
+            switch change {
+            case .nodeUp(let member):
+                object.string("change", "node_up")
+                object.string("member", member.name)
+                object.integer("member_incarnation", Int64(member.id))
+            case .nodeDown(let member):
+                object.string("change", "node_down")
+                object.string("member", member.name)
+                object.integer("member_incarnation", Int64(member.id))
+            }
+        case .timer:
+            object.string("event", "timer")
+            object.integer("term", context.term)
+        case .shutdown(let reason):
+            object.string("event", "shutdown")
+            object.integer("term", context.term)
+            let name =
+                switch reason {
+                case .gracefulShutdown: "graceful_shutdown"
+                case .cancelled: "cancelled"
+                default: "node_stopped"
+                }
+            object.string("reason", name)
+        }
+        if let endedAt = context.leadershipEndedAt {
+            object.raw("ended_at", now.converting(endedAt).seconds)
+        }
+        return object.text
+    }
+}
+
+/// stdout, one whole line per `write(2)`, serialized: activators of several elections print concurrently.
+final class LineOutput: Sendable {
+    private let lock = Mutex(())
+
+    func emit(_ line: String) {
+        let bytes = Array((line + "\n").utf8)
+        lock.withLock { _ in
+            var written = 0
+            while written < bytes.count {
+                let result = bytes[written...].withUnsafeBytes { write(STDOUT_FILENO, $0.baseAddress, $0.count) }
+                if result < 0 && errno == EINTR { continue }
+                if result <= 0 { return }
+                written += result
+            }
+        }
+    }
+}
+
+/// An instant of `CLOCK_MONOTONIC`, which every process on one host shares, paired with `ContinuousClock` read at
+/// the same moment, so that instants the library reports (`ContinuousClock`) can be printed on the shared clock.
+struct MonotonicInstant {
+    let nanoseconds: Int64
+    let continuous: ContinuousClock.Instant
+
+    static func now() -> MonotonicInstant {
+        var spec = timespec()
+        clock_gettime(CLOCK_MONOTONIC, &spec)
+        let continuous = ContinuousClock.now
+        return MonotonicInstant(
+            nanoseconds: Int64(spec.tv_sec) * 1_000_000_000 + Int64(spec.tv_nsec), continuous: continuous)
+    }
+
+    /// `instant` on `CLOCK_MONOTONIC` (exact unless the machine was suspended in between).
+    func converting(_ instant: ContinuousClock.Instant) -> MonotonicInstant {
+        let (seconds, attoseconds) = instant.duration(to: continuous).components
+        let behind = seconds * 1_000_000_000 + attoseconds / 1_000_000_000
+        return MonotonicInstant(nanoseconds: nanoseconds - behind, continuous: instant)
+    }
+
+    /// Seconds with microseconds, e.g. `81234.501872`.
+    var seconds: String {
+        let micro = nanoseconds / 1_000
+        let (whole, fraction) = micro.quotientAndRemainder(dividingBy: 1_000_000)
+        return "\(whole)." + String(fraction.magnitude).leftPadded(to: 6)
+    }
+}
+
+enum WallClock {
+    /// Now in UTC, e.g. `2026-11-25T03:12:49.123Z`.
+    static func iso8601() -> String {
+        var spec = timespec()
+        clock_gettime(CLOCK_REALTIME, &spec)
+        var seconds = spec.tv_sec
+        var parts = tm()
+        gmtime_r(&seconds, &parts)
+        let date =
+            "\(parts.tm_year + 1900)-" + "\(parts.tm_mon + 1)".leftPadded(to: 2) + "-"
+            + "\(parts.tm_mday)".leftPadded(to: 2)
+        let time =
+            "\(parts.tm_hour)".leftPadded(to: 2) + ":" + "\(parts.tm_min)".leftPadded(to: 2) + ":"
+            + "\(parts.tm_sec)".leftPadded(to: 2) + "." + "\(spec.tv_nsec / 1_000_000)".leftPadded(to: 3)
+        return date + "T" + time + "Z"
+    }
+}
+
+/// One JSON object, fields in the order written.
+struct JSONLine {
+    private var fields: [String] = []
+
+    var text: String { "{" + fields.joined(separator: ",") + "}" }
+
+    mutating func raw(_ key: String, _ value: String) {
+        fields.append(Self.quoted(key) + ":" + value)
+    }
+
+    mutating func string(_ key: String, _ value: String?) {
+        raw(key, value.map(Self.quoted) ?? "null")
+    }
+
+    mutating func integer(_ key: String, _ value: Int64?) {
+        raw(key, value.map { "\($0)" } ?? "null")
+    }
+
+    static func quoted(_ text: String) -> String {
+        var result = "\""
+        for scalar in text.unicodeScalars {
+            switch scalar {
+            case "\"": result += "\\\""
+            case "\\": result += "\\\\"
+            case "\n": result += "\\n"
+            case "\r": result += "\\r"
+            case "\t": result += "\\t"
+            case _ where scalar.value < 0x20:
+                result += "\\u" + String(scalar.value, radix: 16).leftPadded(to: 4)
+            default:
+                result.unicodeScalars.append(scalar)
+            }
+        }
+        return result + "\""
+    }
+}
+
+extension String {
+    func leftPadded(to width: Int) -> String {
+        count >= width ? self : String(repeating: "0", count: width - count) + self
+    }
+}
