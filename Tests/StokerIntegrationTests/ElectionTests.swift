@@ -134,7 +134,41 @@ struct ElectionTests {
         try await withTestDatabase { database in
             let history = History()
             try await withNodes { nodes in
-                // Followers that retry once an hour: only the `released` notification can make one take over.
+                // Followers that retry once an hour, and each lead an election of their own (so they never wait in
+                // the lock queue: DESIGN §5): only the `released` notification can make one take over.
+                let all = try ["a", "b", "c"].map { name in
+                    nodes.add(
+                        try TestNode(name, database: database, elections: ["e", "own-\(name)"], history: history) {
+                            $0.retryInterval = .seconds(3600)
+                        })
+                }
+                try await waitForMembers(3, in: database)
+                try await history.wait("one leads") { History.leaders($0, election: "e").count == 1 }
+                for _ in 0..<2 {
+                    let leaderName = try #require(History.leaders(history.entries, election: "e").first)
+                    let leader = try #require(all.first { $0.name == leaderName })
+                    try await leader.stop()
+                    try await history.wait("another node leads") { entries in
+                        let leaders = History.leaders(entries, election: "e")
+                        return leaders.count == 1 && leaders != [leaderName]
+                    }
+                }
+                for node in all where History.leaders(history.entries, election: "e") == [node.name] {
+                    try await node.stop()
+                }
+                history.check(complete: true)
+            }
+        }
+    }
+
+    @Test("when the server ends the leader's session, a follower is granted the lock from the queue it waits in")
+    func crashHandOverByLockQueue() async throws {
+        try await withTestDatabase { database in
+            let history = History()
+            try await withNodes { nodes in
+                // Followers that retry once an hour and lead nothing: they wait in the lock queue. The server ending
+                // the leader's session sends no `released` notification, so only that wait can make one take over
+                // within the hour (the old leader, back as a new incarnation, queues like the others).
                 let all = try ["a", "b", "c"].map { name in
                     nodes.add(
                         try TestNode(name, database: database, elections: ["e"], history: history) {
@@ -146,7 +180,8 @@ struct ElectionTests {
                 for _ in 0..<2 {
                     let leaderName = try #require(History.leaders(history.entries, election: "e").first)
                     let leader = try #require(all.first { $0.name == leaderName })
-                    try await leader.stop()
+                    let pid = try #require(leader.node.backendPID)
+                    _ = try await database.admin("SELECT pg_terminate_backend(\(pid))")
                     try await history.wait("another node leads") { entries in
                         let leaders = History.leaders(entries, election: "e")
                         return leaders.count == 1 && leaders != [leaderName]

@@ -822,13 +822,19 @@ final class NodeCore: Sendable {
                 if handle(connection.takeNotifications(), &context) { retryNow = true }
             }
 
-            let candidates = state.withLock { state in
+            let (candidates, holdsElection) = state.withLock { state in
                 // A stopping node takes no new leadership.
-                state.stop != nil || state.halting
+                let candidates =
+                    state.stop != nil || state.halting
                     ? []
                     : state.slots.values.compactMap { slot in
                         slot.machine.isCandidate && !slot.announcing && !slot.needsSetup ? slot.id : nil
-                    }
+                    }.sorted()
+                let holds = state.slots.values.contains { slot in
+                    slot.releaseReady || slot.announcing
+                        || !(slot.machine.state == .follower || slot.machine.state == .withdrawn)
+                }
+                return (candidates, holds)
             }
             now = ContinuousClock.now
             if !candidates.isEmpty, retryNow || now >= nextRetry {
@@ -843,6 +849,25 @@ final class NodeCore: Sendable {
 
             var until = nextHeartbeat
             if !candidates.isEmpty { until = min(until, nextRetry) }
+            if let first = candidates.first, !holdsElection,
+                let wait = queueWait(until: until), state.withLock({ $0.freeze == nil })
+            {
+                // A follower that leads nothing spends the wait *in* the first candidate's lock queue (DESIGN §5): the
+                // server grants it the instant the holder's session ends. The statement returns at `until` at the
+                // latest, so heartbeats and the other candidates' retries keep their rhythm; notifications wait for it.
+                let granted = try confirmed(context) { () throws -> Bool in
+                    do {
+                        _ = try connection.execute(
+                            statements.waitForElection, ["\(first)", "\(wait.roundedUpMilliseconds)"])
+                        return true
+                    } catch let error as StokerError where error.sqlState == ProtocolStatements.lockTimeoutSQLState {
+                        return false
+                    }
+                }
+                if granted { try acquired(election: first, context) }
+                if handle(connection.takeNotifications(), &context) { retryNow = true }
+                continue
+            }
             if let freeze = state.withLock({ state -> Duration? in
                 defer {
                     if state.freeze != nil { state.holding += 1 }
@@ -861,6 +886,13 @@ final class NodeCore: Sendable {
     }
 
     private static let internalError = StokerError(.unexpectedResult, "The node's session was not set up.")
+
+    /// How long a lock-queue wait may last to return by `until`: `nil` when under a millisecond is left (poll instead).
+    /// Never more than half the statement timeout, so the server's timeout can never cut the wait.
+    private func queueWait(until: ContinuousClock.Instant) -> Duration? {
+        let left = min(ContinuousClock.now.duration(to: until), configuration.effectiveStatementTimeout / 2)
+        return left >= .milliseconds(1) ? left : nil
+    }
 
     /// Looks up the rows of elections registered since (or before) this session began; returns whether any was.
     private func setUpElections(_ context: SessionContext) throws -> Bool {

@@ -34,6 +34,11 @@ struct ProtocolStatements: Sendable {
     /// `$1` election ids as an int4 array literal (`{3,7}`) → the ids whose lock this session just won.
     /// Never pass an id this session already holds: advisory locks stack.
     let tryAcquire: String
+    /// `$1` election id, `$2` `lock_timeout` in milliseconds: waits in the lock's queue (DESIGN §5) → one row once the
+    /// lock is granted; SQLSTATE ``lockTimeoutSQLState`` when the wait timed out. The timeout is set for this statement
+    /// only (`set_config(…, true)` in its implicit transaction; `OFFSET 0` evaluates it before the wait). Never pass an
+    /// id this session already holds.
+    let waitForElection: String
     /// `$1` election id, `$2` node id, `$3` node name → the new `term`.
     let bumpTerm: String
     /// `$1` election id, `$2` node id: clears the leader (→ `released` notification) — then ``unlockElection``,
@@ -54,6 +59,8 @@ struct ProtocolStatements: Sendable {
 
     /// SQLSTATE the fence raises for a stale term.
     static let staleTermSQLState = "SK001"
+    /// `lock_not_available`: a lock wait ran into `lock_timeout`.
+    static let lockTimeoutSQLState = "55P03"
 
     init(schema: String, quotedSchema s: String, lockNamespace: Int32) {
         self.schema = schema
@@ -92,6 +99,10 @@ struct ProtocolStatements: Sendable {
         tryAcquire = """
             SELECT id FROM unnest($1::int4[]) AS candidate (id)
              WHERE pg_try_advisory_lock(\(ns), -id)
+            """
+        waitForElection = """
+            SELECT pg_advisory_lock(\(ns), -($1::int4))
+              FROM (SELECT set_config('lock_timeout', $2, true) OFFSET 0) AS timeout
             """
         bumpTerm = """
             UPDATE \(s).elections
