@@ -12,6 +12,7 @@ let package = Package(
         .library(name: "Stoker", targets: ["Stoker"]),
         .library(name: "StokerTestSupport", targets: ["StokerTestSupport"]),
         .executable(name: "stoker", targets: ["stoker"]),
+        .executable(name: "stoker-bench", targets: ["stoker-bench"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
@@ -45,6 +46,18 @@ let package = Package(
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+            ],
+            swiftSettings: strict
+        ),
+        // Failover benchmark: drives `stoker node` processes and a bare-libpq floor (DESIGN.md §5, §8). Depending on
+        // the executable `stoker` makes `swift run stoker-bench` build it too; the bench runs it from next to itself.
+        .executableTarget(
+            name: "stoker-bench",
+            dependencies: [
+                "stoker",
+                "StokerTestSupport",
+                "CStokerLibPQ",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ],
             swiftSettings: strict
         ),

@@ -1,0 +1,187 @@
+import ArgumentParser
+import Foundation
+import StokerTestSupport
+
+@main
+struct StokerBench: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "stoker-bench",
+        abstract: "Benchmarks of Stoker against what bare PostgreSQL allows.",
+        subcommands: [Failover.self, FloorClient.self]
+    )
+}
+
+/// `stoker-bench failover`: failover latency of `stoker node` participants under three faults, next to the floor.
+struct Failover: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Failover latency of `stoker node` under graceful stop, crash and freeze, next to the floor.",
+        discussion: """
+            Starts a private PostgreSQL, then for each fault and each system runs --nodes participants of one \
+            election. Each repetition signals the leader — SIGTERM (graceful), SIGKILL (crash) or SIGSTOP (freeze; \
+            SIGCONT once a successor leads) — and times the successor's `now_leader` (its `at`, CLOCK_MONOTONIC) \
+            from the instant just before the signal; the faulted participant is then replaced by a fresh one. \
+            The floor is the same harness around bare libpq clients (`floor-client`) that wait in \
+            pg_advisory_lock with lock_timeout 100 ms and hold the lock under idle_session_timeout = lease. \
+            Every line is checked: per election, leaderships [now_leader.at, ended_at] never overlap and terms \
+            increase. Prints a markdown report; exits 1 on any overlap or other correctness problem.
+            """
+    )
+
+    @Option(name: .long, help: "Repetitions per fault and system (at least 1).")
+    var reps: Int = 20
+
+    @Option(name: .long, help: "The lease of the Stoker nodes, and the floor's idle_session_timeout.")
+    var lease: BenchDuration = BenchDuration(parsing: "5s")!
+
+    @Option(name: .long, help: "Comma-separated faults: graceful, crash, freeze.")
+    var faults: FaultList = FaultList(Fault.allCases)
+
+    @Option(name: .long, help: "Participants per election (at least 2).")
+    var nodes: Int = 3
+
+    @Option(name: .long, help: "Comma-separated systems to run: stoker, floor.")
+    var systems: SystemList = SystemList([.stoker, .floor])
+
+    func validate() throws {
+        guard reps >= 1 else { throw ValidationError("--reps must be at least 1 (got \(reps)).") }
+        guard nodes >= 2 else {
+            throw ValidationError("--nodes must be at least 2 (got \(nodes)): a failover needs a successor.")
+        }
+        guard lease.duration >= .milliseconds(500) else {
+            throw ValidationError("--lease must be at least 500ms (got \(lease.text)).")
+        }
+    }
+
+    func run() async throws {
+        let binary = try ownExecutable()
+        var stoker: String?
+        if systems.values.contains(.stoker) {
+            stoker = try await locateStoker(nextTo: binary)
+        }
+        let settings = BenchSettings(
+            reps: reps, lease: lease, faults: faults.values, nodes: nodes, systems: systems.values,
+            stokerPath: stoker, benchPath: binary)
+        let commandLine = CommandLine.arguments.map(shellQuoted).joined(separator: " ")
+        let outcome = try await runFailoverBenchmark(settings, commandLine: commandLine)
+        print(outcome.report)
+        fflush(nil)
+        if !outcome.passed { throw ExitCode(1) }
+    }
+}
+
+/// A duration as written on the command line: `250ms`, `2s`, `1.5s`, `1m`.
+struct BenchDuration: ExpressibleByArgument, Sendable, CustomStringConvertible {
+    /// The text given, passed on unchanged to `stoker node`.
+    let text: String
+    let duration: Duration
+
+    init?(argument: String) { self.init(parsing: argument) }
+
+    init?(parsing text: String) {
+        let units: [(suffix: String, seconds: Double)] = [("ms", 0.001), ("s", 1), ("m", 60)]
+        guard let unit = units.first(where: { text.hasSuffix($0.suffix) }),
+            let value = Double(text.dropLast(unit.suffix.count)), value >= 0, value.isFinite
+        else { return nil }
+        self.text = text
+        duration = .milliseconds(Int64((value * unit.seconds * 1_000).rounded()))
+    }
+
+    var seconds: Double { Double(duration.components.seconds) + Double(duration.components.attoseconds) / 1e18 }
+    var milliseconds: Int64 { Int64((seconds * 1_000).rounded(.up)) }
+    var description: String { text }
+    static var defaultCompletionKind: CompletionKind { .default }
+}
+
+/// A fault the bench applies to the leader.
+enum Fault: String, CaseIterable, Sendable {
+    case graceful, crash, freeze
+
+    /// The signal that applies it.
+    var signal: Int32 {
+        switch self {
+        case .graceful: SIGTERM
+        case .crash: SIGKILL
+        case .freeze: SIGSTOP
+        }
+    }
+
+    var signalName: String {
+        switch self {
+        case .graceful: "SIGTERM"
+        case .crash: "SIGKILL"
+        case .freeze: "SIGSTOP"
+        }
+    }
+}
+
+/// What runs as a participant.
+enum BenchSystem: String, CaseIterable, Sendable {
+    /// `stoker node`.
+    case stoker
+    /// `stoker-bench floor-client`: bare libpq, no Stoker.
+    case floor
+}
+
+struct FaultList: ExpressibleByArgument, Sendable {
+    let values: [Fault]
+    init(_ values: [Fault]) { self.values = values }
+    init?(argument: String) {
+        guard let values = commaSeparated(argument, Fault.init(rawValue:)) else { return nil }
+        self.values = values
+    }
+    var defaultValueDescription: String { values.map(\.rawValue).joined(separator: ",") }
+}
+
+struct SystemList: ExpressibleByArgument, Sendable {
+    let values: [BenchSystem]
+    init(_ values: [BenchSystem]) { self.values = values }
+    init?(argument: String) {
+        guard let values = commaSeparated(argument, BenchSystem.init(rawValue:)) else { return nil }
+        self.values = values
+    }
+    var defaultValueDescription: String { values.map(\.rawValue).joined(separator: ",") }
+}
+
+/// `a,b,c` → the values in order without duplicates; nil when any is unknown or the list is empty.
+private func commaSeparated<T: Equatable>(_ text: String, _ make: (String) -> T?) -> [T]? {
+    var values: [T] = []
+    for part in text.split(separator: ",") {
+        guard let value = make(part.trimmingCharacters(in: .whitespaces)) else { return nil }
+        if !values.contains(value) { values.append(value) }
+    }
+    return values.isEmpty ? nil : values
+}
+
+/// `text` as one shell word (single-quoted unless it is plain).
+private func shellQuoted(_ text: String) -> String {
+    let plain = !text.isEmpty && text.allSatisfy { $0.isLetter || $0.isNumber || "-_./=:,@%+".contains($0) }
+    return plain ? text : "'" + text.replacingOccurrences(of: "'", with: "'\\''") + "'"
+}
+
+/// The bench's own binary (for `floor-client` participants).
+private func ownExecutable() throws -> String {
+    guard let path = try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe") else {
+        throw ValidationError("cannot resolve /proc/self/exe")
+    }
+    return path
+}
+
+/// `stoker`, built next to this binary, with a `node` subcommand.
+private func locateStoker(nextTo binary: String) async throws -> String {
+    let directory = (binary as NSString).deletingLastPathComponent
+    let stoker = directory + "/stoker"
+    guard FileManager.default.isExecutableFile(atPath: stoker) else {
+        throw ValidationError(
+            "no `stoker` executable next to this bench at \(stoker); build both with "
+                + "`swift build -c release --product stoker-bench` (or `swift run -c release stoker-bench`), "
+                + "or pass --systems floor")
+    }
+    let help = try await runProcess([stoker, "node", "--help"], timeout: .seconds(60))
+    guard help.status == 0 else {
+        throw ValidationError(
+            "\(stoker) has no working `node` subcommand (`stoker node --help` exited \(help.status): "
+                + "\(help.standardError.trimmingCharacters(in: .whitespacesAndNewlines))); rebuild it, or pass "
+                + "--systems floor")
+    }
+    return stoker
+}

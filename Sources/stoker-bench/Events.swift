@@ -1,0 +1,36 @@
+import Foundation
+
+/// One line of `stoker node` (DESIGN.md §8) or of `floor-client`: a flat JSON object.
+struct Event: Sendable {
+    /// `at`: CLOCK_MONOTONIC seconds when the event happened.
+    let at: Double
+    let node: String
+    let election: String
+    /// `now_leader`, `now_follower`, `shutdown`, `cluster_change`, …
+    let event: String
+    let term: Int?
+    /// On demotions: the monotonic instant leadership ended.
+    let endedAt: Double?
+    let reason: String?
+
+    /// Parses one line; nil when it is not such an object.
+    init?(_ line: String) {
+        guard line.hasPrefix("{"),
+            let object = try? JSONSerialization.jsonObject(with: Data(line.utf8)) as? [String: Any],
+            let at = (object["at"] as? NSNumber)?.doubleValue,
+            let event = object["event"] as? String
+        else { return nil }
+        self.at = at
+        self.event = event
+        node = object["node"] as? String ?? ""
+        election = object["election"] as? String ?? ""
+        term = (object["term"] as? NSNumber)?.intValue
+        endedAt = (object["ended_at"] as? NSNumber)?.doubleValue
+        reason = object["reason"] as? String
+    }
+
+    var isNowLeader: Bool { event == "now_leader" }
+
+    /// `now_follower` or `shutdown`: the end of a leadership when it carries `ended_at`.
+    var isDemotion: Bool { event == "now_follower" || event == "shutdown" }
+}
