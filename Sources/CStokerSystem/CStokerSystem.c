@@ -96,8 +96,15 @@ int stoker_spawn_dying_with_thread(const char *path, char *const argv[], char *c
         struct sigaction defaults;
         memset(&defaults, 0, sizeof defaults);
         defaults.sa_handler = SIG_DFL;
+        /* The kernel's struct for rt_sigaction, all zero: SIG_DFL, no flags, empty mask (whatever the layout). */
+        unsigned char kernel_defaults[64];
+        memset(kernel_defaults, 0, sizeof kernel_defaults);
         for (int signo = 1; signo < NSIG; signo++) {
-            if (signo != SIGKILL && signo != SIGSTOP) sigaction(signo, &defaults, NULL); /* EINVAL: reserved */
+            if (signo == SIGKILL || signo == SIGSTOP) continue;
+            /* glibc refuses its reserved signals (32, 33: EINVAL), yet an ignored one stays ignored across execve:
+             * reset those through the system call itself. */
+            if (sigaction(signo, &defaults, NULL) != 0)
+                syscall(SYS_rt_sigaction, signo, kernel_defaults, NULL, (size_t)(_NSIG / 8));
         }
         if (death_signal != 0) {
             if (prctl(PR_SET_PDEATHSIG, (unsigned long)death_signal, 0UL, 0UL, 0UL) != 0)
