@@ -41,7 +41,8 @@ struct Node: AsyncParsableCommand {
 
     @Option(
         name: .long,
-        help: ArgumentHelp("How long a leader may act without a reply from PostgreSQL.", valueName: "duration"))
+        help: ArgumentHelp(
+            "How long a leader may act without a reply from PostgreSQL (default: 5s).", valueName: "duration"))
     var lease: DurationArgument?
 
     @Option(name: .long, help: ArgumentHelp("Heartbeat interval (default: lease / 5).", valueName: "duration"))

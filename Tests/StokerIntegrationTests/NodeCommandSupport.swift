@@ -238,10 +238,12 @@ final class Participants: Sendable {
         }
     }
 
-    /// SIGTERM to every participant still running; each must exit 0.
+    /// SIGTERM (SIGINT to the first) to every participant still running; each must exit 0.
     func stopAll() async throws {
         let running = all.filter { $0.process.exitStatus == nil }
-        for participant in running { _ = participant.process.signal(SIGTERM) }
+        for (index, participant) in running.enumerated() {
+            _ = participant.process.signal(index == 0 ? SIGINT : SIGTERM)
+        }
         for participant in running {
             let status = try await participant.process.waitForExit(timeout: .seconds(30))
             #expect(status == 0, "\(participant.name) exited \(status): \(participant.process.standardError)")

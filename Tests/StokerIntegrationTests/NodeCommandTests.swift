@@ -22,7 +22,7 @@ struct NodeCommandTests {
         var testDescription: String { rawValue }
     }
 
-    @Test("3 processes × 3 elections: exactly one leader per election; SIGTERM to all: each exits 0 after shutdown")
+    @Test("3 processes × 3 elections: exactly one leader per election; SIGINT or SIGTERM: each exits 0 after shutdown")
     func oneLeaderPerElection() async throws {
         try await withTestDatabase { database in
             let elections = ["e1", "e2", "e3"]
