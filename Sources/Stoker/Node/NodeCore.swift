@@ -855,14 +855,10 @@ final class NodeCore: Sendable {
                 // A follower that leads nothing spends the wait *in* the first candidate's lock queue (DESIGN §5): the
                 // server grants it the instant the holder's session ends. The statement returns at `until` at the
                 // latest, so heartbeats and the other candidates' retries keep their rhythm; notifications wait for it.
-                let granted = try confirmed(context) { () throws -> Bool in
-                    do {
-                        _ = try connection.execute(
-                            statements.waitForElection, ["\(first)", "\(wait.roundedUpMilliseconds)"])
-                        return true
-                    } catch let error as StokerError where error.sqlState == ProtocolStatements.lockTimeoutSQLState {
-                        return false
-                    }
+                let granted = try confirmed(context) {
+                    try connection.execute(
+                        statements.waitForElection, ["\(first)", "\(wait.roundedUpMilliseconds)"]
+                    ).singleRow().bool(0)
                 }
                 if granted { try acquired(election: first, context) }
                 if handle(connection.takeNotifications(), &context) { retryNow = true }
@@ -931,14 +927,19 @@ final class NodeCore: Sendable {
         }
         switch action {
         case .bumpTerm:
-            let term = try confirmed(context) {
+            let bumped = try confirmed(context) {
                 try context.connection.execute(
                     statements.bumpTerm, ["\(id)", "\(context.nodeID)", configuration.nodeName]
-                ).singleRow().int(0)
+                ).singleRow()
             }
+            let term = try bumped.int(0)
+            // A predecessor that did not hand over (crash, or its session ended by the server) may not have seen
+            // its loss yet: leadership starts after the takeover guard.
+            let previous: Int? = bumped.isNull(1) ? nil : try bumped.int(1)
+            let handedOver = previous == nil || previous == context.nodeID
             let scope = LeaderScope(
                 term: Int64(term), election: name, incarnation: context.nodeID, metrics: electionMetrics,
-                lease: context.lease)
+                lease: context.lease, startsAt: .now + (handedOver ? .zero : configuration.effectiveTakeoverGuard))
             // Counted before the scope can be seen by anyone who might end it (so the gauge goes 1, then 0), and
             // outside the lock: a metrics handler is user code.
             electionMetrics.leading(true)

@@ -83,6 +83,16 @@ enum SchemaManifest {
             name: "fence",
             securityDefiner: true
         ),
+        ExpectedFunction(
+            signature: "wait_for_lock(p_namespace integer, p_key integer, p_timeout_ms integer)",
+            name: "wait_for_lock",
+            securityDefiner: false
+        ),
+        ExpectedFunction(
+            signature: "bump_term(p_election integer, p_node integer, p_name text)",
+            name: "bump_term",
+            securityDefiner: false
+        ),
     ]
 
     struct ExpectedTrigger: Sendable {

@@ -90,6 +90,8 @@ public enum StokerSchema {
         GRANT SELECT, INSERT, UPDATE, DELETE ON \(schema).nodes TO \(role);
         GRANT SELECT, INSERT, UPDATE ON \(schema).elections TO \(role);
         GRANT EXECUTE ON FUNCTION \(schema).fence(text, text, bigint) TO \(role);
+        GRANT EXECUTE ON FUNCTION \(schema).wait_for_lock(integer, integer, integer) TO \(role);
+        GRANT EXECUTE ON FUNCTION \(schema).bump_term(integer, integer, text) TO \(role);
         """
     }
 

@@ -34,12 +34,12 @@ struct ProtocolStatements: Sendable {
     /// `$1` election ids as an int4 array literal (`{3,7}`) → the ids whose lock this session just won.
     /// Never pass an id this session already holds: advisory locks stack.
     let tryAcquire: String
-    /// `$1` election id, `$2` `lock_timeout` in milliseconds: waits in the lock's queue (DESIGN §5) → one row once the
-    /// lock is granted; SQLSTATE ``lockTimeoutSQLState`` when the wait timed out. The timeout is set for this statement
-    /// only (`set_config(…, true)` in its implicit transaction; `OFFSET 0` evaluates it before the wait). Never pass an
-    /// id this session already holds.
+    /// `$1` election id, `$2` milliseconds: waits that long at most in the lock's queue (DESIGN §5) → whether this
+    /// session holds the lock now (`wait_for_lock`, migration 002: a timeout is no error, and a grant in the instant
+    /// of the timeout counts as granted). Never pass an id this session already holds.
     let waitForElection: String
-    /// `$1` election id, `$2` node id, `$3` node name → the new `term`.
+    /// `$1` election id, `$2` node id, `$3` node name → the new `term`, and the previous leader's node id when its
+    /// leadership ended without a hand-over (NULL after a graceful release).
     let bumpTerm: String
     /// `$1` election id, `$2` node id: clears the leader (→ `released` notification) — then ``unlockElection``,
     /// both in one transaction.
@@ -59,8 +59,6 @@ struct ProtocolStatements: Sendable {
 
     /// SQLSTATE the fence raises for a stale term.
     static let staleTermSQLState = "SK001"
-    /// `lock_not_available`: a lock wait ran into `lock_timeout`.
-    static let lockTimeoutSQLState = "55P03"
 
     init(schema: String, quotedSchema s: String, lockNamespace: Int32) {
         self.schema = schema
@@ -100,15 +98,8 @@ struct ProtocolStatements: Sendable {
             SELECT id FROM unnest($1::int4[]) AS candidate (id)
              WHERE pg_try_advisory_lock(\(ns), -id)
             """
-        waitForElection = """
-            SELECT pg_advisory_lock(\(ns), -($1::int4))
-              FROM (SELECT set_config('lock_timeout', $2, true) OFFSET 0) AS timeout
-            """
-        bumpTerm = """
-            UPDATE \(s).elections
-               SET term = term + 1, leader_node = $2, leader_name = $3, leader_since = now()
-             WHERE id = $1 RETURNING term
-            """
+        waitForElection = "SELECT \(s).wait_for_lock(\(ns), -($1::int4), $2::int4)"
+        bumpTerm = "SELECT term, previous_node FROM \(s).bump_term($1, $2, $3)"
         clearLeader = """
             UPDATE \(s).elections SET leader_node = NULL, leader_name = NULL, leader_since = NULL
              WHERE id = $1 AND leader_node = $2
