@@ -3,6 +3,7 @@ import Logging
 import ServiceLifecycle
 import Stoker
 import Synchronization
+import UnixSignals
 
 #if canImport(Glibc)
     import Glibc
@@ -116,9 +117,19 @@ struct Node: AsyncParsableCommand {
 
         var logger = Logger(label: "stoker") { label in StreamLogHandler.standardError(label: label) }
         logger.logLevel = logLevel.level
+        // SIGTERM/SIGINT are trapped from here on, not only once the service group runs: a stop that arrives while
+        // the first connection is made is kept, and the group shuts down as soon as it starts.
+        let stop = StopRequests()
+        let signals = await UnixSignalsSequence(trapping: .sigterm, .sigint)
+        let watcher = Task {
+            for await _ in signals { stop.request() }
+        }
+        defer { watcher.cancel() }
+        // A reader that went away (`stoker node … | head -1`) is a request to stop, not a crash by SIGPIPE.
+        signal(SIGPIPE, SIG_IGN)
         do {
             let node = try StokerNode(configuration: configuration, logger: logger)
-            let output = LineOutput()
+            let output = LineOutput { stop.request() }
             let behaviour = EventPrinter(timer: timer?.duration, output: output)
             let activators = try election.map { try Activator(election: $0, node: node, behaviour: behaviour) }
             // A first connection, to fail fast: the node itself retries connection failures forever, which is right
@@ -132,10 +143,10 @@ struct Node: AsyncParsableCommand {
                 configuration: .init(
                     // The node first: services stop in reverse order, so the elections are handed over before it leaves.
                     services: [node] + activators.map { $0 as any Service },
-                    gracefulShutdownSignals: [.sigterm, .sigint],
                     logger: logger
                 )
             )
+            stop.attach(group)
             try await group.run()
         } catch let error as StokerError {
             // One line, no password: StokerError never holds one.
@@ -233,21 +244,55 @@ struct EventPrinter: StokerBehaviour {
     }
 }
 
-/// stdout, one whole line per `write(2)`, serialized: activators of several elections print concurrently.
+/// Graceful-stop requests (a signal, or stdout gone) and the service group they stop, in whichever order they come.
+final class StopRequests: Sendable {
+    private let state = Mutex<(requested: Bool, group: ServiceGroup?)>((false, nil))
+
+    func request() {
+        let group = state.withLock { state in
+            state.requested = true
+            return state.group
+        }
+        if let group { Task { await group.triggerGracefulShutdown() } }
+    }
+
+    /// A request that came before is passed on at once (the group remembers it until it runs).
+    func attach(_ group: ServiceGroup) {
+        let requested = state.withLock { state in
+            state.group = group
+            return state.requested
+        }
+        if requested { Task { await group.triggerGracefulShutdown() } }
+    }
+}
+
+/// stdout, one whole line per `write(2)`, serialized: activators of several elections print concurrently. When stdout
+/// is gone (EPIPE), `broken` is called once and nothing more is written.
 final class LineOutput: Sendable {
-    private let lock = Mutex(())
+    private let state = Mutex(false)
+    private let broken: @Sendable () -> Void
+
+    init(broken: @escaping @Sendable () -> Void) {
+        self.broken = broken
+    }
 
     func emit(_ line: String) {
         let bytes = Array((line + "\n").utf8)
-        lock.withLock { _ in
+        let failed = state.withLock { isBroken -> Bool in
+            guard !isBroken else { return false }
             var written = 0
             while written < bytes.count {
                 let result = bytes[written...].withUnsafeBytes { write(STDOUT_FILENO, $0.baseAddress, $0.count) }
-                if result < 0 && errno == EINTR { continue }
-                if result <= 0 { return }
+                if result < 0 && (errno == EINTR || errno == EAGAIN) { continue }
+                if result <= 0 {
+                    isBroken = true
+                    return true
+                }
                 written += result
             }
+            return false
         }
+        if failed { broken() }
     }
 }
 
@@ -258,9 +303,11 @@ struct MonotonicInstant {
     let continuous: ContinuousClock.Instant
 
     static func now() -> MonotonicInstant {
+        // ContinuousClock first: the pair then errs towards converted instants that are late, never early (an early
+        // `ended_at` could hide an overlap from a checker).
+        let continuous = ContinuousClock.now
         var spec = timespec()
         clock_gettime(CLOCK_MONOTONIC, &spec)
-        let continuous = ContinuousClock.now
         return MonotonicInstant(
             nanoseconds: Int64(spec.tv_sec) * 1_000_000_000 + Int64(spec.tv_nsec), continuous: continuous)
     }

@@ -32,7 +32,7 @@ struct StokerCommand: AsyncParsableCommand {
                 print(fullMessage(for: error))
                 terminate(0)
             }
-            let message = self.message(for: error)
+            let message = hidingConnectionStrings(self.message(for: error))
             if !message.isEmpty { writeStandardError("stoker: \(message)") }
             terminate(code.rawValue)
         }
@@ -111,6 +111,17 @@ struct Migrate: AsyncParsableCommand {
             throw ExitCode(1)
         }
     }
+}
+
+/// `message` with every command-line argument that may hold a secret — a connection URL or a key=value string with a
+/// password — replaced: ArgumentParser quotes a misplaced argument in its error (`Unexpected argument '…'`).
+func hidingConnectionStrings(_ message: String) -> String {
+    var result = message
+    for argument in CommandLine.arguments.dropFirst()
+    where argument.contains("://") || argument.lowercased().contains("password") {
+        result = result.replacing(argument, with: "<connection string hidden>")
+    }
+    return result
 }
 
 /// `exit(3)` (inside a command type `exit` names ArgumentParser's method).

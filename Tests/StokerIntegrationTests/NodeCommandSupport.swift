@@ -247,6 +247,8 @@ final class Participants: Sendable {
         for participant in running {
             let status = try await participant.process.waitForExit(timeout: .seconds(30))
             #expect(status == 0, "\(participant.name) exited \(status): \(participant.process.standardError)")
+            // Reaped is not drained: wait until every line it printed has been read.
+            _ = await participant.process.close()
         }
     }
 

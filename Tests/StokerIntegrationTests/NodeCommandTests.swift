@@ -19,6 +19,9 @@ struct NodeCommandTests {
         case freeze
         /// SIGTERM: graceful hand-over, `shutdown`, exit 0.
         case terminate
+        /// `pg_terminate_backend` of the leader's session: the server frees the lock and tells the leader at once;
+        /// the process lives on (`now_follower`, `connection_lost`) and rejoins.
+        case serverKill
         var testDescription: String { rawValue }
     }
 
@@ -57,14 +60,23 @@ struct NodeCommandTests {
                 // A short lease keeps the freeze short; the other faults do not wait for it.
                 for name in ["a", "b", "c"] { try await group.start(name, elections: ["e"], lease: "2s") }
                 try await group.waitForCluster(election: "e", size: 3)
-                let leaderName = try #require(group.history().currentLeaders(election: "e").first)
-                let victim = try #require(group.all.first { $0.name == leaderName })
+                let leaders = group.history().currentLeaders(election: "e")
+                #expect(leaders.count == 1, "\(group.history().dump())")
+                let victim = try #require(group.all.first { $0.name == leaders.first })
+                let linesBefore = victim.process.lines.count
                 let signalled = monotonicSeconds()
                 switch fault {
                 case .kill: group.markKilled(victim.name, at: signalled)
-                case .freeze, .terminate: break
+                case .freeze, .terminate, .serverKill: break
                 }
-                #expect(victim.process.signal(fault.signal))
+                if let signal = fault.signal {
+                    #expect(victim.process.signal(signal))
+                } else {
+                    let ended = try await database.admin(
+                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = "
+                            + "'\(group.cluster):\(victim.name)'")
+                    #expect(ended == [["t"]])
+                }
                 let (successor, _) = try await group.firstLine(
                     among: group.all.filter { $0.name != victim.name }, timeout: .seconds(30)
                 ) { line in
@@ -77,13 +89,12 @@ struct NodeCommandTests {
                     #expect(try await victim.process.waitForExit(timeout: .seconds(30)) == 128 + SIGKILL)
                 case .freeze:
                     #expect(victim.process.signal(SIGCONT))
-                    let demotion = try await victim.process.waitForLine(from: 0, timeout: .seconds(30)) { raw in
-                        ParticipantLine(raw.text, process: victim.name)?.event == "now_follower"
-                    }
-                    let parsed = try #require(ParticipantLine(demotion.text, process: victim.name))
-                    #expect(parsed.reason == "lease_expired", "\(parsed.raw)")
+                    try await Self.expectDemotion(of: victim, after: linesBefore, reason: "lease_expired")
+                case .serverKill:
+                    try await Self.expectDemotion(of: victim, after: linesBefore, reason: "connection_lost")
                 case .terminate:
                     #expect(try await victim.process.waitForExit(timeout: .seconds(30)) == 0)
+                    _ = await victim.process.close()  // every line read
                     let last = group.history().lines.last { $0.process == victim.name }
                     #expect(last?.event == "shutdown" && last?.reason == "graceful_shutdown", "\(last?.raw ?? "")")
                 }
@@ -93,6 +104,15 @@ struct NodeCommandTests {
                 #expect(history.leaderships(election: "e").count >= 2, "\(history.dump())")
             }
         }
+    }
+
+    /// The victim prints its demotion (`now_follower` with `reason`) after the fault.
+    static func expectDemotion(of victim: Participants.Participant, after index: Int, reason: String) async throws {
+        let demotion = try await victim.process.waitForLine(from: index, timeout: .seconds(30)) { raw in
+            ParticipantLine(raw.text, process: victim.name)?.event == "now_follower"
+        }
+        let parsed = try #require(ParticipantLine(demotion.text, process: victim.name))
+        #expect(parsed.reason == reason, "\(parsed.raw)")
     }
 
     @Test("a wrong password: non-zero exit, one line on stderr, no password in it, nothing on stdout")
@@ -110,6 +130,29 @@ struct NodeCommandTests {
         }
     }
 
+    @Test("a role without the grants a node needs: non-zero exit, one line on stderr, no retry loop, no password")
+    func missingGrants() async throws {
+        try await withControlledDatabase { database in
+            let role = try await database.createRole(prefix: "stk_nogrant", password: Self.secret)
+            _ = try await Self.run(["migrate", "--url", database.conninfo])
+            // Enough to see that the schema is current (the first connection's check), not to join.
+            try await database.admin(
+                "GRANT USAGE ON SCHEMA stoker TO \(role); GRANT SELECT ON stoker.migrations TO \(role)")
+            let url = database.tcpConninfo(user: role, password: Self.secret)
+            let result = try await Self.run(["node", "--no-migrate", "--url", url, "--cluster", "c", "--election", "e"])
+            #expect(result.status != 0)
+            // The activator ran: its only callback is the shutdown the node's stop brought.
+            let events = result.standardOutput.split(separator: "\n").map {
+                ParticipantLine(String($0), process: "a").map { "\($0.event) \($0.reason ?? "")" } ?? String($0)
+            }
+            #expect(events == ["shutdown node_stopped"], "\(result.standardOutput)")
+            let lines = result.standardError.split(separator: "\n", omittingEmptySubsequences: false)
+            #expect(lines.count == 2 && lines[1].isEmpty, "not one line: \(result.standardError)")
+            #expect(result.standardError.contains("42501"), "\(result.standardError)")
+            #expect(!result.standardError.contains(Self.secret), "leaked: \(result.standardError)")
+        }
+    }
+
     @Test(
         "a bad flag or setting: non-zero exit, one line on stderr naming it, no password",
         arguments: [
@@ -117,6 +160,8 @@ struct NodeCommandTests {
             (["--lease", "1s", "--heartbeat", "2s"], "heartbeatInterval"),
             (["--timer", "0ms"], "--timer"),
             (["--bogus"], "--bogus"),
+            // A connection URL given without --url: ArgumentParser quotes it; the password must not come along.
+            (["postgresql://svc:\(secret)@127.0.0.1:1/app"], "Unexpected argument"),
         ])
     func badFlag(_ flags: [String], _ named: String) async throws {
         let url = "postgresql://svc:\(Self.secret)@127.0.0.1:1/app"
@@ -137,11 +182,13 @@ struct NodeCommandTests {
 }
 
 extension NodeCommandTests.Fault {
-    var signal: Int32 {
+    /// The signal sent to the leader's process (nil: the fault is the server's).
+    var signal: Int32? {
         switch self {
         case .kill: SIGKILL
         case .freeze: SIGSTOP
         case .terminate: SIGTERM
+        case .serverKill: nil
         }
     }
 }

@@ -47,7 +47,8 @@ public final class Activator<Behaviour: StokerBehaviour>: Service, Sendable {
     ///
     /// - Throws: ``StokerError/Code/invalidConfiguration`` when another activator of this election already runs on
     ///   the node, or when this activator was run before; whatever ``StokerBehaviour/initialState()`` throws (the
-    ///   election is then withdrawn).
+    ///   election is then withdrawn); the node's own error when the node stopped with one (after the `shutdown`
+    ///   callback).
     public func run() async throws {
         guard started.compareExchange(expected: false, desired: true, ordering: .acquiringAndReleasing).exchanged
         else {
@@ -89,6 +90,9 @@ public final class Activator<Behaviour: StokerBehaviour>: Service, Sendable {
             run.role = .stopped
             publish(run)
         }
+        // The node stopped with an error it cannot recover from: this activator fails with the same error, so a
+        // `ServiceGroup` reports it whichever of the two ends first (not "a service finished unexpectedly").
+        if run.stoppedByNode, let failure = core.failure { throw failure }
     }
 
     /// Everything one run of the activator keeps between messages.
@@ -101,6 +105,8 @@ public final class Activator<Behaviour: StokerBehaviour>: Service, Sendable {
         var timerGeneration: UInt64 = 0
         var nextTimer: Duration?
         var stopped = false
+        /// The node ended this activator (it stopped first), rather than a shutdown of the activator itself.
+        var stoppedByNode = false
     }
 
     /// Handles one message; returns `true` when the activator is done.
@@ -159,6 +165,7 @@ public final class Activator<Behaviour: StokerBehaviour>: Service, Sendable {
             return true
         case .stopped(let reason, _):
             await deliver(.shutdown(reason: reason), &run, endedAt: endLeadership(run))
+            run.stoppedByNode = true
             run.stopped = true
             run.role = .stopped
             run.scope = nil

@@ -180,6 +180,9 @@ final class NodeCore: Sendable {
         }
     }
 
+    /// The error the node stopped with, once it has (nil while it runs, or after a clean stop).
+    var failure: StokerError? { state.withLock { $0.failure } }
+
     /// Graceful stop: resign every election (the activators get `shutdown`), leave the cluster, close the session.
     func requestGracefulStop() {
         state.withLock { state in
@@ -519,7 +522,8 @@ final class NodeCore: Sendable {
                 continue
             case .lost(let error):
                 if !isRetryable(error, joinedOnce: joinedOnce) {
-                    logger.error(
+                    // Not an error line: run() throws this error, and whoever called it reports it (once).
+                    logger.notice(
                         "the node stopped: \(error.message)",
                         metadata: metadata.merging(["stoker.error": "\(error)"], uniquingKeysWith: { $1 }))
                     failure = error
@@ -566,7 +570,13 @@ final class NodeCore: Sendable {
     /// missing database or schema, a pooler or an old server will not fix themselves: the node stops with them.
     private func isRetryable(_ error: StokerError, joinedOnce: Bool) -> Bool {
         switch error.code {
-        case .connectionFailed, .connectionTimeout, .connectionLost, .queryFailed, .unexpectedResult:
+        case .queryFailed:
+            // A role without the grants it needs (class 42: insufficient_privilege, undefined objects…) or a refused
+            // authorization (28) will not fix itself on a first start: stop and say so. Once this node has joined, an
+            // administrator may be mid-change: keep trying.
+            let errorClass = error.sqlState?.prefix(2)
+            return joinedOnce || (errorClass != "42" && errorClass != "28")
+        case .connectionFailed, .connectionTimeout, .connectionLost, .unexpectedResult:
             return true
         case .readOnlySession:
             // After a managed failover the old address may briefly reach a standby; at first start it is a mistake.
