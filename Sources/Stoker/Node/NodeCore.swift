@@ -894,9 +894,12 @@ final class NodeCore: Sendable {
     private static let internalError = StokerError(.unexpectedResult, "The node's session was not set up.")
 
     /// How long a lock-queue wait may last to return by `until`: `nil` when under a millisecond is left (poll instead).
-    /// Never more than half the statement timeout, so the server's timeout can never cut the wait.
+    /// Never more than half the statement timeout, so the server's timeout can never cut the wait, nor 250 ms, below
+    /// the server's `deadlock_timeout` (1 s by default: a wait that long runs the deadlock check, and with
+    /// `log_lock_waits` logs a line).
     private func queueWait(until: ContinuousClock.Instant) -> Duration? {
-        let left = min(ContinuousClock.now.duration(to: until), configuration.effectiveStatementTimeout / 2)
+        let left = min(
+            ContinuousClock.now.duration(to: until), configuration.effectiveStatementTimeout / 2, .milliseconds(250))
         return left >= .milliseconds(1) ? left : nil
     }
 
