@@ -1,6 +1,10 @@
 -- Stoker schema, migration 002: the follower's wait in an election's lock queue (DESIGN §5), and a term bump that
 -- tells whether the previous leader handed over.
 --
+-- Both keep PostgreSQL's default EXECUTE for PUBLIC: neither is SECURITY DEFINER (wait_for_lock takes an advisory
+-- lock, which any role may; bump_term runs as its caller, who needs UPDATE on elections anyway), and a node role
+-- granted what 001 needed keeps working after this migration.
+--
 -- Applied like 001 (inside a transaction after `SET LOCAL search_path TO <schema>, pg_temp`; by hand, set the
 -- search_path first and record version 2 in migrations).
 --
@@ -25,7 +29,6 @@ EXCEPTION WHEN lock_not_available THEN
            AND classid = p_namespace::oid AND objid = p_key::oid AND objsubid = 2);
 END
 $$;
-REVOKE ALL ON FUNCTION wait_for_lock(integer, integer, integer) FROM PUBLIC;
 
 -- bump_term(election, node, name): the new leader's term bump, once it holds the election's lock. Returns the new
 -- term and the previous leader's node id as the row held it — NULL when the previous leader handed over (its release
@@ -48,4 +51,3 @@ BEGIN
     RETURN QUERY SELECT v_term, v_previous;
 END
 $$;
-REVOKE ALL ON FUNCTION bump_term(integer, integer, text) FROM PUBLIC;

@@ -248,15 +248,21 @@ struct EventPrinter: StokerBehaviour {
 final class StopRequests: Sendable {
     private let state = Mutex<(requested: Bool, group: ServiceGroup?)>((false, nil))
 
+    /// Before the group exists nothing has joined and nothing leads, so there is nothing to hand over: the process
+    /// exits at once (also out of a first connection that hangs).
     func request() {
         let group = state.withLock { state in
             state.requested = true
             return state.group
         }
-        if let group { Task { await group.triggerGracefulShutdown() } }
+        if let group {
+            Task { await group.triggerGracefulShutdown() }
+        } else {
+            terminate(0)
+        }
     }
 
-    /// A request that came before is passed on at once (the group remembers it until it runs).
+    /// A request that came in between is passed on at once (the group remembers it until it runs).
     func attach(_ group: ServiceGroup) {
         let requested = state.withLock { state in
             state.group = group
@@ -283,7 +289,13 @@ final class LineOutput: Sendable {
             var written = 0
             while written < bytes.count {
                 let result = bytes[written...].withUnsafeBytes { write(STDOUT_FILENO, $0.baseAddress, $0.count) }
-                if result < 0 && (errno == EINTR || errno == EAGAIN) { continue }
+                if result < 0 && errno == EINTR { continue }
+                if result < 0 && errno == EAGAIN {
+                    // A non-blocking stdout inherited from the parent: wait until it can take more.
+                    var descriptor = pollfd(fd: STDOUT_FILENO, events: Int16(POLLOUT), revents: 0)
+                    _ = poll(&descriptor, 1, -1)
+                    continue
+                }
                 if result <= 0 {
                     isBroken = true
                     return true

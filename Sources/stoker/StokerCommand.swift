@@ -113,13 +113,27 @@ struct Migrate: AsyncParsableCommand {
     }
 }
 
-/// `message` with every command-line argument that may hold a secret — a connection URL or a key=value string with a
-/// password — replaced: ArgumentParser quotes a misplaced argument in its error (`Unexpected argument '…'`).
+/// `message` with every command-line argument that may hold a secret replaced: ArgumentParser quotes a misplaced or
+/// invalid argument in its error (`Unexpected argument '…'`). Hidden: an argument holding `://`, `@` or `password`,
+/// the value part of such an `--option=value`, and the two arguments after a `password` token (`password = x`).
 func hidingConnectionStrings(_ message: String) -> String {
+    let arguments = Array(CommandLine.arguments.dropFirst())
+    var secrets: [String] = []
+    for (index, argument) in arguments.enumerated() {
+        let lowered = argument.lowercased()
+        guard argument.contains("://") || argument.contains("@") || lowered.contains("password") else { continue }
+        secrets.append(argument)
+        if argument.hasPrefix("--"), let equals = argument.firstIndex(of: "=") {
+            secrets.append(String(argument[argument.index(after: equals)...]))
+        }
+        if lowered.contains("password") {
+            secrets += arguments.dropFirst(index + 1).prefix(2)
+        }
+    }
     var result = message
-    for argument in CommandLine.arguments.dropFirst()
-    where argument.contains("://") || argument.lowercased().contains("password") {
-        result = result.replacing(argument, with: "<connection string hidden>")
+    // Longest first, so a secret that contains another is hidden whole.
+    for secret in Set(secrets).filter({ !$0.isEmpty }).sorted(by: { $0.count > $1.count }) {
+        result = result.replacing(secret, with: "<hidden>")
     }
     return result
 }

@@ -503,6 +503,7 @@ final class NodeCore: Sendable {
             if joinedOnce { metrics.reconnects.increment() }
             let end: SessionEnd
             var joined = false
+            let started = ContinuousClock.now
             do {
                 let connection = try PGConnection(self.connection)
                 end = session(connection, joined: &joined)
@@ -510,9 +511,12 @@ final class NodeCore: Sendable {
                 end = .lost(error)
             }
             if joined {
-                // A session that got as far as joining resets the backoff: the next loss starts from the first delay.
                 joinedOnce = true
-                delay = configuration.reconnectDelay
+                // A session that joined and then lasted a heartbeat resets the backoff: the next loss starts from the
+                // first delay. One that failed right after joining (a statement it may not run, say) keeps backing off.
+                if started.duration(to: .now) >= configuration.effectiveHeartbeatInterval {
+                    delay = configuration.reconnectDelay
+                }
             }
             switch end {
             case .stopped, .hardStop:
@@ -727,6 +731,7 @@ final class NodeCore: Sendable {
         try connection.execute(
             """
             SELECT set_config('application_name', $1, false),
+                   set_config('default_transaction_isolation', 'read committed', false),
                    set_config('idle_session_timeout', $2, false),
                    set_config('idle_in_transaction_session_timeout', $2, false),
                    set_config('statement_timeout', $3, false),

@@ -39,8 +39,11 @@ final class PostgresSession: Sendable {
         return PostgresSession(core: core)
     }
 
+    /// A short session (migrate, verify, grant, whereis): libpq's `connect_timeout` defaults to 10 s here (unless the
+    /// string or `PGCONNECT_TIMEOUT` sets it), so a host that drops packets fails the call instead of hanging it.
     static func connect(_ conninfo: String) async throws -> PostgresSession {
-        try await connect(ConnectionConfiguration(conninfo))
+        try await connect(
+            ConnectionConfiguration(conninfo).addingDefaults([("connect_timeout", "10", "PGCONNECT_TIMEOUT")]))
     }
 
     /// Opens a session, runs `body`, then closes the session — waiting until the connection is closed — also when
