@@ -116,8 +116,18 @@ struct LeastPrivilegeTests {
         }
     }
 
-    @Test("nodes running as that role (migrate: false) elect a leader, hand over and leave")
-    func nodesAsNodeRole() async throws {
+    /// Which grants the node's role holds.
+    enum Grants: String, CaseIterable, CustomTestStringConvertible {
+        /// What `StokerSchema.grant` gives today.
+        case current
+        /// What it gave for migration 001 alone: a deployment that migrated on without granting again keeps working
+        /// (the functions of later migrations keep PostgreSQL's default EXECUTE for PUBLIC).
+        case firstRelease
+        var testDescription: String { rawValue }
+    }
+
+    @Test("nodes running as that role (migrate: false) elect a leader, hand over and leave", arguments: Grants.allCases)
+    func nodesAsNodeRole(_ grants: Grants) async throws {
         try await withTestDatabase { database in
             let owner = try await database.createRole(prefix: "stk_owner", password: "owner-pw-2")
             let app = try await database.createRole(prefix: "stk_app", password: "app-pw-2")
@@ -125,7 +135,22 @@ struct LeastPrivilegeTests {
             let ownerConnection = database.tcpConninfo(user: owner, password: "owner-pw-2")
             let appConnection = database.tcpConninfo(user: app, password: "app-pw-2")
             try await StokerSchema.migrate(connection: ownerConnection)
-            try await StokerSchema.grant(to: app, connection: ownerConnection)
+            switch grants {
+            case .current:
+                try await StokerSchema.grant(to: app, connection: ownerConnection)
+            case .firstRelease:
+                try await withSession(ownerConnection) { session in
+                    for statement in [
+                        "GRANT USAGE ON SCHEMA stoker TO \(app)", "GRANT SELECT ON stoker.migrations TO \(app)",
+                        "GRANT SELECT, INSERT ON stoker.clusters TO \(app)",
+                        "GRANT SELECT, INSERT, UPDATE, DELETE ON stoker.nodes TO \(app)",
+                        "GRANT SELECT, INSERT, UPDATE ON stoker.elections TO \(app)",
+                        "GRANT EXECUTE ON FUNCTION stoker.fence(text, text, bigint) TO \(app)",
+                    ] {
+                        _ = try await session.query(statement)
+                    }
+                }
+            }
             let history = History()
             try await withNodes { nodes in
                 let all = try ["a", "b"].map { name in
