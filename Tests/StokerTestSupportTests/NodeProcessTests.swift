@@ -24,8 +24,8 @@ struct NodeProcessTests {
         #expect(lines.map(\.index) == [0, 1, 2, 3])
         #expect(zip(lines, lines.dropFirst()).allSatisfy { $0.receivedAt <= $1.receivedAt })
         #expect(lines.first!.receivedAt >= started && lines.last!.receivedAt <= monotonicSeconds())
-        // `partial` needed the second write, which came 0.2 s after the first.
-        #expect(lines[2].receivedAt - lines[1].receivedAt >= 0.15)
+        // `partial` came in two writes 0.2 s apart (almost surely two reads) and is one line. (No assertion on the
+        // gap between arrival instants: on a busy host the reader may take `one`/`two` late, and that is a timing.)
 
         // An already printed line is found at once; `from` skips earlier ones.
         let again = try await process.waitForLine(timeout: .milliseconds(1)) { $0.text.hasPrefix("t") }
