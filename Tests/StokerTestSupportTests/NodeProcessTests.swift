@@ -28,7 +28,7 @@ struct NodeProcessTests {
         // gap between arrival instants: on a busy host the reader may take `one`/`two` late, and that is a timing.)
 
         // An already printed line is found at once; `from` skips earlier ones.
-        let again = try await process.waitForLine(timeout: .milliseconds(1)) { $0.text.hasPrefix("t") }
+        let again = try await process.waitForLine(timeout: .seconds(30)) { $0.text.hasPrefix("t") }
         #expect(again.index == 1)
         let after = try await process.waitForLine(from: 2, timeout: .seconds(30)) { !$0.text.isEmpty }
         #expect(after.index == 2)
