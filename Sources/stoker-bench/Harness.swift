@@ -29,7 +29,9 @@ struct PhaseResult: Sendable {
 
     /// Whether overlaps are checked: not for a frozen floor holder — a bare lock has no lease, so it learns of its
     /// loss only when it resumes, after its successor (which is exactly what Stoker's lease fixes).
-    var overlapsChecked: Bool { !(system == .floor && fault == .freeze) }
+    /// A bare lock has no lease and no guard: a frozen or server-killed floor holder learns of its loss only after
+    /// its successor may have started. Those overlaps are the floor's, reported but not failures.
+    var overlapsChecked: Bool { !(system == .floor && (fault == .freeze || fault == .serverKill)) }
 }
 
 /// A finished run: the report to print and whether every correctness check passed.
@@ -167,9 +169,17 @@ struct Phase {
         let leaderMark = leader.process.lines.count
         let timeout = fault == .freeze ? settings.lease.duration + .seconds(30) : .seconds(30)
 
+        // A server-side end: the leader's backend, found first (untimed). The timed call includes the admin session's
+        // own connection, so this row's latency is an upper bound; its point is the overlap check.
+        let backend = fault == .serverKill ? try await backendPID(of: leader) : nil
         let signalled = monotonicSeconds()
-        guard leader.process.signal(fault.signal) else {
-            throw BenchError("could not send \(fault.signalName) to \(leader.name): it has already exited")
+        if let signal = fault.signal {
+            guard leader.process.signal(signal) else {
+                throw BenchError("could not send \(fault.signalName) to \(leader.name): it has already exited")
+            }
+        } else if let backend {
+            let ended = try await database.admin("SELECT pg_terminate_backend(\(backend))")
+            guard ended.first?.first == "t" else { throw BenchError("pg_terminate_backend(\(backend)) failed") }
         }
         if fault == .crash { killedAt[leader.name] = signalled }
         let (successor, taken) = try await firstNowLeader(among: candidates, timeout: timeout)
@@ -188,6 +198,17 @@ struct Phase {
             let status = try await leader.process.waitForExit(timeout: .seconds(30))
             if status != 128 + SIGKILL {
                 result.problems.append("rep \(rep): \(leader.name) exited \(status) after SIGKILL")
+            }
+        case .serverKill:
+            // The old leader lives on: its demotion (connection lost, with ended_at) must precede the successor.
+            _ = try await leader.process.waitForLine(from: leaderMark, timeout: .seconds(30)) {
+                Event($0.text).map { $0.isDemotion && $0.endedAt != nil } ?? false
+            }
+            note = endNote(of: leader, from: leaderMark, successor: successor, taken: taken)
+            leader.process.signal(SIGTERM)
+            let status = try await leader.process.waitForExit(timeout: .seconds(30))
+            if system == .stoker && status != 0 {
+                result.problems.append("rep \(rep): \(leader.name) exited \(status) after SIGTERM, not 0")
             }
         case .freeze:
             leader.process.signal(SIGCONT)
@@ -209,6 +230,16 @@ struct Phase {
         live.append(try await startParticipant())
         try await settle(leader: successor)
         return successor
+    }
+
+    /// The server process of `participant`'s session.
+    private func backendPID(of participant: Participant) async throws -> Int {
+        let name = system == .stoker ? "\(cluster):\(participant.name)" : "floor-\(participant.process.pid)"
+        let rows = try await database.admin("SELECT pid FROM pg_stat_activity WHERE application_name = '\(name)'")
+        guard rows.count == 1, let pid = rows[0].first.flatMap({ $0.flatMap { Int($0) } }) else {
+            throw BenchError("expected one session named \(name), found \(rows.count)")
+        }
+        return pid
     }
 
     /// The old leader's `ended_at` against the successor's `at`, said loudly when they overlap.

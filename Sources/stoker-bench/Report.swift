@@ -75,6 +75,10 @@ struct Report {
             text = "p50 ≤ 2×floor p50 + 2 ms, p99 ≤ 25 ms, no overlap"
             guard let stoker, let floor = summary(.floor, fault), complete else { return (text, nil, []) }
             bounds = [("p50", stoker.p50, 2 * floor.p50 + 0.002), ("p99", stoker.p99, 0.025)]
+        case .serverKill:
+            // No latency target (the timed call includes an admin connection): the point is that nothing overlaps.
+            text = "no overlap"
+            guard complete else { return (text, nil, []) }
         case .freeze:
             text = "p99 ≤ lease + 0.5 s (\(duration(settings.lease.seconds + 0.5))), no overlap"
             guard let stoker, complete else { return (text, nil, []) }
@@ -103,7 +107,8 @@ struct Report {
                 + (settings.takeoverGuard.map { "\($0.text) (--takeover-guard)" } ?? "the default, 10ms"))
         out.append(
             "- latency: the successor's `now_leader` `at` minus the CLOCK_MONOTONIC instant just before the signal "
-                + "to the leader; percentiles by nearest rank")
+                + "to the leader (server-kill: before the administrator's `pg_terminate_backend`, its connection "
+                + "included); percentiles by nearest rank")
         out.append(
             "- floor: bare libpq clients waiting in `pg_advisory_lock` with `lock_timeout` 100ms, holding under "
                 + "`idle_session_timeout` = lease (no Stoker)")
@@ -136,8 +141,8 @@ struct Report {
         if results.contains(where: { !$0.overlapsChecked }) {
             out.append("")
             out.append(
-                "Overlaps are not checked for a frozen floor holder: a bare lock has no lease, so it learns of its "
-                    + "loss only on resuming, after its successor took over.")
+                "Overlaps are not checked for a frozen or server-killed floor holder: a bare lock has no lease and "
+                    + "no takeover guard, so it learns of its loss only after its successor may have started.")
         }
         if !overlaps.isEmpty {
             out.append("")
