@@ -28,27 +28,15 @@ public final class TestProxy: Sendable {
 
     /// Starts a proxy to `host:port` (a TCP address: `127.0.0.1` for the private test clusters).
     public init(upstreamHost host: String, upstreamPort port: Int) throws {
-        let listener = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
-        guard listener >= 0 else { throw TestPostgresError("proxy: socket() failed") }
-        var address = sockaddr_in()
-        address.sin_family = sa_family_t(AF_INET)
-        address.sin_addr.s_addr = inet_addr("127.0.0.1")
-        var length = socklen_t(MemoryLayout<sockaddr_in>.size)
-        let bound = withUnsafeMutablePointer(to: &address) { pointer in
-            pointer.withMemoryRebound(to: sockaddr.self, capacity: 1) { raw -> Int32 in
-                guard bind(listener, raw, length) == 0, listen(listener, 16) == 0 else { return -1 }
-                return getsockname(listener, raw, &length)
-            }
-        }
+        let (listener, listenerPort) = try loopbackSocket(listening: 16)
         let stop = eventfd(0, Int32(EFD_CLOEXEC | EFD_NONBLOCK))
-        guard bound == 0, stop >= 0 else {
+        guard stop >= 0 else {
             close(listener)
-            if stop >= 0 { close(stop) }
-            throw TestPostgresError("proxy: bind/listen failed")
+            throw TestPostgresError("proxy: eventfd failed")
         }
         self.listener = listener
         self.stopDescriptor = stop
-        self.port = Int(UInt16(bigEndian: address.sin_port))
+        self.port = listenerPort
         self.upstreamHost = host == "localhost" ? "127.0.0.1" : host
         self.upstreamPort = port
         try startDetachedThread { [self] in acceptLoop() }

@@ -110,30 +110,14 @@ struct NodeCommandTests {
         "SIGTERM while the first connection hangs: the process exits 0 at once (nothing joined, nothing to hand over)")
     func stopWhileConnecting() async throws {
         // A listener that never accepts: the connection sits in its backlog, and the server never answers.
-        let listener = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
-        try #require(listener >= 0)
-        defer { close(listener) }
-        var address = sockaddr_in()
-        address.sin_family = sa_family_t(AF_INET)
-        address.sin_addr.s_addr = inet_addr("127.0.0.1")
-        var length = socklen_t(MemoryLayout<sockaddr_in>.size)
-        let bound = withUnsafeMutablePointer(to: &address) { pointer in
-            pointer.withMemoryRebound(to: sockaddr.self, capacity: 1) { raw -> Int32 in
-                guard bind(listener, raw, length) == 0, listen(listener, 4) == 0 else { return -1 }
-                return getsockname(listener, raw, &length)
-            }
-        }
-        try #require(bound == 0)
-        let port = UInt16(bigEndian: address.sin_port)
+        let listener = try SilentListener()
         let node = try await NodeProcess.start(
             [
-                try builtExecutable("stoker"), "node", "--url", "host=127.0.0.1 port=\(port) user=u connect_timeout=60",
-                "--cluster", "c", "--election", "e",
+                try builtExecutable("stoker"), "node", "--url",
+                "host=127.0.0.1 port=\(listener.port) user=u connect_timeout=60", "--cluster", "c", "--election", "e",
             ], environment: ["PATH": "/usr/bin:/bin", "LANG": "C"])
         // Its first connection is pending in the backlog: it is past start-up, making that connection.
-        var pending = pollfd(fd: listener, events: Int16(POLLIN), revents: 0)
-        for _ in 0..<3000 where poll(&pending, 1, 0) == 0 { try await Task.sleep(for: .milliseconds(10)) }
-        try #require(pending.revents & Int16(POLLIN) != 0, "stoker node never connected")
+        try await listener.waitForPendingConnection(timeout: .seconds(30))
         #expect(node.signal(SIGTERM))
         #expect(try await node.waitForExit(timeout: .seconds(30)) == 0, "\(node.standardError)")
         #expect(node.lines.isEmpty)
