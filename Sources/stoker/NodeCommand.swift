@@ -148,11 +148,8 @@ struct Node: AsyncParsableCommand {
             )
             stop.attach(group)
             try await group.run()
-        } catch let error as StokerError {
-            // One line, no password: StokerError never holds one.
-            writeStandardError("stoker node: \(error)")
-            throw ExitCode(1)
         } catch {
+            // One line, no password: a StokerError never holds one, and the service group's own errors name services.
             writeStandardError("stoker node: \(error)")
             throw ExitCode(1)
         }

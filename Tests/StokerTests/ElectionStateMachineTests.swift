@@ -168,7 +168,7 @@ struct ElectionStateMachineTests {
         #expect(Set(rows) == expected)
     }
 
-    @Test("isCandidate and leadingTerm follow the state", arguments: states)
+    @Test("isCandidate, mayHoldLock and leadingTerm follow the state", arguments: states)
     func derivedProperties(_ state: State) {
         Self.checkDerivedProperties(Machine(state: state))
     }
@@ -185,6 +185,12 @@ struct ElectionStateMachineTests {
         _ machine: Machine, sourceLocation: SourceLocation = #_sourceLocation
     ) {
         #expect(machine.isCandidate == (machine.state == .follower), sourceLocation: sourceLocation)
+        switch machine.state {
+        case .acquiring, .leading, .resigning:
+            #expect(machine.mayHoldLock, sourceLocation: sourceLocation)
+        case .follower, .withdrawn:
+            #expect(!machine.mayHoldLock, sourceLocation: sourceLocation)
+        }
         if case .leading(let term) = machine.state {
             #expect(machine.leadingTerm == term, sourceLocation: sourceLocation)
         } else {

@@ -59,6 +59,9 @@ struct ElectionStateMachine: Sendable, Hashable {
     /// Is this node a candidate that should try to take the lock now?
     var isCandidate: Bool { state == .follower }
 
+    /// Whether the session may hold this election's lock: winning it (the bump in flight), leading, or resigning.
+    var mayHoldLock: Bool { !(state == .follower || state == .withdrawn) }
+
     /// The term this node leads with, if it leads.
     var leadingTerm: Int64? {
         if case .leading(let term) = state { return term }

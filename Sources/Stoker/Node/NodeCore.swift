@@ -845,10 +845,7 @@ final class NodeCore: Sendable {
                     : state.slots.values.compactMap { slot in
                         slot.machine.isCandidate && !slot.announcing && !slot.needsSetup ? slot.id : nil
                     }.sorted()
-                let holds = state.slots.values.contains { slot in
-                    slot.releaseReady || slot.announcing
-                        || !(slot.machine.state == .follower || slot.machine.state == .withdrawn)
-                }
+                let holds = state.slots.values.contains { $0.releaseReady || $0.announcing || $0.machine.mayHoldLock }
                 return (candidates, holds)
             }
             now = ContinuousClock.now
