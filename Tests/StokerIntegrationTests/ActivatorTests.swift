@@ -195,8 +195,7 @@ struct ActivatorTests {
                 #expect(try metrics.expectGauge("stoker_is_leader", dimensions).lastValue == 1)
                 #expect(try metrics.expectCounter("stoker_leadership_changes_total", dimensions).totalValue == 1)
                 // A lost session: demotion, then a reconnect (a new incarnation), then leadership again.
-                let pid = try #require(node.backendPID)
-                _ = try await database.admin("SELECT pg_terminate_backend(\(pid))")
+                try await database.terminateSession(of: node)
                 try await history.wait("demoted and leading again") { History.count($0, .nowLeader) == 2 }
                 let changes = try metrics.expectCounter("stoker_leadership_changes_total", dimensions)
                 #expect(changes.totalValue == 3)
@@ -283,8 +282,7 @@ struct ActivatorTests {
             let run = Task { try await group.run() }
             do {
                 try await history.wait("a leads") { History.count($0, .nowLeader) == 1 }
-                let pid = try #require(node.backendPID)
-                _ = try await database.admin("SELECT pg_terminate_backend(\(pid))")
+                try await database.terminateSession(of: node)
                 try await history.wait("a leads again") { History.count($0, .nowLeader) == 2 }
                 await group.triggerGracefulShutdown()
                 try await run.value

@@ -351,3 +351,11 @@ func lockHolders(_ election: String, cluster: String = "test", in database: Test
         """)
     return Int(rows.first?.first.flatMap { $0 } ?? "0") ?? 0
 }
+
+extension TestDatabase {
+    /// An administrator's `pg_terminate_backend` of `node`'s current session (the node must be joined).
+    func terminateSession(of node: StokerNode, sourceLocation: SourceLocation = #_sourceLocation) async throws {
+        let pid = try #require(node.backendPID, "the node has no session", sourceLocation: sourceLocation)
+        _ = try await admin("SELECT pg_terminate_backend(\(pid))")
+    }
+}

@@ -82,8 +82,7 @@ struct ElectionTests {
                     // and the victim learns of it on resuming — its demotion still ends at its lease deadline.
                     victim.node.freezeThreads(for: victim.node.configuration.lease + .seconds(1))
                 case .terminateBackend:
-                    let pid = try #require(victim.node.backendPID)
-                    _ = try await database.admin("SELECT pg_terminate_backend(\(pid))")
+                    try await database.terminateSession(of: victim.node)
                 }
 
                 try await history.wait("every election the victim led has a new leadership") { entries in
@@ -131,47 +130,32 @@ struct ElectionTests {
 
     @Test("a graceful hand-over is driven by the released notification, not by the retry interval")
     func handOverByNotification() async throws {
-        try await withTestDatabase { database in
-            let history = History()
-            try await withNodes { nodes in
-                // Followers that retry once an hour, and each lead an election of their own (so they never wait in
-                // the lock queue: DESIGN §5): only the `released` notification can make one take over.
-                let all = try ["a", "b", "c"].map { name in
-                    nodes.add(
-                        try TestNode(name, database: database, elections: ["e", "own-\(name)"], history: history) {
-                            $0.retryInterval = .seconds(3600)
-                        })
-                }
-                try await waitForMembers(3, in: database)
-                try await history.wait("one leads") { History.leaders($0, election: "e").count == 1 }
-                for _ in 0..<2 {
-                    let leaderName = try #require(History.leaders(history.entries, election: "e").first)
-                    let leader = try #require(all.first { $0.name == leaderName })
-                    try await leader.stop()
-                    try await history.wait("another node leads") { entries in
-                        let leaders = History.leaders(entries, election: "e")
-                        return leaders.count == 1 && leaders != [leaderName]
-                    }
-                }
-                for node in all where History.leaders(history.entries, election: "e") == [node.name] {
-                    try await node.stop()
-                }
-                history.check(complete: true)
-            }
-        }
+        // Followers that each lead an election of their own never wait in the lock queue (DESIGN §5): with an hourly
+        // retry, only the `released` notification can make one take over.
+        try await handOverTwice(extraElection: { ["own-\($0)"] }, fault: { leader, _ in try await leader.stop() })
     }
 
     @Test("when the server ends the leader's session, a follower is granted the lock from the queue it waits in")
     func crashHandOverByLockQueue() async throws {
+        // Followers that lead nothing wait in the lock queue. The server ending the leader's session sends no
+        // `released` notification, so with an hourly retry only that wait can make one take over (the old leader,
+        // back as a new incarnation, queues like the others).
+        try await handOverTwice { leader, database in try await database.terminateSession(of: leader.node) }
+    }
+
+    /// Three nodes in election `e` (and in `extraElection(name)`), followers retrying once an hour: `fault` hits the
+    /// leader twice, each time another node must take over; then every node stops and the history is checked.
+    private func handOverTwice(
+        extraElection: @escaping @Sendable (String) -> [String] = { _ in [] },
+        fault: (TestNode, TestDatabase) async throws -> Void
+    ) async throws {
         try await withTestDatabase { database in
             let history = History()
             try await withNodes { nodes in
-                // Followers that retry once an hour and lead nothing: they wait in the lock queue. The server ending
-                // the leader's session sends no `released` notification, so only that wait can make one take over
-                // within the hour (the old leader, back as a new incarnation, queues like the others).
                 let all = try ["a", "b", "c"].map { name in
                     nodes.add(
-                        try TestNode(name, database: database, elections: ["e"], history: history) {
+                        try TestNode(name, database: database, elections: ["e"] + extraElection(name), history: history)
+                        {
                             $0.retryInterval = .seconds(3600)
                         })
                 }
@@ -180,14 +164,13 @@ struct ElectionTests {
                 for _ in 0..<2 {
                     let leaderName = try #require(History.leaders(history.entries, election: "e").first)
                     let leader = try #require(all.first { $0.name == leaderName })
-                    let pid = try #require(leader.node.backendPID)
-                    _ = try await database.admin("SELECT pg_terminate_backend(\(pid))")
+                    try await fault(leader, database)
                     try await history.wait("another node leads") { entries in
                         let leaders = History.leaders(entries, election: "e")
                         return leaders.count == 1 && leaders != [leaderName]
                     }
                 }
-                // All three still run (each killed session reconnected): stop them all.
+                // Stopping a node that already stopped does nothing.
                 for node in all { try await node.stop() }
                 history.check(complete: true)
             }
@@ -217,9 +200,8 @@ struct ElectionTests {
                 // queue), but the successor's leadership begins only after the guard.
                 let first = try #require(History.leaders(history.entries, election: "e").first)
                 let victim = try #require(all.first { $0.name == first })
-                let pid = try #require(victim.node.backendPID)
                 let killed = ContinuousClock.now
-                _ = try await database.admin("SELECT pg_terminate_backend(\(pid))")
+                try await database.terminateSession(of: victim.node)
                 try await history.wait("another node leads") { entries in
                     entries.contains { $0.kind == .nowLeader && $0.node != first && $0.at > killed }
                 }
