@@ -7,7 +7,8 @@ import Synchronization
 /// path silently drops packets — while connections made afterwards work normally (the partitioned client can come
 /// back on a new path).
 ///
-/// One thread accepts; one thread per connection pumps bytes between the two sockets with `poll(2)`. ``stop()``
+/// One thread accepts; one thread per connection pumps bytes between the two sockets with `poll(2)` and
+/// `send(MSG_NOSIGNAL)` (a peer that has gone ends that connection, never the process with SIGPIPE). ``stop()``
 /// (also at `deinit`) closes everything.
 public final class TestProxy: Sendable {
     /// The loopback port clients connect to.
@@ -137,12 +138,16 @@ public final class TestProxy: Sendable {
             }
             for (source, target) in [(0, server), (1, client)] where descriptors[source].revents != 0 {
                 let count = read(descriptors[source].fd, &buffer, buffer.count)
+                if count < 0 && errno == EINTR { continue }
                 if count <= 0 { break loop }
                 var sent = 0
                 while sent < count {
+                    // send(MSG_NOSIGNAL), never write(2): writing to a socket whose peer has gone (or that stop() has
+                    // shut down) raises SIGPIPE, which kills the whole test process; this returns EPIPE instead.
                     let written = buffer.withUnsafeBytes { bytes in
-                        write(target, bytes.baseAddress! + sent, count - sent)
+                        send(target, bytes.baseAddress! + sent, count - sent, Int32(MSG_NOSIGNAL))
                     }
+                    if written < 0 && errno == EINTR { continue }
                     if written <= 0 { break loop }
                     sent += written
                 }
