@@ -33,11 +33,6 @@ struct Failover: AsyncParsableCommand {
     @Option(name: .long, help: "The lease of the Stoker nodes, and the floor's idle_session_timeout.")
     var lease: BenchDuration = BenchDuration(parsing: "5s")!
 
-    @Option(
-        name: .customLong("takeover-guard"),
-        help: "Passed to every `stoker node` (default: the node's own, 10ms); 0ms shows what the guard costs.")
-    var takeoverGuard: BenchDuration?
-
     @Option(name: .long, help: "Comma-separated faults: graceful, crash, freeze, server-kill.")
     var faults: FaultList = FaultList(Fault.defaults)
 
@@ -70,7 +65,6 @@ struct Failover: AsyncParsableCommand {
         }
         let settings = BenchSettings(
             reps: reps, lease: lease, faults: faults.values, nodes: nodes, systems: systems.values,
-            takeoverGuard: takeoverGuard,
             stokerPath: stoker, benchPath: binary)
         let commandLine = CommandLine.arguments.map(shellQuoted).joined(separator: " ")
         let outcome = try await runFailoverBenchmark(settings, commandLine: commandLine)

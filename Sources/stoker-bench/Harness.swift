@@ -8,8 +8,6 @@ struct BenchSettings: Sendable {
     let faults: [Fault]
     let nodes: Int
     let systems: [BenchSystem]
-    /// `stoker node --takeover-guard`, when given (else the node's default).
-    let takeoverGuard: BenchDuration?
     /// `stoker`, when `.stoker` is among the systems.
     let stokerPath: String?
     /// This bench's own binary (it runs the floor clients).
@@ -151,7 +149,7 @@ struct Phase {
                 [
                     stoker, "node", "--url", database.conninfo, "--cluster", cluster, "--election", "e", "--name", name,
                     "--lease", settings.lease.text,
-                ] + (settings.takeoverGuard.map { ["--takeover-guard", $0.text] } ?? [])
+                ]
         case .floor:
             arguments = [
                 settings.benchPath, "floor-client", "--url", database.conninfo, "--key", String(floorKey),

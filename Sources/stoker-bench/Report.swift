@@ -103,8 +103,8 @@ struct Report {
             "- \(settings.nodes) participants per election, lease \(settings.lease.text), \(settings.reps) "
                 + "repetitions per fault and system")
         out.append(
-            "- Stoker's takeover guard (a new leader's wait after a predecessor that did not hand over): "
-                + (settings.takeoverGuard.map { "\($0.text) (--takeover-guard)" } ?? "the default, 10ms"))
+            "- Stoker: two sessions per node (main and witness); a successor whose predecessor did not hand over "
+                + "begins once the predecessor's witness is gone (no fixed guard)")
         out.append(
             "- latency: the successor's `now_leader` `at` minus the CLOCK_MONOTONIC instant just before the signal "
                 + "to the leader (server-kill: before the administrator's `pg_terminate_backend`, its connection "

@@ -67,13 +67,6 @@ struct Node: AsyncParsableCommand {
     var statementTimeout: DurationArgument?
 
     @Option(
-        name: .customLong("takeover-guard"),
-        help: ArgumentHelp(
-            "How long a new leader waits when its predecessor did not hand over (default: 10ms).",
-            valueName: "duration"))
-    var takeoverGuard: DurationArgument?
-
-    @Option(
         name: .customLong("reconnect-delay"),
         help: ArgumentHelp(
             "First delay before reconnecting after a lost session (default: 100ms).", valueName: "duration"))
@@ -111,7 +104,6 @@ struct Node: AsyncParsableCommand {
         if let retry { configuration.retryInterval = retry.duration }
         configuration.margin = margin?.duration
         configuration.statementTimeout = statementTimeout?.duration
-        configuration.takeoverGuard = takeoverGuard?.duration
         if let reconnectDelay { configuration.reconnectDelay = reconnectDelay.duration }
         if let maximumReconnectDelay { configuration.maximumReconnectDelay = maximumReconnectDelay.duration }
 

@@ -68,7 +68,7 @@ struct ConnectionTests {
             let server = database.server
             let conninfo =
                 "host=127.0.0.1,127.0.0.1,\(server.host) port=\(refused.port),\(silent.port),\(server.port) "
-                + "dbname=\(database.name) user=\(role) password=\(Self.secret) connect_timeout=2 "
+                + "dbname=\(database.name) user=\(role) password=\(Self.secret) connect_timeout=5 "
                 + "target_session_attrs=read-write keepalives_idle=5 tcp_user_timeout=5000"
             let port = try await withSession(conninfo) { session in
                 try await session.query("SELECT inet_server_port()").singleRow().int(0)

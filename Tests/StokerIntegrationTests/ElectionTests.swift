@@ -177,56 +177,6 @@ struct ElectionTests {
         }
     }
 
-    @Test(
-        "the takeover guard: after the server ended the leader's session a successor waits it out; after a hand-over not"
-    )
-    func takeoverGuard() async throws {
-        try await withTestDatabase { database in
-            let history = History()
-            // Far from anything else here: a hand-over takes milliseconds; the guard is at most the margin (lease / 10).
-            let guardTime = Duration.milliseconds(900)
-            try await withNodes { nodes in
-                let all = try ["a", "b", "c"].map { name in
-                    nodes.add(
-                        try TestNode(name, database: database, elections: ["e"], history: history) {
-                            $0.lease = .seconds(10)
-                            $0.takeoverGuard = guardTime
-                        })
-                }
-                try await waitForMembers(3, in: database)
-                try await history.wait("one leads") { History.leaders($0, election: "e").count == 1 }
-
-                // No hand-over: the server ends the leader's session. The lock is free at once (the others wait in its
-                // queue), but the successor's leadership begins only after the guard.
-                let first = try #require(History.leaders(history.entries, election: "e").first)
-                let victim = try #require(all.first { $0.name == first })
-                let killed = ContinuousClock.now
-                try await database.terminateSession(of: victim.node)
-                try await history.wait("another node leads") { entries in
-                    entries.contains { $0.kind == .nowLeader && $0.node != first && $0.at > killed }
-                }
-                let successor = try #require(
-                    history.entries.first { $0.kind == .nowLeader && $0.node != first && $0.at > killed })
-                #expect(successor.at - killed >= guardTime, "began \(successor.at - killed) after the kill")
-
-                // A hand-over (graceful stop): the predecessor cleared the election, no guard.
-                let leader = try #require(all.first { $0.name == successor.node })
-                let stopped = ContinuousClock.now
-                try await leader.stop()
-                let handedOver = try #require(
-                    history.entries.first { $0.node == leader.name && $0.kind == .shutdown }?.endedAt)
-                try await history.wait("a third leadership") { entries in
-                    entries.contains { $0.kind == .nowLeader && $0.node != successor.node && $0.at > stopped }
-                }
-                let next = try #require(
-                    history.entries.first { $0.kind == .nowLeader && $0.node != successor.node && $0.at > stopped })
-                #expect(next.at - handedOver < guardTime, "began \(next.at - handedOver) after the hand-over")
-                for node in all where node.name != leader.name { try await node.stop() }
-                history.check(complete: true)
-            }
-        }
-    }
-
     @Test("a partition between the leader and PostgreSQL: it demotes at its lease deadline, before a new leadership")
     func partition() async throws {
         try await withTestDatabase { database in

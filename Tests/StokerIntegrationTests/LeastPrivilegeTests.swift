@@ -47,14 +47,19 @@ struct LeastPrivilegeTests {
                 let cluster = try await node.run { try statements.ensureCluster("billing", on: $0) }
                 #expect(try await node.run { try statements.ensureCluster("billing", on: $0) } == cluster)
                 try await node.listen(statements.channel(clusterID: cluster))
+                let instance = try await node.query(statements.serverInstance).singleRow().string(0)
+                let pid = try await node.query("SELECT pg_backend_pid()").singleRow().string(0)
+                // One session plays both of the node's (main and witness) here.
                 let nodeID = try await node.run { connection in
                     try connection.transaction {
                         let id = try connection.execute(
                             statements.insertNode,
-                            [String(cluster), "node-a", "host-a", "4242", #"{"zone": "a"}"#]
-                        ).singleRow().int(0)
-                        #expect(try connection.execute(statements.lockNode, [String(id)]).singleRow().bool(0))
-                        return id
+                            [String(cluster), "node-a", "host-a", "4242", #"{"zone": "a"}"#, pid, nil, "5000"]
+                        ).singleRow()
+                        #expect(try id.string(1) == instance)
+                        let nodeID = try id.int(0)
+                        #expect(try connection.execute(statements.lockNode, [String(nodeID)]).singleRow().bool(0))
+                        return nodeID
                     }
                 }
                 #expect(try await node.query(statements.heartbeat, [String(nodeID)]).affectedRows == 1)
@@ -65,9 +70,19 @@ struct LeastPrivilegeTests {
                 }
                 let won = try await node.query(statements.tryAcquire, ["{\(election)}"]).rows.map { try $0.int(0) }
                 #expect(won == [election])
-                let term = try await node.query(statements.bumpTerm, [String(election), String(nodeID), "node-a"])
-                    .singleRow().int(0)
-                #expect(term == 1)
+                let taken = try await node.query(statements.takeTerm, [String(election), String(nodeID), "node-a"])
+                    .singleRow()
+                #expect(try taken.int(0) == 1)
+                #expect(try taken.bool(1), "no predecessor: leadership begins with the bump")
+                // The evidence wait's statements (a predecessor whose node lock is free: granted at once).
+                #expect(
+                    try await node.query(
+                        statements.awaitPredecessor, ["999999", "10", String(election), "1", String(nodeID), "node-a"]
+                    ).singleRow().optionalBool(0) == true)
+                #expect(
+                    try await node.query(statements.beginTerm, [String(election), "1", String(nodeID), "node-a"])
+                        .singleRow().bool(0))
+                #expect(try await node.query(statements.acknowledged, ["999999"]).singleRow().bool(0) == false)
                 let leader = try await node.query(statements.whereis, [String(cluster), "importer"]).singleRow()
                 #expect(try leader.int(0) == 1)
                 #expect(try leader.int(1) == nodeID)
@@ -91,7 +106,7 @@ struct LeastPrivilegeTests {
                         try connection.transaction {
                             let id = try connection.execute(
                                 statements.insertNode,
-                                [String(cluster), "node-b", "host-b", "4343", "{}"]
+                                [String(cluster), "node-b", "host-b", "4343", "{}", "0", String(nodeID), "5000"]
                             ).singleRow().int(0)
                             #expect(try connection.execute(statements.lockNode, [String(id)]).singleRow().bool(0))
                         }
@@ -108,10 +123,14 @@ struct LeastPrivilegeTests {
                 var events: [String] = []
                 for await notification in node.notifications {
                     events.append(Self.event(in: notification.payload))
-                    if events.count == 6 { break }
+                    if events.count == 8 { break }
                 }
-                // Own changes are delivered to the listener too, after each commit, in commit order.
-                #expect(events == ["node_up", "leader", "released", "node_up", "node_down", "node_down"])
+                // Own changes are delivered to the listener too, after each commit, in commit order: a leadership
+                // begins three times above (take_term, await_predecessor, begin_term), each a `leader`.
+                #expect(
+                    events == [
+                        "node_up", "leader", "leader", "leader", "released", "node_up", "node_down", "node_down",
+                    ])
             }
         }
     }

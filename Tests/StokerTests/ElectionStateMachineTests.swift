@@ -12,7 +12,8 @@ struct ElectionStateMachineTests {
     /// One input fed to the machine, as data.
     enum Input: Sendable, Hashable, CustomStringConvertible {
         case lockWon
-        case termBumped(Int64)
+        case termBumped(Int64, began: Bool)
+        case evidenceFound
         case leadershipLost(ElectionStateMachine.Loss)
         case resign
         case released
@@ -20,7 +21,8 @@ struct ElectionStateMachineTests {
         func apply(to machine: inout ElectionStateMachine) -> ElectionStateMachine.Action {
             switch self {
             case .lockWon: machine.lockWon()
-            case .termBumped(let term): machine.termBumped(term)
+            case .termBumped(let term, let began): machine.termBumped(term, began: began)
+            case .evidenceFound: machine.evidenceFound()
             case .leadershipLost(let loss): machine.leadershipLost(loss)
             case .resign: machine.resign()
             case .released: machine.released()
@@ -30,7 +32,8 @@ struct ElectionStateMachineTests {
         var description: String {
             switch self {
             case .lockWon: "lockWon()"
-            case .termBumped(let term): "termBumped(\(term))"
+            case .termBumped(let term, let began): "termBumped(\(term), began: \(began))"
+            case .evidenceFound: "evidenceFound()"
             case .leadershipLost(let loss): "leadershipLost(.\(loss))"
             case .resign: "resign()"
             case .released: "released()"
@@ -64,6 +67,7 @@ struct ElectionStateMachineTests {
         case .none: ".none"
         case .bumpTerm: ".bumpTerm"
         case .startLeading(let term): ".startLeading(term: \(term))"
+        case .awaitEvidence(let term): ".awaitEvidence(term: \(term))"
         case .endLeading(let term, let loss): ".endLeading(term: \(term), .\(loss))"
         case .endLeadingAndRelease(let term?): ".endLeadingAndRelease(term: \(term))"
         case .endLeadingAndRelease(nil): ".endLeadingAndRelease(term: nil)"
@@ -75,6 +79,7 @@ struct ElectionStateMachineTests {
     static let states: [State] = [
         .follower,
         .acquiring,
+        .awaitingEvidence(term: 7),
         .leading(term: 7),
         .resigning(wasLeading: true),
         .resigning(wasLeading: false),
@@ -83,34 +88,56 @@ struct ElectionStateMachineTests {
 
     static let inputs: [Input] = [
         .lockWon,
-        .termBumped(8),
+        .termBumped(8, began: true),
+        .termBumped(8, began: false),
+        .evidenceFound,
         .leadershipLost(.leaseExpired),
         .leadershipLost(.sessionLost),
         .resign,
         .released,
     ]
 
-    /// Every state × input, written down from the doc comments of `ElectionStateMachine`.
+    /// Every state × input, written down from the doc comments of `ElectionStateMachine`. A state's own term is 7 and
+    /// the term a bump answers is 8, so a stray answer that overwrote the term, or a leadership begun with the wrong
+    /// one, shows.
     static let table: [Transition] = [
         // follower: the only candidate.
         .init(.follower, .lockWon, .bumpTerm, .acquiring),
-        .init(.follower, .termBumped(8), .none, .follower),
+        .init(.follower, .termBumped(8, began: true), .none, .follower),
+        .init(.follower, .termBumped(8, began: false), .none, .follower),
+        .init(.follower, .evidenceFound, .none, .follower),
         .init(.follower, .leadershipLost(.leaseExpired), .none, .follower),
         .init(.follower, .leadershipLost(.sessionLost), .none, .follower),
         .init(.follower, .resign, .finishResignation, .withdrawn),
         .init(.follower, .released, .none, .follower),
 
-        // acquiring: the lock is held, the bump in flight, not a leader yet.
+        // acquiring: the lock is held, the bump in flight, not a leader yet. A bump that found the hand-over (or the
+        // predecessor's witness gone) begins the leadership; one that did not waits for evidence.
         .init(.acquiring, .lockWon, .none, .acquiring),
-        .init(.acquiring, .termBumped(8), .startLeading(term: 8), .leading(term: 8)),
+        .init(.acquiring, .termBumped(8, began: true), .startLeading(term: 8), .leading(term: 8)),
+        .init(.acquiring, .termBumped(8, began: false), .awaitEvidence(term: 8), .awaitingEvidence(term: 8)),
+        .init(.acquiring, .evidenceFound, .none, .acquiring),
         .init(.acquiring, .leadershipLost(.leaseExpired), .none, .follower),
         .init(.acquiring, .leadershipLost(.sessionLost), .none, .follower),
         .init(.acquiring, .resign, .none, .resigning(wasLeading: false)),
         .init(.acquiring, .released, .none, .acquiring),
 
+        // awaitingEvidence(7): the lock is held and the term bumped, not a leader yet; only evidence begins it, with
+        // the term already bumped. A loss ends the chance silently; a resignation releases the lock at once.
+        .init(.awaitingEvidence(term: 7), .lockWon, .none, .awaitingEvidence(term: 7)),
+        .init(.awaitingEvidence(term: 7), .termBumped(8, began: true), .none, .awaitingEvidence(term: 7)),
+        .init(.awaitingEvidence(term: 7), .termBumped(8, began: false), .none, .awaitingEvidence(term: 7)),
+        .init(.awaitingEvidence(term: 7), .evidenceFound, .startLeading(term: 7), .leading(term: 7)),
+        .init(.awaitingEvidence(term: 7), .leadershipLost(.leaseExpired), .none, .follower),
+        .init(.awaitingEvidence(term: 7), .leadershipLost(.sessionLost), .none, .follower),
+        .init(.awaitingEvidence(term: 7), .resign, .endLeadingAndRelease(term: nil), .resigning(wasLeading: false)),
+        .init(.awaitingEvidence(term: 7), .released, .none, .awaitingEvidence(term: 7)),
+
         // leading(7).
         .init(.leading(term: 7), .lockWon, .none, .leading(term: 7)),
-        .init(.leading(term: 7), .termBumped(8), .none, .leading(term: 7)),
+        .init(.leading(term: 7), .termBumped(8, began: true), .none, .leading(term: 7)),
+        .init(.leading(term: 7), .termBumped(8, began: false), .none, .leading(term: 7)),
+        .init(.leading(term: 7), .evidenceFound, .none, .leading(term: 7)),
         .init(.leading(term: 7), .leadershipLost(.leaseExpired), .endLeading(term: 7, .leaseExpired), .follower),
         .init(.leading(term: 7), .leadershipLost(.sessionLost), .endLeading(term: 7, .sessionLost), .follower),
         .init(.leading(term: 7), .resign, .endLeadingAndRelease(term: 7), .resigning(wasLeading: true)),
@@ -118,18 +145,26 @@ struct ElectionStateMachineTests {
 
         // resigning after leading: leadership ended locally, the release is in flight.
         .init(.resigning(wasLeading: true), .lockWon, .none, .resigning(wasLeading: true)),
-        .init(.resigning(wasLeading: true), .termBumped(8), .none, .resigning(wasLeading: true)),
+        .init(.resigning(wasLeading: true), .termBumped(8, began: true), .none, .resigning(wasLeading: true)),
+        .init(.resigning(wasLeading: true), .termBumped(8, began: false), .none, .resigning(wasLeading: true)),
+        .init(.resigning(wasLeading: true), .evidenceFound, .none, .resigning(wasLeading: true)),
         .init(.resigning(wasLeading: true), .leadershipLost(.leaseExpired), .finishResignation, .withdrawn),
         .init(.resigning(wasLeading: true), .leadershipLost(.sessionLost), .finishResignation, .withdrawn),
         .init(.resigning(wasLeading: true), .resign, .none, .resigning(wasLeading: true)),
         .init(.resigning(wasLeading: true), .released, .finishResignation, .withdrawn),
 
-        // resigning while the bump was in flight: never lead; the bump's answer triggers the release.
+        // resigning without having led: the bump was in flight (its answer, whichever, triggers the release), or the
+        // machine was awaiting evidence (the release is in flight). Late evidence begins nothing.
         .init(.resigning(wasLeading: false), .lockWon, .none, .resigning(wasLeading: false)),
         .init(
-            .resigning(wasLeading: false), .termBumped(8), .endLeadingAndRelease(term: nil),
+            .resigning(wasLeading: false), .termBumped(8, began: true), .endLeadingAndRelease(term: nil),
             .resigning(wasLeading: false)
         ),
+        .init(
+            .resigning(wasLeading: false), .termBumped(8, began: false), .endLeadingAndRelease(term: nil),
+            .resigning(wasLeading: false)
+        ),
+        .init(.resigning(wasLeading: false), .evidenceFound, .none, .resigning(wasLeading: false)),
         .init(.resigning(wasLeading: false), .leadershipLost(.leaseExpired), .finishResignation, .withdrawn),
         .init(.resigning(wasLeading: false), .leadershipLost(.sessionLost), .finishResignation, .withdrawn),
         .init(.resigning(wasLeading: false), .resign, .none, .resigning(wasLeading: false)),
@@ -137,7 +172,9 @@ struct ElectionStateMachineTests {
 
         // withdrawn: final; a late lock is given straight back.
         .init(.withdrawn, .lockWon, .releaseLock, .withdrawn),
-        .init(.withdrawn, .termBumped(8), .none, .withdrawn),
+        .init(.withdrawn, .termBumped(8, began: true), .none, .withdrawn),
+        .init(.withdrawn, .termBumped(8, began: false), .none, .withdrawn),
+        .init(.withdrawn, .evidenceFound, .none, .withdrawn),
         .init(.withdrawn, .leadershipLost(.leaseExpired), .none, .withdrawn),
         .init(.withdrawn, .leadershipLost(.sessionLost), .none, .withdrawn),
         .init(.withdrawn, .resign, .none, .withdrawn),
@@ -158,12 +195,14 @@ struct ElectionStateMachineTests {
         Self.checkDerivedProperties(machine)
     }
 
-    @Test("the table covers all 36 state × input pairs, each once")
+    @Test("the table covers all 56 state × input pairs, each once")
     func tableIsComplete() {
+        #expect(Self.states.count == 7)
+        #expect(Self.inputs.count == 8)
         let expected = Set(Self.states.flatMap { state in Self.inputs.map { Pair(state: state, input: $0) } })
-        #expect(expected.count == 36)
+        #expect(expected.count == 56)
         let rows = Self.table.map { Pair(state: $0.state, input: $0.input) }
-        #expect(rows.count == 36)
+        #expect(rows.count == 56)
         #expect(Set(rows).count == rows.count, "duplicate rows in the table")
         #expect(Set(rows) == expected)
     }
@@ -181,12 +220,55 @@ struct ElectionStateMachineTests {
         #expect(machine.leadingTerm == nil)
     }
 
+    /// Feeds `inputs` to a new machine; returns its actions, and the machine.
+    static func run(_ inputs: [Input]) -> (actions: [Action], machine: Machine) {
+        var machine = Machine()
+        let actions = inputs.map { $0.apply(to: &machine) }
+        return (actions, machine)
+    }
+
+    @Test("without a hand-over, leadership begins only on evidence, with the term bumped")
+    func leadsOnEvidence() {
+        let (actions, machine) = Self.run([.lockWon, .termBumped(8, began: false), .evidenceFound, .evidenceFound])
+        #expect(actions == [.bumpTerm, .awaitEvidence(term: 8), .startLeading(term: 8), .none])
+        #expect(machine.state == .leading(term: 8))
+
+        // Between the bump and the evidence: holding the lock, neither a candidate nor a leader.
+        let (_, awaiting) = Self.run([.lockWon, .termBumped(8, began: false)])
+        #expect(awaiting.state == .awaitingEvidence(term: 8))
+        #expect(!awaiting.isCandidate)
+        #expect(awaiting.mayHoldLock)
+        #expect(awaiting.leadingTerm == nil)
+    }
+
+    @Test("a resignation while awaiting evidence releases the lock at once, and late evidence begins nothing")
+    func resignWhileAwaitingEvidence() {
+        let (actions, machine) = Self.run([
+            .lockWon, .termBumped(8, began: false), .resign, .evidenceFound, .released, .evidenceFound,
+        ])
+        let expected: [Action] = [
+            .bumpTerm, .awaitEvidence(term: 8), .endLeadingAndRelease(term: nil), .none, .finishResignation, .none,
+        ]
+        #expect(actions == expected)
+        #expect(machine.state == .withdrawn)
+    }
+
+    @Test("a loss while awaiting evidence makes a candidate again, with no leadership to end")
+    func lossWhileAwaitingEvidence() {
+        let (actions, machine) = Self.run([
+            .lockWon, .termBumped(8, began: false), .leadershipLost(.sessionLost), .evidenceFound,
+            .lockWon, .termBumped(9, began: true),
+        ])
+        #expect(actions == [.bumpTerm, .awaitEvidence(term: 8), .none, .none, .bumpTerm, .startLeading(term: 9)])
+        #expect(machine.state == .leading(term: 9))
+    }
+
     static func checkDerivedProperties(
         _ machine: Machine, sourceLocation: SourceLocation = #_sourceLocation
     ) {
         #expect(machine.isCandidate == (machine.state == .follower), sourceLocation: sourceLocation)
         switch machine.state {
-        case .acquiring, .leading, .resigning:
+        case .acquiring, .awaitingEvidence, .leading, .resigning:
             #expect(machine.mayHoldLock, sourceLocation: sourceLocation)
         case .follower, .withdrawn:
             #expect(!machine.mayHoldLock, sourceLocation: sourceLocation)
@@ -200,17 +282,19 @@ struct ElectionStateMachineTests {
 
     // MARK: - Random walks
 
-    /// A random input; `resign` is rare so that walks spend time leading and losing before they withdraw.
+    /// A random input; `resign` is rare so that walks spend time leading and losing before they withdraw. Half the
+    /// bumps find no hand-over, so that walks also await evidence.
     static func randomInput(_ rng: inout SplitMix64, nextTerm: inout Int64) -> Input {
         let roll = rng.next(upperBound: UInt64(100))
         switch roll {
         case 0..<30: return .lockWon
         case 30..<60:
             nextTerm += Int64(rng.next(upperBound: UInt64(3))) + 1
-            return .termBumped(nextTerm)
-        case 60..<70: return .leadershipLost(.leaseExpired)
-        case 70..<80: return .leadershipLost(.sessionLost)
-        case 80..<85: return .resign
+            return .termBumped(nextTerm, began: roll < 45)
+        case 60..<70: return .evidenceFound
+        case 70..<76: return .leadershipLost(.leaseExpired)
+        case 76..<82: return .leadershipLost(.sessionLost)
+        case 82..<86: return .resign
         default: return .released
         }
     }
@@ -222,10 +306,19 @@ struct ElectionStateMachineTests {
     struct WalkChecker {
         /// A `.bumpTerm` was answered and neither a loss nor a resignation has been fed since.
         var bumpPending = false
+        /// A `.bumpTerm` was answered and no `termBumped` nor loss has been fed since: the bump transaction is still
+        /// running (a resignation does not stop it; a loss drops its session).
+        var bumpInFlight = false
+        /// The term of the `.awaitEvidence` answered and neither begun nor cancelled (by a loss or a resignation).
+        var awaitedTerm: Int64?
         /// The term of the leadership started and not yet ended.
         var ledTerm: Int64?
+        /// An `.endLeadingAndRelease` was answered: the lock's release is under way.
+        var releaseRequested = false
         var finishCount = 0
         var startCount = 0
+        /// The leaderships begun on evidence (after an `.awaitEvidence`).
+        var evidenceStartCount = 0
 
         /// Checks one step; returns the invariants it breaks (empty when it keeps them all).
         mutating func check(before: Machine, input: Input, action: Action, after: Machine) -> [String] {
@@ -243,17 +336,44 @@ struct ElectionStateMachineTests {
                 require(input == .lockWon, "bumpTerm for an input other than lockWon")
             }
 
-            // Leadership starts only from a pending bump, with the bumped term, and never on top of a leadership.
-            if case .startLeading(let term) = action {
-                require(bumpPending, "startLeading without a bumpTerm since the last loss/resign")
-                require(ledTerm == nil, "startLeading while already leading")
-                require(input == .termBumped(term), "startLeading with a term other than the one bumped")
+            // A bump that found no hand-over awaits evidence, with the term it bumped, and begins nothing yet.
+            if case .awaitEvidence(let term) = action {
+                require(bumpPending, "awaitEvidence without a bumpTerm since the last loss/resign")
+                require(before.state == .acquiring, "awaitEvidence outside acquiring")
+                require(input == .termBumped(term, began: false), "awaitEvidence but not for a bump without hand-over")
+                require(ledTerm == nil && awaitedTerm == nil, "awaitEvidence while leading or already awaiting")
                 bumpPending = false
+                awaitedTerm = term
+            }
+
+            // Leadership starts only from a pending bump that began it, with the bumped term, or on evidence, with
+            // the term of the awaitEvidence before it — and never on top of a leadership.
+            if case .startLeading(let term) = action {
+                require(ledTerm == nil, "startLeading while already leading")
+                switch (before.state, input) {
+                case (.acquiring, .termBumped(let bumped, began: true)):
+                    require(bumpPending, "startLeading without a bumpTerm since the last loss/resign")
+                    require(bumped == term, "startLeading with a term other than the one bumped")
+                case (.awaitingEvidence, .evidenceFound):
+                    let awaited = awaitedTerm.map { "term \($0)" } ?? "none"
+                    require(awaitedTerm == term, "startLeading(term: \(term)) on evidence, awaited: \(awaited)")
+                    evidenceStartCount += 1
+                default:
+                    require(false, "startLeading but not from acquiring + began or awaitingEvidence + evidenceFound")
+                }
+                bumpPending = false
+                awaitedTerm = nil
                 ledTerm = term
                 startCount += 1
             }
 
-            // Leadership ends exactly once, with the term it started with.
+            // A loss or a resignation cancels the awaited evidence: that leadership never begins.
+            switch input {
+            case .leadershipLost, .resign: awaitedTerm = nil
+            default: break
+            }
+
+            // Leadership ends exactly once, with the term it started with; the lock is released once.
             let running = ledTerm.map { "term \($0)" } ?? "none"
             switch action {
             case .endLeading(let term, let loss):
@@ -269,9 +389,20 @@ struct ElectionStateMachineTests {
             default:
                 break
             }
+            if case .endLeadingAndRelease = action {
+                // A walk may answer a bump that is not in flight: only such a stray answer may ask for a 2nd release.
+                var stray = false
+                if case .termBumped = input, !bumpInFlight { stray = true }
+                require(!releaseRequested || stray, "the lock's release requested twice")
+                releaseRequested = true
+            }
 
-            // The machine leads exactly while a leadership is running, with its term.
+            // The machine leads exactly while a leadership is running, with its term; it awaits evidence exactly while
+            // an awaitEvidence is outstanding, with its term.
             require(after.leadingTerm == ledTerm, "leadingTerm disagrees with the leadership started and not ended")
+            var awaiting: Int64?
+            if case .awaitingEvidence(let term) = after.state { awaiting = term }
+            require(awaiting == awaitedTerm, "awaitingEvidence disagrees with the awaitEvidence answered and not ended")
 
             if action == .finishResignation {
                 finishCount += 1
@@ -287,19 +418,39 @@ struct ElectionStateMachineTests {
                 require(after.state == .withdrawn, "left withdrawn")
             }
 
+            // A resignation that may hold the lock gets it released: at once, or by the running bump's answer.
+            if case .resigning = after.state {
+                require(releaseRequested || bumpInFlight, "resigning with neither a release nor a bump under way")
+            }
+
             require(after.isCandidate == (after.state == .follower), "isCandidate is not exactly follower")
+            require(
+                after.mayHoldLock == (after.state != .follower && after.state != .withdrawn),
+                "mayHoldLock is not exactly outside follower and withdrawn"
+            )
             if case .leading(let term) = after.state {
                 require(after.leadingTerm == term, "leadingTerm is not the term of leading")
             } else {
                 require(after.leadingTerm == nil, "leadingTerm outside leading")
             }
+            if case .awaitingEvidence = after.state {
+                require(!after.isCandidate, "awaitingEvidence is a candidate")
+                require(after.mayHoldLock, "awaitingEvidence may not hold the lock")
+            }
 
-            // A loss or a resignation cancels a pending bump; a new bumpTerm starts one.
+            // A loss or a resignation cancels a pending bump; a new bumpTerm starts a bump.
             switch input {
             case .leadershipLost, .resign: bumpPending = false
             default: break
             }
-            if action == .bumpTerm { bumpPending = true }
+            switch input {
+            case .termBumped, .leadershipLost: bumpInFlight = false
+            default: break
+            }
+            if action == .bumpTerm {
+                bumpPending = true
+                bumpInFlight = true
+            }
             return broken
         }
     }
@@ -308,6 +459,7 @@ struct ElectionStateMachineTests {
     func randomWalks() {
         var covered: Set<String> = []
         var totalStarts = 0
+        var evidenceStarts = 0
         var walksWithdrawn = 0
         var failedWalks = 0
         for walk in 0..<Self.walkCount {
@@ -339,12 +491,15 @@ struct ElectionStateMachineTests {
                 }
             }
             totalStarts += checker.startCount
+            evidenceStarts += checker.evidenceStartCount
             if machine.state == .withdrawn { walksWithdrawn += 1 }
         }
         #expect(failedWalks == 0, "\(failedWalks) of \(Self.walkCount) walks broke an invariant")
-        // The walks really explore the machine: every state shape meets every input, leaders come and go.
-        #expect(covered.count == 36, "pairs reached: \(covered.sorted())")
+        // The walks really explore the machine: every state shape meets every input, leaders come and go, by either
+        // way in.
+        #expect(covered.count == 56, "pairs reached: \(covered.sorted())")
         #expect(totalStarts > Self.walkCount)
+        #expect(evidenceStarts > 0 && evidenceStarts < totalStarts)
         #expect(walksWithdrawn > 0 && walksWithdrawn < Self.walkCount)
     }
 
@@ -362,11 +517,12 @@ struct ElectionStateMachineTests {
         #expect(run(42) != run(43))
     }
 
-    /// The state with its term forgotten, to count pairs reached in walks against the table's 6 × 6.
+    /// The state with its term forgotten, to count pairs reached in walks against the table's 7 × 8.
     static func shape(_ state: State) -> String {
         switch state {
         case .follower: "follower"
         case .acquiring: "acquiring"
+        case .awaitingEvidence: "awaitingEvidence"
         case .leading: "leading"
         case .resigning(let wasLeading): "resigning(\(wasLeading))"
         case .withdrawn: "withdrawn"
@@ -375,7 +531,7 @@ struct ElectionStateMachineTests {
 
     static func shape(_ input: Input) -> String {
         switch input {
-        case .termBumped: "termBumped"
+        case .termBumped(_, let began): "termBumped(began: \(began))"
         default: input.description
         }
     }

@@ -65,10 +65,6 @@ struct NodeConfigurationTests {
         Rejected("lease 2 days (over one day)", field: "lease") { $0.lease = .seconds(2 * 86_400) },
         Rejected("lease Int64.max seconds", field: "lease") { $0.lease = .seconds(Int64.max) },
         Rejected("lease Int64.min seconds", field: "lease") { $0.lease = .seconds(Int64.min) },
-        Rejected("takeoverGuard negative", field: "takeoverGuard") { $0.takeoverGuard = .milliseconds(-1) },
-        Rejected("takeoverGuard just over the margin", field: "takeoverGuard") {
-            $0.takeoverGuard = .milliseconds(500) + .nanoseconds(1)
-        },
         Rejected("heartbeatInterval zero", field: "heartbeatInterval") { $0.heartbeatInterval = .zero },
         Rejected("heartbeatInterval just over half of lease − margin", field: "heartbeatInterval") {
             $0.heartbeatInterval = .milliseconds(2_251)
@@ -173,8 +169,6 @@ struct NodeConfigurationTests {
         Accepted("lease exactly 100 ms") { $0.lease = .milliseconds(100) },
         Accepted("heartbeatInterval exactly half of lease − margin") { $0.heartbeatInterval = .milliseconds(2_250) },
         Accepted("lease exactly one day") { $0.lease = .seconds(86_400) },
-        Accepted("takeoverGuard zero (off)") { $0.takeoverGuard = .zero },
-        Accepted("takeoverGuard equal to the margin") { $0.takeoverGuard = .milliseconds(500) },
         Accepted("a margin below the default guard: the guard shrinks to it") {
             $0.margin = .milliseconds(5)
         },
@@ -300,11 +294,8 @@ struct NodeConfigurationTests {
         #expect(configuration.effectiveMargin == .seconds(1))
         #expect(configuration.effectiveStatementTimeout == .seconds(5))
         #expect(configuration.connectionCheckInterval == .seconds(1))
-        #expect(configuration.effectiveTakeoverGuard == .milliseconds(10))
         configuration.lease = .seconds(2)
         #expect(configuration.connectionCheckInterval == .milliseconds(400))
-        configuration.margin = .milliseconds(4)
-        #expect(configuration.effectiveTakeoverGuard == .milliseconds(4))
     }
 
     @Test("the default node name is <hostname>:<pid>")

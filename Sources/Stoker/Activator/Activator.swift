@@ -119,8 +119,6 @@ public final class Activator<Behaviour: StokerBehaviour>: Service, Sendable {
         defer { publish(run) }
         switch message {
         case .leader(let scope):
-            // The takeover guard (a predecessor that did not hand over): leadership begins at `startsAt`.
-            if scope.startsAt > .now { try? await Task.sleep(until: scope.startsAt, clock: .continuous) }
             // Already over (lost, or its lease ran out, while earlier callbacks ran): never start work for it. Its
             // demotion, next in the mailbox, is skipped too.
             guard scope.isLeader else { return false }

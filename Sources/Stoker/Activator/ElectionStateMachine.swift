@@ -5,7 +5,9 @@
 /// the caller performs. Everything that can make this node a leader or stop it being one goes through here, so the
 /// rules of DESIGN §2 live in one place:
 ///
-/// - leadership starts only when the term bump succeeded (`acquiring → leading`), never on a bare lock grant;
+/// - leadership starts only when the term bump succeeded (`acquiring → leading`), never on a bare lock grant — and,
+///   when the predecessor did not hand over, only on evidence that it stopped acting (`acquiring → awaitingEvidence
+///   → leading`): the lock grant alone is no such evidence when the server, not the process, ended its session;
 /// - it ends the moment a loss is reported (``leadershipLost(_:)``): the action says to end it locally — flip what
 ///   `isLeader` reads, cancel leader-scoped work — before anything else, and the session is dropped after;
 /// - a graceful resignation ends it locally first and releases the lock after (`leading → resigning → withdrawn`);
@@ -16,6 +18,10 @@ struct ElectionStateMachine: Sendable, Hashable {
         case follower
         /// The lock was won; the term bump is in flight. Not a leader yet: no callback has been queued.
         case acquiring
+        /// The lock is held and the term bumped (the fence already refuses the predecessor), but the predecessor did
+        /// not hand over: leadership begins only on evidence that it stopped acting (its witness session gone, its
+        /// acknowledgement, or its lease surely run out). Not a leader yet.
+        case awaitingEvidence(term: Int64)
         /// Leading with this term since the bump committed.
         case leading(term: Int64)
         /// Resigning: leadership already ended locally (`wasLeading`), the lock is being released.
@@ -35,10 +41,13 @@ struct ElectionStateMachine: Sendable, Hashable {
     enum Action: Sendable, Hashable {
         /// Nothing to do.
         case none
-        /// Run the term bump for the lock just won; report ``termBumped(_:)`` or ``leadershipLost(_:)``.
+        /// Run the term bump for the lock just won; report ``termBumped(_:began:)`` or ``leadershipLost(_:)``.
         case bumpTerm
         /// Leadership begins: mark it, then queue `nowLeader(term)`.
         case startLeading(term: Int64)
+        /// The term is bumped but the predecessor did not hand over: wait for evidence that it stopped acting, then
+        /// report ``evidenceFound()``.
+        case awaitEvidence(term: Int64)
         /// Leadership is over: flip `isLeader`, cancel leader-scoped work, queue the demotion — at once, before the
         /// session is dropped.
         case endLeading(term: Int64, Loss)
@@ -59,7 +68,8 @@ struct ElectionStateMachine: Sendable, Hashable {
     /// Is this node a candidate that should try to take the lock now?
     var isCandidate: Bool { state == .follower }
 
-    /// Whether the session may hold this election's lock: winning it (the bump in flight), leading, or resigning.
+    /// Whether the session may hold this election's lock: winning it (the bump in flight), awaiting evidence, leading,
+    /// or resigning.
     var mayHoldLock: Bool { !(state == .follower || state == .withdrawn) }
 
     /// The term this node leads with, if it leads.
@@ -77,23 +87,39 @@ struct ElectionStateMachine: Sendable, Hashable {
         case .withdrawn:
             // Withdrawn while the try-lock was in flight: give the lock straight back.
             return .releaseLock
-        case .acquiring, .leading, .resigning:
+        case .acquiring, .awaitingEvidence, .leading, .resigning:
             // The node never offers a lock it holds; a second grant would stack. Keep the state, do nothing.
             return .none
         }
     }
 
-    /// The term bump committed.
-    mutating func termBumped(_ term: Int64) -> Action {
+    /// The term bump committed; `began` when its transaction already found the evidence (a hand-over, or the
+    /// predecessor's witness gone) and began the leadership.
+    mutating func termBumped(_ term: Int64, began: Bool) -> Action {
         switch state {
-        case .acquiring:
+        case .acquiring where began:
             state = .leading(term: term)
             return .startLeading(term: term)
+        case .acquiring:
+            state = .awaitingEvidence(term: term)
+            return .awaitEvidence(term: term)
         case .resigning(wasLeading: false):
             // Resignation asked while the bump was in flight: never lead, release the lock.
             return .endLeadingAndRelease(term: nil)
-        case .follower, .leading, .resigning(wasLeading: true), .withdrawn:
+        case .follower, .awaitingEvidence, .leading, .resigning(wasLeading: true), .withdrawn:
             // A loss was reported meanwhile (the session is being dropped), or a stray answer: ignore it.
+            return .none
+        }
+    }
+
+    /// The evidence arrived and the leadership's begin committed.
+    mutating func evidenceFound() -> Action {
+        switch state {
+        case .awaitingEvidence(let term):
+            state = .leading(term: term)
+            return .startLeading(term: term)
+        case .follower, .acquiring, .leading, .resigning, .withdrawn:
+            // A loss or a resignation came first: this leadership never begins.
             return .none
         }
     }
@@ -104,7 +130,7 @@ struct ElectionStateMachine: Sendable, Hashable {
         case .leading(let term):
             state = .follower
             return .endLeading(term: term, loss)
-        case .acquiring:
+        case .acquiring, .awaitingEvidence:
             state = .follower
             return .none
         case .resigning:
@@ -123,9 +149,13 @@ struct ElectionStateMachine: Sendable, Hashable {
             state = .withdrawn
             return .finishResignation
         case .acquiring:
-            // The bump is in flight; ``termBumped(_:)`` or ``leadershipLost(_:)`` finishes the resignation.
+            // The bump is in flight; ``termBumped(_:began:)`` or ``leadershipLost(_:)`` finishes the resignation.
             state = .resigning(wasLeading: false)
             return .none
+        case .awaitingEvidence:
+            // Never led: release the lock (the predecessor stays recorded, for the next successor's evidence).
+            state = .resigning(wasLeading: false)
+            return .endLeadingAndRelease(term: nil)
         case .leading(let term):
             state = .resigning(wasLeading: true)
             return .endLeadingAndRelease(term: term)
@@ -140,7 +170,7 @@ struct ElectionStateMachine: Sendable, Hashable {
         case .resigning:
             state = .withdrawn
             return .finishResignation
-        case .follower, .acquiring, .leading, .withdrawn:
+        case .follower, .acquiring, .awaitingEvidence, .leading, .withdrawn:
             // A stray lock given back (withdrawn), or nothing to finish.
             return .none
         }

@@ -62,9 +62,6 @@ final class LeaderScope: Sendable {
     let metrics: ElectionMetrics
     /// The lease clock of the session this leadership belongs to (a new session has a new clock).
     let lease: LeaseClock
-    /// Leadership begins here, not at the term bump, after a predecessor that did not hand over (the takeover
-    /// guard): `isLeader` is false and `nowLeader` waits until then.
-    let startsAt: ContinuousClock.Instant
 
     private struct State {
         var endedAt: ContinuousClock.Instant?
@@ -74,11 +71,7 @@ final class LeaderScope: Sendable {
 
     private let state = Mutex(State())
 
-    init(
-        term: Int64, election: String, incarnation: Int, metrics: ElectionMetrics, lease: LeaseClock,
-        startsAt: ContinuousClock.Instant = .now
-    ) {
-        self.startsAt = startsAt
+    init(term: Int64, election: String, incarnation: Int, metrics: ElectionMetrics, lease: LeaseClock) {
         self.term = term
         self.election = election
         self.incarnation = incarnation
@@ -89,8 +82,7 @@ final class LeaderScope: Sendable {
     /// Leading: begun, not ended, and the lease clock still valid (not a cached flag: a frozen watchdog cannot make it
     /// lie).
     var isLeader: Bool {
-        let now = ContinuousClock.now
-        return now >= startsAt && state.withLock { $0.endedAt == nil } && lease.isValid(at: now)
+        state.withLock { $0.endedAt == nil } && lease.isValid()
     }
 
     var endedAt: ContinuousClock.Instant? { state.withLock { $0.endedAt } }

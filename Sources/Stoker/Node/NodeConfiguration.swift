@@ -45,13 +45,6 @@ extension StokerNode {
         public var margin: Duration?
         /// `statement_timeout` of the node's session; `nil` means `lease / 2`. Must be below `lease`.
         public var statementTimeout: Duration?
-        /// How long a new leader waits before it starts leading (its `nowLeader`, `isLeader`) when its predecessor's
-        /// leadership ended without a hand-over — a crash, or PostgreSQL ending that session. After
-        /// `pg_terminate_backend` or a server-side timeout the server frees the lock and tells the old leader in the
-        /// same instant; the old leader ends its leadership as soon as its thread runs, and this guard is the time it
-        /// gets to do so on a busy host. A graceful hand-over does not wait for it. `nil` means 10 ms (or the margin,
-        /// if shorter); zero turns it off; at most `margin`.
-        public var takeoverGuard: Duration?
         /// The first wait before reconnecting after the session was lost; doubled (with jitter) after every failed
         /// attempt, up to ``maximumReconnectDelay``.
         public var reconnectDelay: Duration = .milliseconds(100)
@@ -86,7 +79,6 @@ extension StokerNode {
         var effectiveHeartbeatInterval: Duration { heartbeatInterval ?? lease / 5 }
         var effectiveMargin: Duration { margin ?? lease / 10 }
         var effectiveStatementTimeout: Duration { statementTimeout ?? lease / 2 }
-        var effectiveTakeoverGuard: Duration { takeoverGuard ?? min(.milliseconds(10), effectiveMargin) }
         /// `client_connection_check_interval`: how soon a backend busy with a statement notices its client is gone.
         var connectionCheckInterval: Duration { min(.seconds(1), lease / 5) }
 
@@ -116,11 +108,6 @@ extension StokerNode {
                     "heartbeatInterval (\(effectiveHeartbeatInterval)) must be at most half of lease − margin "
                         + "(\(lease - effectiveMargin)), so one late heartbeat cannot cost the lease; default lease / 5."
                 )
-            }
-            if effectiveTakeoverGuard < .zero || effectiveTakeoverGuard > effectiveMargin {
-                throw invalid(
-                    "takeoverGuard (\(effectiveTakeoverGuard)) must be between zero and the margin "
-                        + "(\(effectiveMargin)); default 10 ms.")
             }
             if effectiveStatementTimeout >= lease {
                 throw invalid(

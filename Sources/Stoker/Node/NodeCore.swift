@@ -61,6 +61,21 @@ final class NodeCore: Sendable {
         var endedAt: ContinuousClock.Instant?
         /// The node's graceful stop asked the activator to hand the election over.
         var askedToResign = false
+        /// The term is bumped and the predecessor did not hand over: what evidence that it stopped is awaited.
+        var evidence: AwaitedEvidence?
+    }
+
+    /// What a successor waits for before its leadership begins, when its predecessor did not hand over.
+    struct AwaitedEvidence: Sendable {
+        let term: Int64
+        /// The predecessor's node id (incarnation).
+        let predecessor: Int
+        /// The predecessor joined the server this session is on: its node lock, held by its witness, is the evidence
+        /// (free once its process is gone or it has ended its leaderships and closed the witness). Otherwise (a
+        /// restart or failover ended every session since, or its row is gone): its next incarnation's row naming it,
+        /// or its lease surely run out at `leaseRunOut`.
+        let sameServer: Bool
+        let leaseRunOut: ContinuousClock.Instant
     }
 
     private enum Phase { case idle, running, exited }
@@ -76,6 +91,11 @@ final class NodeCore: Sendable {
         /// `shutdown(2)`). A duplicate, so that libpq closing its own descriptor on EOF can never make this number
         /// point at a descriptor the application opened since.
         var socket: Int32?
+        /// The same, for the witness session.
+        var witnessSocket: Int32?
+        /// When the last trusted reply of each session was sent (the lease runs from the older of the two).
+        var mainConfirmedSent: ContinuousClock.Instant?
+        var witnessConfirmedSent: ContinuousClock.Instant?
         /// Generation of the current session (0: none).
         var session: UInt64 = 0
         /// The current session's lease clock: a new one per session, so a leadership of an earlier session can never
@@ -91,10 +111,13 @@ final class NodeCore: Sendable {
         var ending: [ObjectIdentifier: LeaderScope] = [:]
         var member: ClusterMember?
         var backendPID: Int32?
+        var witnessBackendPID: Int32?
         var freeze: Duration?
         var watchdogFreeze: Duration?
         /// Threads held by a test hook right now.
         var holding = 0
+        /// Holds of the session thread begun so far (a test waits for one without racing its end).
+        var sessionHolds = 0
     }
 
     private let state = Mutex(State())
@@ -208,9 +231,11 @@ final class NodeCore: Sendable {
             return (Array(state.slots.values), Array(state.ending.values))
         }
         for scope in slots.compactMap(\.scope) + pending { endScope(scope, at: now, reason: "the node was cancelled") }
-        // 3. Only now that no leadership is left: cut the session (the server then frees its locks at once).
+        // 3. Only now that no leadership is left: cut both sessions (the server then frees their locks at once).
         state.withLock { state in
-            if let socket = state.socket { _ = shutdown(socket, Int32(SHUT_RDWR)) }
+            for socket in [state.socket, state.witnessSocket].compactMap({ $0 }) {
+                _ = shutdown(socket, Int32(SHUT_RDWR))
+            }
         }
         for slot in slots {
             slot.resignWaiter?.resume()
@@ -267,9 +292,15 @@ final class NodeCore: Sendable {
                 if let scope = slot.scope { state.ending[ObjectIdentifier(scope)] = scope }
                 return .done(slot.scope)
             case .endLeadingAndRelease:
+                guard let scope = slot.scope else {
+                    // Never began (waiting for evidence): the session thread releases the lock now.
+                    slot.releaseReady = true
+                    state.slots[election] = slot
+                    return .wait
+                }
                 slot.endedAt = now
                 state.slots[election] = slot
-                return slot.scope.map { .release($0, now) } ?? .wait
+                return .release(scope, now)
             default:
                 // Acquiring: the session thread finishes the resignation when the bump answers.
                 state.slots[election] = slot
@@ -327,8 +358,12 @@ final class NodeCore: Sendable {
     /// Test hook: a freeze is pending or under way.
     var isFrozen: Bool { state.withLock { $0.freeze != nil || $0.watchdogFreeze != nil || $0.holding > 0 } }
 
+    /// Test hook: how many times a freeze has held the session thread so far.
+    var sessionHolds: Int { state.withLock { $0.sessionHolds } }
+
     var member: ClusterMember? { state.withLock { $0.member } }
     var backendPID: Int32? { state.withLock { $0.backendPID } }
+    var witnessBackendPID: Int32? { state.withLock { $0.witnessBackendPID } }
 
     private func wake() {
         var one: UInt64 = 1
@@ -366,6 +401,8 @@ final class NodeCore: Sendable {
         for name in state.slots.keys {
             guard var slot = state.slots[name] else { continue }
             let action = slot.machine.leadershipLost(loss)
+            // A wait for evidence ends with the session: the lock it was for is gone.
+            slot.evidence = nil
             if let scope = slot.scope { ending.append((name, scope)) }
             switch action {
             case .endLeading:
@@ -473,9 +510,12 @@ final class NodeCore: Sendable {
         guard let (deadline, ending) = expired else { return }
         // Leadership ended at the deadline, whenever this thread got to run: that is what `isLeader` said already.
         for (_, scope) in ending { endScope(scope, at: deadline, reason: "\(DemotionReason.leaseExpired)") }
-        // Only then cut the session (the server frees the locks at once).
+        // Only then cut both sessions (the server frees the locks at once; the witness's end is the acknowledgement).
         state.withLock { state in
-            if state.session == session, let socket = state.socket { _ = shutdown(socket, Int32(SHUT_RDWR)) }
+            guard state.session == session else { return }
+            for socket in [state.socket, state.witnessSocket].compactMap({ $0 }) {
+                _ = shutdown(socket, Int32(SHUT_RDWR))
+            }
         }
         announceLoss(ending, reason: .leaseExpired)
         logger.warning(
@@ -498,6 +538,9 @@ final class NodeCore: Sendable {
     private func sessionThread() {
         var delay = configuration.reconnectDelay
         var joinedOnce = false
+        // The last incarnation this node joined as: the next one names it (its acknowledgement that every leadership
+        // of that incarnation has ended).
+        var lastIncarnation: Int?
         var failure: StokerError?
         while state.withLock({ $0.stop == nil }) {
             if joinedOnce { metrics.reconnects.increment() }
@@ -505,8 +548,17 @@ final class NodeCore: Sendable {
             var joined = false
             let started = ContinuousClock.now
             do {
+                // Two sessions per node, whatever the number of elections: the main one and its witness.
                 let connection = try PGConnection(self.connection)
-                end = session(connection, joined: &joined)
+                let witness = try PGConnection(self.connection)
+                var incarnation: Int?
+                // Both stay open until `session` has ended every leadership of theirs.
+                end = withExtendedLifetime((connection, witness)) {
+                    session(
+                        connection, witness: witness, replacing: lastIncarnation, joined: &joined,
+                        incarnation: &incarnation)
+                }
+                if let incarnation { lastIncarnation = incarnation }
             } catch {
                 end = .lost(error)
             }
@@ -610,30 +662,46 @@ final class NodeCore: Sendable {
         }
     }
 
-    /// One session: join, serve until it ends. Every way out ends this node's leaderships before the connection is
-    /// let go.
-    private func session(_ connection: PGConnection, joined: inout Bool) -> SessionEnd {
+    /// One session: join, serve until it ends. Every way out ends this node's leaderships before either connection
+    /// is let go — the witness's end is what tells a successor that they have ended.
+    private func session(
+        _ connection: PGConnection,
+        witness: PGConnection,
+        replacing: Int?,
+        joined: inout Bool,
+        incarnation: inout Int?
+    ) -> SessionEnd {
         let socket = dup(connection.socket)
+        let witnessSocket = dup(witness.socket)
         let started: (UInt64, LeaseClock)? = state.withLock { state in
             guard state.stop == nil else { return nil }
             state.session += 1
             state.lease = LeaseClock()
             state.socket = socket >= 0 ? socket : nil
+            state.witnessSocket = witnessSocket >= 0 ? witnessSocket : nil
             state.backendPID = connection.protocolBackendPID
+            state.witnessBackendPID = witness.protocolBackendPID
+            state.mainConfirmedSent = nil
+            state.witnessConfirmedSent = nil
             for name in state.slots.keys { state.slots[name]?.needsSetup = true }
             return (state.session, state.lease)
         }
         defer {
             if socket >= 0 { closeDescriptor(socket) }
+            if witnessSocket >= 0 { closeDescriptor(witnessSocket) }
         }
         guard let (generation, lease) = started else { return .stopped }
-        var context = SessionContext(connection: connection, generation: generation, lease: lease)
+        var context = SessionContext(
+            connection: connection, witness: witness, generation: generation, lease: lease, replaces: replacing)
         let end = run(&context, joined: &joined)
+        if context.nodeID != 0 { incarnation = context.nodeID }
         // Whoever else is still announcing a demotion, no leader work of this session outlives it.
         let ended = state.withLock { state in
             state.socket = nil
+            state.witnessSocket = nil
             state.member = nil
             state.backendPID = nil
+            state.witnessBackendPID = nil
             return state.leaseExpiredSession == generation ? state.expiredDeadline : nil
         }
         endRemainingScopes(at: ended ?? .now)
@@ -678,8 +746,16 @@ final class NodeCore: Sendable {
     /// What one session learnt while joining.
     private struct SessionContext {
         let connection: PGConnection
+        /// The witness session: holds the node lock, otherwise only heartbeats.
+        let witness: PGConnection
         let generation: UInt64
         let lease: LeaseClock
+        /// The incarnation this one follows, if any.
+        let replaces: Int?
+        /// The server instance both sessions joined (`server_instance()`).
+        var serverInstance = ""
+        /// An acknowledgement may have arrived (a member joined): check the awaited evidence again.
+        var checkAcknowledgement = true
         var statements: ProtocolStatements?
         var clusterID = 0
         var channel = ""
@@ -688,10 +764,16 @@ final class NodeCore: Sendable {
         var members: [Int: String] = [:]
     }
 
+    /// Which of the node's two sessions a reply came from.
+    private enum Side { case main, witness }
+
     /// Runs `body` (one or more statements) and, if the reply came in time, renews the lease from its send time.
-    /// A reply whose request went out more than `lease − margin` ago is not trusted.
+    /// A reply whose request went out more than `lease − margin` ago is not trusted. The lease runs from the older of
+    /// the two sessions' last trusted sends: the server's idle timer can end either, and the witness's end is
+    /// evidence for a successor, so neither may end before this node's lease has.
     private func confirmed<T>(
         _ context: SessionContext,
+        on side: Side = .main,
         _ body: () throws -> T
     ) throws -> T {
         let sent = ContinuousClock.now
@@ -706,7 +788,13 @@ final class NodeCore: Sendable {
             // (even before the watchdog got to run): the lease, once out, stays out.
             guard now < sent + valid else { return false }
             if let deadline = context.lease.currentDeadline, now >= deadline { return false }
-            context.lease.extend(to: sent + valid)
+            switch side {
+            case .main: state.mainConfirmedSent = max(sent, state.mainConfirmedSent ?? sent)
+            case .witness: state.witnessConfirmedSent = max(sent, state.witnessConfirmedSent ?? sent)
+            }
+            if let main = state.mainConfirmedSent, let witness = state.witnessConfirmedSent {
+                context.lease.extend(to: min(main, witness) + valid)
+            }
             return true
         }
         guard trusted else {
@@ -728,6 +816,74 @@ final class NodeCore: Sendable {
         if !report.applied.isEmpty {
             logger.notice("applied Stoker migrations", metadata: ["stoker.migrations": "\(report.applied)"])
         }
+        try configure(connection, applicationName: applicationName)
+        try configure(
+            context.witness,
+            applicationName: Self.applicationName(cluster: configuration.cluster, node: configuration.nodeName + "/w"))
+        let quoted = try connection.quoteIdentifier(configuration.schema, kind: "schema name")
+        guard
+            let namespace = try connection.execute(ProtocolStatements.lockNamespaceQuery, [configuration.schema]).rows
+                .first
+        else {
+            throw StokerError(.schemaMismatch, "The schema \"\(configuration.schema)\" does not exist.")
+        }
+        let statements = ProtocolStatements(
+            schema: configuration.schema, quotedSchema: quoted, lockNamespace: try namespace.int32(0))
+        context.statements = statements
+        context.clusterID = try statements.ensureCluster(configuration.cluster, on: connection)
+        context.channel = statements.channel(clusterID: context.clusterID)
+        // LISTEN before reading the members: no change can fall between the two.
+        try connection.listen(context.channel)
+        let mainInstance = try confirmed(context) {
+            try connection.execute(statements.serverInstance).singleRow().string(0)
+        }
+        let clusterID = context.clusterID
+        let witness = context.witness
+        let mainPID = connection.protocolBackendPID
+        let replaces = context.replaces
+        // The witness inserts the row and takes the node lock in one transaction: the row is visible only once its
+        // lock is held, and the lock lives exactly as long as the witness.
+        let (nodeID, instance): (Int, String) = try confirmed(context, on: .witness) {
+            try witness.transaction {
+                let row = try witness.execute(
+                    statements.insertNode,
+                    [
+                        "\(clusterID)", configuration.nodeName, Self.hostName ?? "", "\(getpid())", "{}", "\(mainPID)",
+                        replaces.map { "\($0)" }, "\(lease)",
+                    ]
+                ).singleRow()
+                let id = try row.int(0)
+                guard try witness.execute(statements.lockNode, ["\(id)"]).singleRow().bool(0) else {
+                    throw StokerError(.unexpectedResult, "The new node row's lock was already taken.")
+                }
+                return (id, try row.string(1))
+            }
+        }
+        guard instance == mainInstance else {
+            // A multi-host connection string can reach two servers: the witness's lock would then prove nothing.
+            throw StokerError(
+                .connectionLost,
+                "The node's two sessions reached different servers (\(mainInstance) and \(instance)); reconnecting.")
+        }
+        context.serverInstance = instance
+        context.nodeID = nodeID
+        for row in try connection.execute(statements.members, ["\(clusterID)"]).rows {
+            context.members[try row.int(0)] = try row.string(1)
+        }
+        let member = ClusterMember(id: nodeID, name: configuration.nodeName)
+        state.withLock { $0.member = member }
+        wakeWatchdog()
+        logger.info(
+            "joined the cluster",
+            metadata: metadata.merging(
+                ["stoker.incarnation": "\(nodeID)", "stoker.members": "\(context.members.count)"],
+                uniquingKeysWith: { $1 }))
+    }
+
+    /// The session settings of both of a node's sessions: the lease's timeouts (the server's idle timer ends a silent
+    /// session), keepalives, read committed.
+    private func configure(_ connection: PGConnection, applicationName: String) throws {
+        let lease = configuration.lease.roundedUpMilliseconds
         try connection.execute(
             """
             SELECT set_config('application_name', $1, false),
@@ -746,45 +902,6 @@ final class NodeCore: Sendable {
                 "\(configuration.connectionCheckInterval.roundedUpMilliseconds)", "\(max(1, (lease + 999) / 1000))",
             ]
         )
-        let quoted = try connection.quoteIdentifier(configuration.schema, kind: "schema name")
-        guard
-            let namespace = try connection.execute(ProtocolStatements.lockNamespaceQuery, [configuration.schema]).rows
-                .first
-        else {
-            throw StokerError(.schemaMismatch, "The schema \"\(configuration.schema)\" does not exist.")
-        }
-        let statements = ProtocolStatements(
-            schema: configuration.schema, quotedSchema: quoted, lockNamespace: try namespace.int32(0))
-        context.statements = statements
-        context.clusterID = try statements.ensureCluster(configuration.cluster, on: connection)
-        context.channel = statements.channel(clusterID: context.clusterID)
-        // LISTEN before reading the members: no change can fall between the two.
-        try connection.listen(context.channel)
-        let clusterID = context.clusterID
-        let nodeID: Int = try confirmed(context) {
-            try connection.transaction {
-                let id = try connection.execute(
-                    statements.insertNode,
-                    ["\(clusterID)", configuration.nodeName, Self.hostName ?? "", "\(getpid())", "{}"]
-                ).singleRow().int(0)
-                guard try connection.execute(statements.lockNode, ["\(id)"]).singleRow().bool(0) else {
-                    throw StokerError(.unexpectedResult, "The new node row's lock was already taken.")
-                }
-                return id
-            }
-        }
-        context.nodeID = nodeID
-        for row in try connection.execute(statements.members, ["\(clusterID)"]).rows {
-            context.members[try row.int(0)] = try row.string(1)
-        }
-        let member = ClusterMember(id: nodeID, name: configuration.nodeName)
-        state.withLock { $0.member = member }
-        wakeWatchdog()
-        logger.info(
-            "joined the cluster",
-            metadata: metadata.merging(
-                ["stoker.incarnation": "\(nodeID)", "stoker.members": "\(context.members.count)"],
-                uniquingKeysWith: { $1 }))
     }
 
     private func serve(_ context: inout SessionContext) throws -> SessionEnd {
@@ -833,6 +950,8 @@ final class NodeCore: Sendable {
                     throw StokerError(
                         .connectionLost, "This node's row was deleted by someone else; rejoining as a new incarnation.")
                 }
+                let witness = context.witness
+                _ = try confirmed(context, on: .witness) { try witness.execute(statements.witnessHeartbeat) }
                 nextHeartbeat = sent + heartbeat
                 if handle(connection.takeNotifications(), &context) { retryNow = true }
             }
@@ -854,13 +973,17 @@ final class NodeCore: Sendable {
                 nextRetry = now + configuration.retryInterval
                 let list = "{" + candidates.map(String.init).joined(separator: ",") + "}"
                 let won = try confirmed(context) { try connection.execute(statements.tryAcquire, [list]) }
-                for row in won.rows { try acquired(election: try row.int(0), context) }
+                for row in won.rows { try acquired(election: try row.int(0), &context) }
                 if handle(connection.takeNotifications(), &context) { retryNow = true }
                 continue
             }
 
             var until = nextHeartbeat
             if !candidates.isEmpty { until = min(until, nextRetry) }
+            if let (name, evidence) = awaitedEvidence() {
+                if try awaitEvidence(election: name, evidence, until: until, &context) { retryNow = true }
+                continue
+            }
             if let first = candidates.first, !holdsElection,
                 let wait = queueWait(until: until), state.withLock({ $0.freeze == nil })
             {
@@ -872,13 +995,16 @@ final class NodeCore: Sendable {
                         statements.waitForElection, ["\(first)", "\(wait.roundedUpMilliseconds)"]
                     ).singleRow().bool(0)
                 }
-                if granted { try acquired(election: first, context) }
+                if granted { try acquired(election: first, &context) }
                 if handle(connection.takeNotifications(), &context) { retryNow = true }
                 continue
             }
             if let freeze = state.withLock({ state -> Duration? in
                 defer {
-                    if state.freeze != nil { state.holding += 1 }
+                    if state.freeze != nil {
+                        state.holding += 1
+                        state.sessionHolds += 1
+                    }
                     state.freeze = nil
                 }
                 return state.freeze
@@ -888,9 +1014,98 @@ final class NodeCore: Sendable {
                 Self.hold(freeze)
                 state.withLock { $0.holding -= 1 }
             }
-            var polls = 0
-            _ = try connection.waitForNotifications(until: until, wakeDescriptor: wakeDescriptor, pollCount: &polls)
+            try waitIdle(until: until, context)
         }
+    }
+
+    /// Sleeps until `until`, a notification, a wake-up, or news on the witness session: it is idle, so anything it
+    /// reads is the server ending it (or its EOF), which throws here.
+    private func waitIdle(until: ContinuousClock.Instant, _ context: SessionContext) throws {
+        var polls = 0
+        let outcome = try context.connection.waitForNotifications(
+            until: until, wakeDescriptor: wakeDescriptor, watchDescriptor: context.witness.socket, pollCount: &polls)
+        if outcome == .watched {
+            do {
+                try context.witness.consumeInput()
+            } catch {
+                throw StokerError(
+                    .connectionLost, "The node's witness session ended: \(error.serverMessage ?? error.message)")
+            }
+        }
+    }
+
+    /// The first election whose leadership waits for evidence about its predecessor.
+    private func awaitedEvidence() -> (String, AwaitedEvidence)? {
+        state.withLock { state in
+            for (name, slot) in state.slots {
+                if case .awaitingEvidence = slot.machine.state, let evidence = slot.evidence { return (name, evidence) }
+            }
+            return nil
+        }
+    }
+
+    /// One step of the wait for evidence that `evidence.predecessor` stopped acting (DESIGN §2.1, the evidence rule):
+    /// on the same server, in the queue of its node lock (granted the instant its witness closes, and the leadership
+    /// begins in the same statement); after a server change, its acknowledgement or its lease run out. Returns at
+    /// `until` at the latest; returns whether notifications asked for a retry.
+    private func awaitEvidence(
+        election name: String,
+        _ evidence: AwaitedEvidence,
+        until: ContinuousClock.Instant,
+        _ context: inout SessionContext
+    ) throws -> Bool {
+        guard let statements = context.statements, let id = state.withLock({ $0.slots[name]?.id }) else { return false }
+        let connection = context.connection
+        let nodeID = context.nodeID
+        let nodeName = configuration.nodeName
+        var began: Bool?
+        if evidence.sameServer {
+            guard let wait = queueWait(until: until) else {
+                try waitIdle(until: until, context)
+                return handle(connection.takeNotifications(), &context)
+            }
+            began = try confirmed(context) {
+                try connection.execute(
+                    statements.awaitPredecessor,
+                    [
+                        "\(evidence.predecessor)", "\(wait.roundedUpMilliseconds)", "\(id)", "\(evidence.term)",
+                        "\(nodeID)", nodeName,
+                    ]
+                ).singleRow().optionalBool(0)
+            }
+        } else {
+            var acknowledged = false
+            if context.checkAcknowledgement {
+                context.checkAcknowledgement = false
+                acknowledged = try confirmed(context) {
+                    try connection.execute(statements.acknowledged, ["\(evidence.predecessor)"]).singleRow().bool(0)
+                }
+            }
+            if acknowledged || ContinuousClock.now >= evidence.leaseRunOut {
+                began = try confirmed(context) {
+                    try connection.execute(
+                        statements.beginTerm, ["\(id)", "\(evidence.term)", "\(nodeID)", nodeName]
+                    ).singleRow().optionalBool(0)
+                }
+                if began == false { began = nil }
+            } else {
+                // Until a member joins (its row may be the acknowledgement) or the lease has run out.
+                try waitIdle(until: min(until, evidence.leaseRunOut), context)
+                began = false
+            }
+        }
+        let retry = handle(connection.takeNotifications(), &context)
+        switch began {
+        case true?:
+            startLeadership(election: name, term: evidence.term, context)
+        case false?:
+            break
+        case nil:
+            throw StokerError(
+                .unexpectedResult,
+                "The term of election \"\(name)\" moved on while this node held its lock; rejoining.")
+        }
+        return retry
     }
 
     private static let internalError = StokerError(.unexpectedResult, "The node's session was not set up.")
@@ -925,7 +1140,7 @@ final class NodeCore: Sendable {
     }
 
     /// The try-lock returned `election`: this session holds its lock now.
-    private func acquired(election id: Int, _ context: SessionContext) throws {
+    private func acquired(election id: Int, _ context: inout SessionContext) throws {
         guard let statements = context.statements else { return }
         let found = state.withLock { state -> (String, ElectionStateMachine.Action, ElectionMetrics)? in
             guard let name = state.slots.first(where: { $0.value.id == id })?.key, var slot = state.slots[name] else {
@@ -944,57 +1159,116 @@ final class NodeCore: Sendable {
         case .bumpTerm:
             let bumped = try confirmed(context) {
                 try context.connection.execute(
-                    statements.bumpTerm, ["\(id)", "\(context.nodeID)", configuration.nodeName]
+                    statements.takeTerm, ["\(id)", "\(context.nodeID)", configuration.nodeName]
                 ).singleRow()
             }
-            let term = try bumped.int(0)
-            // A predecessor that did not hand over (crash, or its session ended by the server) may not have seen
-            // its loss yet: leadership starts after the takeover guard.
-            let previous: Int? = bumped.isNull(1) ? nil : try bumped.int(1)
-            let handedOver = previous == nil || previous == context.nodeID
-            let scope = LeaderScope(
-                term: Int64(term), election: name, incarnation: context.nodeID, metrics: electionMetrics,
-                lease: context.lease, startsAt: .now + (handedOver ? .zero : configuration.effectiveTakeoverGuard))
-            // Counted before the scope can be seen by anyone who might end it (so the gauge goes 1, then 0), and
-            // outside the lock: a metrics handler is user code.
-            electionMetrics.leading(true)
-            let started = state.withLock { state -> Bool in
-                guard var slot = state.slots[name] else { return false }
+            let term = Int64(try bumped.int(0))
+            let began = try bumped.bool(1)
+            // Without a hand-over or a free node lock of the predecessor, leadership waits for evidence that the
+            // predecessor stopped acting: the term is bumped (the fence refuses it already), `isLeader` stays false.
+            var evidence: AwaitedEvidence?
+            if !began {
+                let predecessor = try bumped.int(2)
+                let lease = bumped.isNull(4) ? configuration.lease : .milliseconds(try bumped.int(4))
+                evidence = AwaitedEvidence(
+                    term: term, predecessor: predecessor, sameServer: try bumped.optionalBool(3) ?? false,
+                    leaseRunOut: .now + lease)
+            }
+            // A leadership that begins here: counted before the scope can be seen by anyone who might end it (so the
+            // gauge goes 1, then 0), and outside the lock (a metrics handler is user code).
+            let scope =
+                began
+                ? LeaderScope(
+                    term: term, election: name, incarnation: context.nodeID, metrics: electionMetrics,
+                    lease: context.lease) : nil
+            if began { electionMetrics.leading(true) }
+            let next = state.withLock { state -> ElectionStateMachine.Action in
+                guard var slot = state.slots[name] else { return .none }
                 if state.halting || state.stop == .hard {
                     // A hard stop began while the bump was in flight: this leadership never starts.
                     _ = slot.machine.leadershipLost(.sessionLost)
                     state.slots[name] = slot
-                    return false
+                    return .none
                 }
-                let next = slot.machine.termBumped(Int64(term))
+                let next = slot.machine.termBumped(term, began: began)
                 switch next {
                 case .startLeading:
-                    slot.scope = scope
-                    // Queued under the lock: no demotion of this leadership can be queued before it.
-                    slot.mailbox.yield(.leader(scope))
-                    state.slots[name] = slot
-                    return true
+                    if let scope {
+                        slot.scope = scope
+                        // Queued under the lock: no demotion of this leadership can be queued before it.
+                        slot.mailbox.yield(.leader(scope))
+                    }
+                case .awaitEvidence:
+                    slot.evidence = evidence
                 case .endLeadingAndRelease:
                     slot.releaseReady = true
-                    state.slots[name] = slot
-                    return false
                 default:
-                    state.slots[name] = slot
-                    return false
+                    break
                 }
+                state.slots[name] = slot
+                return next
             }
-            if !started { electionMetrics.leading(false) }
-            if started {
+            if began, case .startLeading = next {} else if began { electionMetrics.leading(false) }
+            if case .awaitEvidence = next { context.checkAcknowledgement = true }
+            switch next {
+            case .startLeading(let term):
                 logger.notice(
                     "became leader",
                     metadata: metadata.merging(
                         ["stoker.election": "\(name)", "stoker.term": "\(term)"], uniquingKeysWith: { $1 }))
+            case .awaitEvidence:
+                if let evidence {
+                    logger.info(
+                        "waiting for evidence that the previous leader stopped",
+                        metadata: metadata.merging(
+                            [
+                                "stoker.election": "\(name)", "stoker.term": "\(term)",
+                                "stoker.previous": "\(evidence.predecessor)",
+                                "stoker.evidence":
+                                    "\(evidence.sameServer ? "its witness session" : "its acknowledgement or lease")",
+                            ], uniquingKeysWith: { $1 }))
+                }
+            default:
+                break
             }
         case .releaseLock:
             try release(election: id, context)
         default:
             break
         }
+    }
+
+    /// Leadership of `name` began on the server (its begin committed): start the scope and tell the activator — unless
+    /// the state machine says otherwise (a loss or a resignation came first).
+    private func startLeadership(election name: String, term: Int64, _ context: SessionContext) {
+        guard let electionMetrics = state.withLock({ $0.slots[name]?.metrics }) else { return }
+        let scope = LeaderScope(
+            term: term, election: name, incarnation: context.nodeID, metrics: electionMetrics, lease: context.lease)
+        // Counted before the scope can be seen by anyone who might end it (so the gauge goes 1, then 0), and outside
+        // the lock: a metrics handler is user code.
+        electionMetrics.leading(true)
+        let started = state.withLock { state -> Bool in
+            guard var slot = state.slots[name], !state.halting, state.stop != .hard else { return false }
+            let action = slot.machine.evidenceFound()
+            slot.evidence = nil
+            guard case .startLeading = action else {
+                state.slots[name] = slot
+                return false
+            }
+            slot.scope = scope
+            // Queued under the lock: no demotion of this leadership can be queued before it.
+            slot.mailbox.yield(.leader(scope))
+            state.slots[name] = slot
+            return true
+        }
+        guard started else {
+            electionMetrics.leading(false)
+            return
+        }
+        logger.notice(
+            "became leader",
+            metadata: metadata.merging(
+                ["stoker.election": "\(name)", "stoker.term": "\(term)"], uniquingKeysWith: { $1 }))
     }
 
     /// Resignations whose leader work has drained: clear the leader and release the lock.
@@ -1053,6 +1327,7 @@ final class NodeCore: Sendable {
                 let change: ClusterChange
                 if event == "node_up" {
                     context.members[member.id] = name
+                    context.checkAcknowledgement = true
                     change = .nodeUp(member)
                 } else {
                     context.members[member.id] = nil

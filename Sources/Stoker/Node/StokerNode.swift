@@ -98,8 +98,15 @@ public final class StokerNode: Service, Sendable {
     /// Test hook: a freeze asked for by ``freezeLoop(for:)`` or ``freezeThreads(for:)`` is pending or under way.
     @_spi(Testing) public var isFrozen: Bool { core.isFrozen }
 
-    /// Test hook: the backend pid of the node's current session.
+    /// Test hook: how many times a freeze has held the node's session thread so far (the count rises when a hold
+    /// begins, so a test can wait for it without racing the hold's end).
+    @_spi(Testing) public var sessionHolds: Int { core.sessionHolds }
+
+    /// Test hook: the backend pid of the node's current main session.
     @_spi(Testing) public var backendPID: Int32? { core.backendPID }
+
+    /// Test hook: the backend pid of the node's current witness session (the one holding its node lock).
+    @_spi(Testing) public var witnessBackendPID: Int32? { core.witnessBackendPID }
 }
 
 extension StokerNode {

@@ -365,14 +365,18 @@ final class PGConnection {
         case woken
         /// The deadline passed with nothing to report.
         case deadlineReached
+        /// `watchDescriptor` (another connection's socket) is readable; nothing was read from it.
+        case watched
     }
 
-    /// Sleeps in `poll(2)` on the connection's socket (and `wakeDescriptor`, when given) until a notification arrives,
-    /// the wake descriptor fires or `deadline` passes (`nil`: no deadline). No busy loop, no sleep loop: the thread
-    /// wakes only when the kernel has something for it or the deadline is due. `pollCount` counts the `poll` calls.
+    /// Sleeps in `poll(2)` on the connection's socket (and `wakeDescriptor` and `watchDescriptor`, when given) until a
+    /// notification arrives, the wake descriptor fires, the watched descriptor becomes readable or `deadline` passes
+    /// (`nil`: no deadline). No busy loop, no sleep loop: the thread wakes only when the kernel has something for it or
+    /// the deadline is due. `pollCount` counts the `poll` calls.
     func waitForNotifications(
         until deadline: ContinuousClock.Instant?,
         wakeDescriptor: Int32? = nil,
+        watchDescriptor: Int32? = nil,
         pollCount: inout Int
     ) throws(StokerError) -> WaitOutcome {
         drainNotifications()
@@ -382,6 +386,9 @@ final class PGConnection {
             var descriptors = [pollfd(fd: socket, events: Int16(POLLIN), revents: 0)]
             if let wakeDescriptor {
                 descriptors.append(pollfd(fd: wakeDescriptor, events: Int16(POLLIN), revents: 0))
+            }
+            if let watchDescriptor, watchDescriptor >= 0 {
+                descriptors.append(pollfd(fd: watchDescriptor, events: Int16(POLLIN), revents: 0))
             }
             let timeout = deadline.map { Self.milliseconds(until: $0) } ?? -1
             pollCount += 1
@@ -399,10 +406,17 @@ final class PGConnection {
                 try consumeInput()
                 if !notifications.isEmpty { return .notified }
             }
-            if descriptors.count > 1, descriptors[1].revents != 0 {
+            if let wake = descriptors.firstIndex(where: { $0.fd == wakeDescriptor }), wake > 0,
+                descriptors[wake].revents != 0
+            {
                 var counter: UInt64 = 0
-                _ = read(descriptors[1].fd, &counter, MemoryLayout<UInt64>.size)
+                _ = read(descriptors[wake].fd, &counter, MemoryLayout<UInt64>.size)
                 return .woken
+            }
+            if let watched = descriptors.firstIndex(where: { $0.fd == watchDescriptor }), watched > 0,
+                descriptors[watched].revents != 0
+            {
+                return .watched
             }
         }
     }

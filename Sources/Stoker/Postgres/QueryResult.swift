@@ -50,6 +50,11 @@ struct QueryResult: Sendable {
                 throw StokerError(.unexpectedResult, "Column \(column) holds \"\(other.prefix(40))\", not a boolean.")
             }
         }
+
+        /// The boolean, or `nil` for NULL.
+        func optionalBool(_ column: Int) throws(StokerError) -> Bool? {
+            isNull(column) ? nil : try bool(column)
+        }
     }
 
     /// The only row, or an error naming how many there were.

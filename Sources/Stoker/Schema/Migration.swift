@@ -38,6 +38,8 @@ enum SchemaManifest {
                 ("started_at", "timestamp with time zone not null default now()"),
                 ("heartbeat_at", "timestamp with time zone not null default now()"),
                 ("draining", "boolean not null default false"), ("metadata", "jsonb not null default '{}'::jsonb"),
+                ("witness_pid", "integer"), ("server_instance", "text"), ("replaces", "integer"),
+                ("lease_ms", "integer"),
             ]
         ),
         (
@@ -91,6 +93,25 @@ enum SchemaManifest {
         ExpectedFunction(
             signature: "bump_term(p_election integer, p_node integer, p_name text)",
             name: "bump_term",
+            securityDefiner: false
+        ),
+        ExpectedFunction(signature: "server_instance()", name: "server_instance", securityDefiner: false),
+        ExpectedFunction(signature: "term_floor()", name: "term_floor", securityDefiner: false),
+        ExpectedFunction(
+            signature: "begin_term(p_election integer, p_term bigint, p_node integer, p_name text)",
+            name: "begin_term",
+            securityDefiner: false
+        ),
+        ExpectedFunction(
+            signature: "take_term(p_namespace integer, p_election integer, p_node integer, p_name text)",
+            name: "take_term",
+            securityDefiner: false
+        ),
+        ExpectedFunction(
+            signature:
+                "await_predecessor(p_namespace integer, p_previous integer, p_timeout_ms integer, p_election integer, "
+                + "p_term bigint, p_node integer, p_name text)",
+            name: "await_predecessor",
             securityDefiner: false
         ),
     ]

@@ -92,6 +92,12 @@ public enum StokerSchema {
         GRANT EXECUTE ON FUNCTION \(schema).fence(text, text, bigint) TO \(role);
         GRANT EXECUTE ON FUNCTION \(schema).wait_for_lock(integer, integer, integer) TO \(role);
         GRANT EXECUTE ON FUNCTION \(schema).bump_term(integer, integer, text) TO \(role);
+        GRANT EXECUTE ON FUNCTION \(schema).server_instance() TO \(role);
+        GRANT EXECUTE ON FUNCTION \(schema).term_floor() TO \(role);
+        GRANT EXECUTE ON FUNCTION \(schema).begin_term(integer, bigint, integer, text) TO \(role);
+        GRANT EXECUTE ON FUNCTION \(schema).take_term(integer, integer, integer, text) TO \(role);
+        GRANT EXECUTE ON FUNCTION \(schema).await_predecessor(integer, integer, integer, integer, bigint, integer, text)
+            TO \(role);
         """
     }
 

@@ -20,9 +20,15 @@ struct ProtocolStatements: Sendable {
     /// `$1` cluster name → `id` (inserted on first use). Use ``ensureCluster(_:on:)``: it retries the empty answer
     /// a concurrent first insert can give.
     let ensureCluster: String
-    /// `$1` cluster id, `$2` name, `$3` host, `$4` pid, `$5` metadata (json text) → `id`, `started_at`.
-    /// Run in one transaction with ``lockNode`` so the row is visible only once its lock is held.
+    /// `$1` cluster id, `$2` name, `$3` host, `$4` pid, `$5` metadata (json text), `$6` the main session's backend pid,
+    /// `$7` the incarnation this one replaces (or NULL), `$8` the lease in milliseconds → `id`, `server_instance`.
+    /// Run on the witness session, in one transaction with ``lockNode``, so the row is visible only once its lock is
+    /// held (`witness_pid` is the running session's pid).
     let insertNode: String
+    /// → the server instance this session is on (`server_instance()`, migration 003).
+    let serverInstance: String
+    /// The witness session's heartbeat: a round trip that keeps its idle timer from ending it.
+    let witnessHeartbeat = "SELECT 1"
     /// `$1` node id → whether the node lock was taken (session level: it outlives the transaction).
     let lockNode: String
     /// `$1` node id: the heartbeat that renews the lease.
@@ -38,9 +44,18 @@ struct ProtocolStatements: Sendable {
     /// session holds the lock now (`wait_for_lock`, migration 002: a timeout is no error, and a grant in the instant
     /// of the timeout counts as granted). Never pass an id this session already holds.
     let waitForElection: String
-    /// `$1` election id, `$2` node id, `$3` node name → the new `term`, and the previous leader's node id when its
-    /// leadership ended without a hand-over (NULL after a graceful release).
-    let bumpTerm: String
+    /// `$1` election id, `$2` node id, `$3` node name → the new `term`; `began` when leadership begins at once (the
+    /// predecessor handed over, or its witness is gone); else the predecessor's node id, whether it joined this server
+    /// (NULL: its row is gone) and its lease in milliseconds (`take_term`, migration 003).
+    let takeTerm: String
+    /// `$1` predecessor's node id, `$2` milliseconds, `$3` election id, `$4` term, `$5` node id, `$6` node name → true
+    /// when the predecessor's node lock was granted (its witness gone) and this node's leadership began, false while
+    /// it is still held, NULL if the term moved on (`await_predecessor`, migration 003).
+    let awaitPredecessor: String
+    /// `$1` election id, `$2` term, `$3` node id, `$4` node name → whether leadership began (the term is still ours).
+    let beginTerm: String
+    /// `$1` node id → whether a later incarnation names it as the one it replaces (that node ended its leaderships).
+    let acknowledged: String
     /// `$1` election id, `$2` node id: clears the leader (→ `released` notification) — then ``unlockElection``,
     /// both in one transaction.
     let clearLeader: String
@@ -48,9 +63,10 @@ struct ProtocolStatements: Sendable {
     let unlockElection: String
     /// `$1` cluster id → `id`, `name` of every member whose node lock is gone (rows deleted; `node_down` sent).
     let sweep: String
-    /// `$1` cluster id, `$2` election name → `term`, node `id`, node `name` of the node holding the election lock,
-    /// counted only while that same backend also holds the node's lock and the row names it leader — its term bump
-    /// has committed, so the term is its own (no row: no leader; also while a node is between its lock and its bump).
+    /// `$1` cluster id, `$2` election name → `term`, node `id`, node `name` of the node whose main session holds the
+    /// election lock, counted only while its node lock is held (by its witness) and the row names it leader — its
+    /// leadership has begun, so the term is its own (no row: no leader; also while a node is between its lock and its
+    /// bump, or waits for evidence that its predecessor stopped).
     let whereis: String
     /// `$1` node id: graceful leave (→ `node_down`).
     let leave: String
@@ -80,9 +96,12 @@ struct ProtocolStatements: Sendable {
             SELECT id FROM inserted UNION ALL SELECT id FROM \(s).clusters WHERE name = $1 LIMIT 1
             """
         insertNode = """
-            INSERT INTO \(s).nodes (cluster_id, name, host, pid, metadata)
-            VALUES ($1, $2, $3, $4, $5::jsonb) RETURNING id, started_at
+            INSERT INTO \(s).nodes (cluster_id, name, host, pid, metadata, backend_pid, witness_pid, replaces, lease_ms,
+                                    server_instance)
+            VALUES ($1, $2, $3, $4, $5::jsonb, $6, pg_backend_pid(), $7, $8, \(s).server_instance())
+            RETURNING id, server_instance
             """
+        serverInstance = "SELECT \(s).server_instance()"
         lockNode = "SELECT pg_try_advisory_lock(\(ns), $1::int4)"
         heartbeat = "UPDATE \(s).nodes SET heartbeat_at = now() WHERE id = $1"
         members = "SELECT id, name, host, pid, draining FROM \(s).nodes WHERE cluster_id = $1 ORDER BY id"
@@ -99,7 +118,13 @@ struct ProtocolStatements: Sendable {
              WHERE pg_try_advisory_lock(\(ns), -id)
             """
         waitForElection = "SELECT \(s).wait_for_lock(\(ns), -($1::int4), $2::int4)"
-        bumpTerm = "SELECT term, previous_node FROM \(s).bump_term($1, $2, $3)"
+        takeTerm = """
+            SELECT term, began, previous_node, previous_same_server, previous_lease_ms
+              FROM \(s).take_term(\(ns), $1, $2, $3)
+            """
+        awaitPredecessor = "SELECT \(s).await_predecessor(\(ns), $1, $2, $3, $4, $5, $6)"
+        beginTerm = "SELECT \(s).begin_term($1, $2, $3, $4)"
+        acknowledged = "SELECT EXISTS (SELECT FROM \(s).nodes WHERE replaces = $1)"
         clearLeader = """
             UPDATE \(s).elections SET leader_node = NULL, leader_name = NULL, leader_since = NULL
              WHERE id = $1 AND leader_node = $2
@@ -118,7 +143,7 @@ struct ProtocolStatements: Sendable {
                              AND l.classid = \(ns)::oid AND l.objid = (-e.id)::oid
               JOIN \(s).nodes n ON n.backend_pid = l.pid AND n.cluster_id = e.cluster_id
                               AND n.id = e.leader_node
-                              AND EXISTS (\(heldLock("n.id", "l.pid")))
+                              AND EXISTS (\(heldLock("n.id", nil)))
              WHERE e.cluster_id = $1 AND e.name = $2
             """
         leave = "DELETE FROM \(s).nodes WHERE id = $1"

@@ -1,0 +1,184 @@
+import StokerTestSupport
+import Testing
+
+@_spi(Testing) @testable import Stoker
+
+/// The evidence rule: a successor whose predecessor did not hand over begins only on positive evidence that the
+/// predecessor stopped acting — its witness session gone (the process ended, or it ended its leaderships and closed
+/// the witness), its acknowledgement after a server change, or its lease surely run out. The lock grant alone is not
+/// evidence: when the server ends the holder's main session, the lock is free while the holder still runs.
+@Suite("The evidence rule", .timeLimit(.minutes(5)))
+struct EvidenceTests {
+    /// Three nodes on election "e" with a long lease (no lease can be the evidence within these tests unless a test
+    /// waits for it on purpose); returns once exactly one leads.
+    private func withThreeNodes(
+        _ database: TestDatabase,
+        lease: Duration = .seconds(20),
+        _ body: (History, [TestNode], TestNode) async throws -> Void
+    ) async throws {
+        let history = History()
+        try await withNodes { nodes in
+            let all = try ["a", "b", "c"].map { name in
+                nodes.add(
+                    try TestNode(name, database: database, elections: ["e"], history: history) {
+                        $0.lease = lease
+                    })
+            }
+            try await waitForMembers(3, in: database)
+            try await history.wait("one leads") { History.leaders($0, election: "e").count == 1 }
+            let leaderName = try #require(History.leaders(history.entries, election: "e").first)
+            let leader = try #require(all.first { $0.name == leaderName })
+            try await body(history, all, leader)
+        }
+    }
+
+    /// The first `nowLeader` of "e" after `instant` by a node other than `node` (or by any node, when `nil`).
+    private static func successor(
+        _ entries: [HistoryEntry], after instant: ContinuousClock.Instant, other node: String?
+    ) -> HistoryEntry? {
+        entries.first { $0.kind == .nowLeader && $0.election == "e" && $0.at > instant && $0.node != node }
+    }
+
+    @Test("the server ends the leader's main session while its threads are held: the successor waits for its end")
+    func serverKillWhileHeld() async throws {
+        try await withTestDatabase { database in
+            try await withThreeNodes(database) { history, all, leader in
+                // Held as a CPU-starved process would be: its session thread cannot read the FATAL, its watchdog
+                // cannot run. A second — far past any fixed guard a successor could have used instead of evidence, and
+                // long enough for this task to kill the session while the hold lasts, even on a busy host.
+                let hold = Duration.seconds(1)
+                let holds = leader.node.sessionHolds
+                let frozen = ContinuousClock.now
+                leader.node.freezeThreads(for: hold)
+                try await eventually("the leader's session thread is held") { leader.node.sessionHolds > holds }
+                let killed = ContinuousClock.now
+                try await database.terminateSession(of: leader.node)
+                try await history.wait("the old leader demoted, and another node leads") { entries in
+                    entries.contains { $0.node == leader.name && $0.isDemotion && $0.at > killed }
+                        && Self.successor(entries, after: killed, other: leader.name) != nil
+                }
+                let entries = history.entries
+                let next = try #require(Self.successor(entries, after: killed, other: leader.name))
+                let demotion = try #require(
+                    entries.first { $0.node == leader.name && $0.isDemotion && $0.at > killed },
+                    "the old leader demoted")
+                let ended = try #require(demotion.endedAt)
+                #expect(ended >= frozen + hold, "the old leader's threads were held: it cannot have ended earlier")
+                #expect(next.at >= ended, "the successor began \(ended - next.at) before the old leader ended")
+                // Its evidence was the witness closing, not the lease (20 s).
+                #expect(next.at - killed < .seconds(10), "the successor began \(next.at - killed) after the kill")
+                for node in all { try await node.stop() }
+                history.check(complete: true)
+            }
+        }
+    }
+
+    @Test("the server ends the leader's witness alone: it re-joins; no overlap, and the election keeps a leader")
+    func witnessKilled() async throws {
+        try await withTestDatabase { database in
+            try await withThreeNodes(database) { history, all, leader in
+                let witness = try #require(leader.node.witnessBackendPID, "the leader has a witness session")
+                #expect(witness != leader.node.backendPID)
+                let killed = ContinuousClock.now
+                _ = try await database.admin("SELECT pg_terminate_backend(\(witness))")
+                // Its node lock is gone, so for every other node it is gone: it ends its leaderships, leaves its main
+                // session and joins again as a new incarnation.
+                try await history.wait("the old leader demoted, and a new leadership began") { entries in
+                    entries.contains { $0.node == leader.name && $0.isDemotion && $0.at > killed }
+                        && Self.successor(entries, after: killed, other: nil) != nil
+                }
+                let demotion = try #require(
+                    history.entries.first { $0.node == leader.name && $0.isDemotion && $0.at > killed })
+                #expect(demotion.event == .nowFollower(leader: nil, reason: .connectionLost))
+                try await eventually("a node leads, as whereis says") {
+                    History.leaders(history.entries, election: "e").count == 1
+                }
+                let current = try #require(History.leaders(history.entries, election: "e").first)
+                #expect(try await whereis("e", in: database)?.member.name == current)
+                #expect(try await lockHolders("e", in: database) == 1)
+                for node in all { try await node.stop() }
+                history.check(complete: true)
+            }
+        }
+    }
+
+    @Test("PostgreSQL restarted while the leader's threads are held: no successor begins before it has ended")
+    func restartWhileHeld() async throws {
+        try await TestPostgres.withPrivate { postgres in
+            try await postgres.withDatabase { database in
+                try await withThreeNodes(database) { history, all, leader in
+                    // Every session ends with the restart, the witness too: a free node lock proves nothing on the new
+                    // server. The others re-join at once; the held leader re-joins (its acknowledgement) only after.
+                    let hold = Duration.seconds(2)
+                    let holds = leader.node.sessionHolds
+                    leader.node.freezeThreads(for: hold)
+                    try await eventually("the leader's session thread is held") { leader.node.sessionHolds > holds }
+                    let restarted = ContinuousClock.now
+                    try await postgres.restart()
+                    try await history.wait("the old leader demoted, and a new leadership after the restart") {
+                        entries in
+                        entries.contains { $0.node == leader.name && $0.isDemotion && $0.at > restarted }
+                            && Self.successor(entries, after: restarted, other: nil) != nil
+                    }
+                    let entries = history.entries
+                    let next = try #require(Self.successor(entries, after: restarted, other: nil))
+                    let demotion = try #require(
+                        entries.first { $0.node == leader.name && $0.isDemotion && $0.at > restarted })
+                    let ended = try #require(demotion.endedAt)
+                    #expect(next.at >= ended, "the successor began \(ended - next.at) before the old leader ended")
+                    // The acknowledgement, not the lease (20 s), let it begin.
+                    #expect(next.at - restarted < .seconds(15), "began \(next.at - restarted) after the restart")
+                    for node in all { try await node.stop() }
+                    history.check(complete: true)
+                }
+            }
+        }
+    }
+
+    @Test("a predecessor that joined another server instance and never comes back: the successor waits its lease")
+    func otherServerWaitsForLease() async throws {
+        try await withTestDatabase { database in
+            let lease = Duration.seconds(3)
+            try await withThreeNodes(database, lease: lease) { history, all, leader in
+                // As after a failover: the leader's row says it joined a server that is not this one.
+                let incarnation = try #require(leader.node.member?.id)
+                _ = try await database.admin(
+                    "UPDATE stoker.nodes SET server_instance = 'another server' WHERE id = \(incarnation)")
+                // It stops for good without handing over (its tasks cancelled, its sessions cut): no acknowledgement.
+                let crashed = ContinuousClock.now
+                await leader.crash()
+                try await history.wait("another node leads") { entries in
+                    Self.successor(entries, after: crashed, other: leader.name) != nil
+                }
+                let next = try #require(Self.successor(history.entries, after: crashed, other: leader.name))
+                #expect(next.at - crashed >= lease, "began \(next.at - crashed) after the crash, before the lease")
+                for node in all where node.name != leader.name { try await node.stop() }
+                history.check(complete: true)
+            }
+        }
+    }
+
+    @Test("a predecessor that joined another server instance and re-joins: its acknowledgement is the evidence")
+    func otherServerAcknowledged() async throws {
+        try await withTestDatabase { database in
+            try await withThreeNodes(database) { history, all, leader in
+                let incarnation = try #require(leader.node.member?.id)
+                _ = try await database.admin(
+                    "UPDATE stoker.nodes SET server_instance = 'another server' WHERE id = \(incarnation)")
+                let killed = ContinuousClock.now
+                try await database.terminateSession(of: leader.node)
+                try await history.wait("a new leadership") { entries in
+                    Self.successor(entries, after: killed, other: nil) != nil
+                }
+                let next = try #require(Self.successor(history.entries, after: killed, other: nil))
+                // The old leader's next incarnation names it: it has ended its leaderships.
+                let acknowledged = try await database.admin(
+                    "SELECT count(*) FROM stoker.nodes WHERE replaces = \(incarnation)")
+                #expect(acknowledged == [["1"]])
+                #expect(next.at - killed < .seconds(10), "began \(next.at - killed) after the kill, not on the ack")
+                for node in all { try await node.stop() }
+                history.check(complete: true)
+            }
+        }
+    }
+}
