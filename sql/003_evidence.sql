@@ -1,8 +1,9 @@
 -- Stoker schema, migration 003: the evidence rule — a successor begins only on evidence that its predecessor stopped
 -- acting — and terms that never repeat, also after a failover to a standby that lost the last term bumps.
 --
--- Every function keeps PostgreSQL's default EXECUTE for PUBLIC (none is SECURITY DEFINER: each runs as its caller, who
--- needs the table grants anyway), so a node role granted what 001 needed keeps working after this migration.
+-- Every function keeps PostgreSQL's default EXECUTE for PUBLIC, so a node role granted what 001 needed keeps working
+-- after this migration. server_instance() and term_floor() are SECURITY DEFINER (search_path pinned, pg_temp last):
+-- they keep one-row tables of their own that no node role needs a grant on.
 --
 -- Applied like 001 (inside a transaction after `SET LOCAL search_path TO <schema>, pg_temp`; by hand, set the
 -- search_path first and record version 3 in migrations).
@@ -19,29 +20,123 @@ ALTER TABLE nodes ADD COLUMN IF NOT EXISTS replaces integer;
 ALTER TABLE nodes ADD COLUMN IF NOT EXISTS lease_ms integer;
 CREATE INDEX IF NOT EXISTS nodes_replaces_idx ON nodes (replaces) WHERE replaces IS NOT NULL;
 
+-- written_on: the server instance on which the leader fields were last written (a leadership began). A failover to an
+-- asynchronous standby can lose the last writes, so a row written on another instance proves nothing about who led
+-- last. leader_lease_ms: the lease of the node that began the current (or last) leadership.
+ALTER TABLE elections ADD COLUMN IF NOT EXISTS written_on text;
+ALTER TABLE elections ADD COLUMN IF NOT EXISTS leader_lease_ms integer;
+
+-- A token that lives as long as the server's shared state: unlogged, so crash recovery (after any backend crashed,
+-- without a postmaster restart) empties it, and a promoted standby starts without it.
+CREATE UNLOGGED TABLE IF NOT EXISTS server_epoch (
+    id     integer PRIMARY KEY CHECK (id = 1),
+    token  text    NOT NULL
+);
+
+-- Which band of terms this cluster issues: terms issued at (system_identifier, timeline) lie in [floor, floor + 2^32).
+CREATE TABLE IF NOT EXISTS term_band (
+    id                 integer PRIMARY KEY CHECK (id = 1),
+    system_identifier  text    NOT NULL,
+    timeline           bigint  NOT NULL,
+    floor              bigint  NOT NULL
+);
+
 -- server_instance(): which running server this session is on — the cluster's system identifier (shared by a primary
--- and its standbys) and the postmaster's start time (new on every restart; a promoted standby's differs from the old
--- primary's). A free node lock is evidence only on the server the node joined: a restart or a failover ends every
--- session, the witness too.
+-- and its standbys), the postmaster's start time (new on every restart; a promoted standby's differs from the old
+-- primary's) and the epoch token (new after crash recovery, which keeps the postmaster). A free node lock is evidence
+-- only on the server the node joined: a restart, a crash recovery or a failover ends every session, the witness too.
 CREATE OR REPLACE FUNCTION server_instance() RETURNS text
-    LANGUAGE sql
-    STABLE
+    LANGUAGE plpgsql
+    SECURITY DEFINER
     SET search_path FROM CURRENT
 AS $$
-    SELECT (pg_control_system()).system_identifier::text || '/'
-        || to_char(pg_postmaster_start_time() AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US')
+DECLARE
+    v_token text;
+BEGIN
+    SELECT s.token INTO v_token FROM server_epoch s WHERE s.id = 1;
+    IF NOT FOUND THEN
+        INSERT INTO server_epoch (id, token) VALUES (1, gen_random_uuid()::text) ON CONFLICT (id) DO NOTHING;
+        SELECT s.token INTO v_token FROM server_epoch s WHERE s.id = 1;
+    END IF;
+    RETURN (pg_control_system()).system_identifier::text || '/'
+        || to_char(pg_postmaster_start_time() AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US') || '/' || v_token;
+END
 $$;
 
 -- term_floor(): the lowest term this server may issue. The WAL timeline (the first 8 hex digits of the current WAL
--- file's name) rises with every promotion; terms issued on timeline t lie below t × 2^32 + 1, so the first bump on a
--- promoted standby is above every term its old primary issued — also the bumps that never reached the standby. On
--- timeline 1 the floor is 1: terms count 1, 2, 3, …
+-- file's name) rises with every promotion, and each timeline gets a band of 2^32 terms above the last: the first bump
+-- on a promoted standby is above every term its old primary issued — also the bumps that never reached the standby.
+-- A new system identifier (pg_upgrade resets the timeline, a restore makes a new cluster; nothing is lost then) starts
+-- the band above the highest term. On a fresh cluster's timeline 1 the floor is 1: terms count 1, 2, 3, …
 CREATE OR REPLACE FUNCTION term_floor() RETURNS bigint
-    LANGUAGE sql
-    VOLATILE
+    LANGUAGE plpgsql
+    SECURITY DEFINER
     SET search_path FROM CURRENT
 AS $$
-    SELECT ((('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::bigint - 1) << 32) + 1
+DECLARE
+    v_system   text   := (pg_control_system()).system_identifier::text;
+    v_timeline bigint := ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::bigint;
+    v_highest  bigint;
+    v_band     term_band%ROWTYPE;
+    v_floor    bigint;
+BEGIN
+    SELECT * INTO v_band FROM term_band b WHERE b.id = 1;
+    IF v_band.id IS NOT NULL AND v_band.system_identifier = v_system AND v_band.timeline = v_timeline THEN
+        RETURN v_band.floor;
+    END IF;
+    SELECT coalesce(max(e.term), 0) INTO v_highest FROM elections e;
+    IF v_band.id IS NOT NULL AND v_band.system_identifier = v_system AND v_band.timeline < v_timeline THEN
+        -- Promoted: a band per timeline crossed.
+        v_floor := v_band.floor + ((v_timeline - v_band.timeline) << 32);
+    ELSE
+        -- First use, or another system: this timeline's own band, unless terms already reach it.
+        v_floor := ((v_timeline - 1) << 32) + 1;
+        IF v_highest >= v_floor OR v_band.floor IS NOT NULL THEN
+            v_floor := greatest(v_floor, coalesce(v_band.floor, 0), ((v_highest >> 32) + 1 << 32) + 1);
+        END IF;
+    END IF;
+    INSERT INTO term_band (id, system_identifier, timeline, floor) VALUES (1, v_system, v_timeline, v_floor)
+        ON CONFLICT (id) DO UPDATE
+        SET system_identifier = excluded.system_identifier, timeline = excluded.timeline,
+            floor = greatest(term_band.floor, excluded.floor);
+    SELECT b.floor INTO v_floor FROM term_band b WHERE b.id = 1;
+    RETURN v_floor;
+END
+$$;
+
+-- wait_for_lock(namespace, key, timeout_ms), as in 002, cheaper: waits at most timeout_ms in the queue of the
+-- session-level advisory lock (namespace, key) and returns whether this session holds it now (exactly once). A timeout
+-- is no error; while the holder lives a try-lock tells so without reading pg_locks; pg_locks is read only when the
+-- lock came free in the instant of the timeout (then it may have been granted as well). lock_timeout is as before
+-- afterwards. Never call it for a lock the session already holds.
+CREATE OR REPLACE FUNCTION wait_for_lock(p_namespace integer, p_key integer, p_timeout_ms integer) RETURNS boolean
+    LANGUAGE plpgsql
+    SET search_path FROM CURRENT
+AS $$
+DECLARE
+    v_lock_timeout text := current_setting('lock_timeout');
+BEGIN
+    BEGIN
+        PERFORM set_config('lock_timeout', p_timeout_ms::text, true);
+        PERFORM pg_advisory_lock(p_namespace, p_key);
+        PERFORM set_config('lock_timeout', v_lock_timeout, true);
+        RETURN true;
+    EXCEPTION WHEN lock_not_available THEN
+        NULL;
+    END;
+    IF NOT pg_try_advisory_lock(p_namespace, p_key) THEN
+        RETURN false;
+    END IF;
+    PERFORM pg_advisory_unlock(p_namespace, p_key);
+    IF EXISTS (
+        SELECT FROM pg_locks
+         WHERE locktype = 'advisory' AND pid = pg_backend_pid() AND granted
+           AND classid = p_namespace::oid AND objid = p_key::oid AND objsubid = 2)
+    THEN
+        RETURN true;
+    END IF;
+    RETURN pg_try_advisory_lock(p_namespace, p_key);
+END
 $$;
 
 -- begin_term(election, term, node, name): the node that bumped `term` begins leading (→ the `leader` notification).
@@ -52,7 +147,8 @@ CREATE OR REPLACE FUNCTION begin_term(p_election integer, p_term bigint, p_node 
 AS $$
 BEGIN
     UPDATE elections e
-       SET leader_node = p_node, leader_name = p_name, leader_since = now()
+       SET leader_node = p_node, leader_name = p_name, leader_since = now(), written_on = server_instance(),
+           leader_lease_ms = (SELECT n.lease_ms FROM nodes n WHERE n.id = p_node)
      WHERE e.id = p_election AND e.term = p_term;
     RETURN FOUND;
 END
@@ -63,11 +159,12 @@ $$;
 -- evidence that the previous leader stopped acting:
 --   - it handed over (its release cleared leader_node), or
 --   - it joined this very server and its node lock is free (its witness is gone: the process ended, or it ended its
---     leaderships and closed the witness).
+--     leaderships and closed the witness) —
+-- and the row's leader fields were written on this server (after a failover they may have lost the last leader).
 -- Otherwise leader_node keeps naming the previous leader — a successor of this node that never began inherits the
 -- same wait — and the caller waits for the evidence: await_predecessor() on the same server; else a row that replaces
--- the previous incarnation, or the previous node's lease (previous_lease_ms) run out.
--- previous_same_server is NULL when the previous leader's row is gone.
+-- the previous incarnation, or the lease run out (previous_lease_ms: the longest lease the previous leader or any
+-- member may have). previous_same_server is NULL when the previous leader's row is gone.
 CREATE OR REPLACE FUNCTION take_term(p_namespace integer, p_election integer, p_node integer, p_name text)
     RETURNS TABLE (term bigint, began boolean, previous_node integer, previous_same_server boolean,
                    previous_lease_ms integer)
@@ -75,42 +172,47 @@ CREATE OR REPLACE FUNCTION take_term(p_namespace integer, p_election integer, p_
     SET search_path FROM CURRENT
 AS $$
 DECLARE
-    v_previous integer;
+    v_here     text := server_instance();
+    v_election elections%ROWTYPE;
     v_same     boolean;
+    v_began    boolean := false;
     v_lease    integer;
-    v_began    boolean;
     v_term     bigint;
 BEGIN
     -- A term must survive a crash of the server: never commit it asynchronously.
     IF current_setting('synchronous_commit') = 'off' THEN
         PERFORM set_config('synchronous_commit', 'local', true);
     END IF;
-    SELECT e.leader_node INTO v_previous FROM elections e WHERE e.id = p_election FOR UPDATE;
-    IF v_previous IS NULL OR v_previous = p_node THEN
-        v_began := true;
-    ELSE
-        SELECT n.server_instance = server_instance(), n.lease_ms INTO v_same, v_lease
-          FROM nodes n WHERE n.id = v_previous;
-        -- Never a lock this session holds (advisory locks stack): the node lock of another node is held by its witness.
-        v_began := coalesce(v_same, false) AND pg_try_advisory_lock(p_namespace, v_previous);
-        IF v_began THEN
-            PERFORM pg_advisory_unlock(p_namespace, v_previous);
+    SELECT * INTO v_election FROM elections e WHERE e.id = p_election FOR UPDATE;
+    IF v_election.term = 0 OR v_election.written_on = v_here THEN
+        IF v_election.leader_node IS NULL OR v_election.leader_node = p_node THEN
+            v_began := true;
+        ELSE
+            SELECT n.server_instance = v_here INTO v_same FROM nodes n WHERE n.id = v_election.leader_node;
+            -- Never a lock this session holds (advisory locks stack): another node's lock is held by its witness.
+            IF v_same AND pg_try_advisory_lock(p_namespace, v_election.leader_node) THEN
+                PERFORM pg_advisory_unlock(p_namespace, v_election.leader_node);
+                v_began := true;
+            END IF;
         END IF;
     END IF;
+    SELECT greatest(v_election.leader_lease_ms, max(n.lease_ms)) INTO v_lease
+      FROM nodes n WHERE n.cluster_id = v_election.cluster_id;
     UPDATE elections e
-       SET term = greatest(e.term + 1, term_floor()),
-           leader_node = CASE WHEN v_began THEN p_node ELSE e.leader_node END,
-           leader_name = CASE WHEN v_began THEN p_name ELSE e.leader_name END,
-           leader_since = CASE WHEN v_began THEN now() ELSE e.leader_since END
+       SET term = greatest(e.term + 1, term_floor())
      WHERE e.id = p_election
     RETURNING e.term INTO v_term;
-    RETURN QUERY SELECT v_term, v_began, CASE WHEN v_began THEN NULL ELSE v_previous END,
-                        CASE WHEN v_began THEN NULL ELSE v_same END, CASE WHEN v_began THEN NULL ELSE v_lease END;
+    IF v_began THEN
+        PERFORM begin_term(p_election, v_term, p_node, p_name);
+    END IF;
+    RETURN QUERY SELECT v_term, v_began, CASE WHEN v_began THEN NULL ELSE v_election.leader_node END,
+                        CASE WHEN v_began THEN NULL ELSE coalesce(v_same, false) END,
+                        CASE WHEN v_began THEN NULL ELSE v_lease END;
 END
 $$;
 
 -- await_predecessor(namespace, previous, timeout_ms, election, term, node, name): waits at most timeout_ms in the
--- queue of the previous leader's node lock; once granted (the witness is gone) releases it at once and begins the
+-- queue of the previous leader's node lock; once granted (its witness is gone) releases it at once and begins the
 -- term. True: leading; false: still waiting; NULL: the term moved on meanwhile.
 CREATE OR REPLACE FUNCTION await_predecessor(
     p_namespace integer, p_previous integer, p_timeout_ms integer,

@@ -12,8 +12,9 @@ extension StokerNode {
     /// | setting | default | what it bounds |
     /// | --- | --- | --- |
     /// | ``lease`` | 5 s | failover after a freeze or partition ≤ lease + retry + a round-trip |
-    /// | ``heartbeatInterval`` | lease / 5 | lease renewal |
-    /// | ``retryInterval`` | 100 ms | failover after a crash ≤ retry + a round-trip |
+    /// | ``heartbeatInterval`` | lease / 5 | lease renewal (both sessions) |
+    /// | ``retryInterval`` | the heartbeat | the followers' fallback retry; crash, server-kill and hand-over failover are
+    ///   event-driven and do not wait for it |
     /// | ``margin`` | lease / 10 | how much earlier than the server the node gives leadership up |
     /// | ``statementTimeout`` | lease / 2 | the longest a statement of the node's session may run |
     public struct Configuration: Sendable, CustomStringConvertible, CustomDebugStringConvertible, CustomReflectable {
@@ -37,9 +38,12 @@ extension StokerNode {
         /// How often the node renews its lease with a heartbeat; `nil` means `lease / 5`. At most half of
         /// `lease − margin`.
         public var heartbeatInterval: Duration?
-        /// How often a follower tries to take the locks of its elections. A graceful hand-over does not wait for it:
-        /// the `released` notification makes followers try at once.
-        public var retryInterval: Duration = .milliseconds(100)
+        /// How often a follower tries to take the locks of its elections when nothing told it to; `nil` means the
+        /// heartbeat interval (the retry then rides on the heartbeat's statement). Failover does not wait for it:
+        /// a hand-over's `released` notification, and a dead leader's `node_down` (its witness session's end, seen by
+        /// the node watching it), make followers try at once. It bounds the rare case those miss — a frozen or
+        /// partitioned leader whose main session outlives its witness by a moment.
+        public var retryInterval: Duration?
         /// How long before the server can release its locks the node demotes itself; `nil` means `lease / 10`. Covers
         /// scheduling delays and clock-rate differences. Must be below `lease / 2`.
         public var margin: Duration?
@@ -61,7 +65,7 @@ extension StokerNode {
             let shown = (try? ConnectionConfiguration(connection).redactedDescription) ?? "(unparsable, hidden)"
             return "StokerNode.Configuration(connection: \(shown), cluster: \(cluster), nodeName: \(nodeName), "
                 + "schema: \(schema), migrate: \(migrate), lease: \(lease), heartbeatInterval: "
-                + "\(effectiveHeartbeatInterval), retryInterval: \(retryInterval), margin: \(effectiveMargin), "
+                + "\(effectiveHeartbeatInterval), retryInterval: \(effectiveRetryInterval), margin: \(effectiveMargin), "
                 + "statementTimeout: \(effectiveStatementTimeout), reconnectDelay: \(reconnectDelay)..."
                 + "\(maximumReconnectDelay))"
         }
@@ -78,6 +82,7 @@ extension StokerNode {
 
         var effectiveHeartbeatInterval: Duration { heartbeatInterval ?? lease / 5 }
         var effectiveMargin: Duration { margin ?? lease / 10 }
+        var effectiveRetryInterval: Duration { retryInterval ?? effectiveHeartbeatInterval }
         var effectiveStatementTimeout: Duration { statementTimeout ?? lease / 2 }
         /// `client_connection_check_interval`: how soon a backend busy with a statement notices its client is gone.
         var connectionCheckInterval: Duration { min(.seconds(1), lease / 5) }
@@ -94,7 +99,7 @@ extension StokerNode {
                 throw invalid("lease is \(lease); it must be between 100 ms and one day (default 5 s).")
             }
             try Self.positive(effectiveHeartbeatInterval, "heartbeatInterval")
-            try Self.positive(retryInterval, "retryInterval")
+            try Self.positive(effectiveRetryInterval, "retryInterval")
             try Self.positive(effectiveMargin, "margin")
             try Self.positive(effectiveStatementTimeout, "statementTimeout")
             try Self.positive(reconnectDelay, "reconnectDelay")
@@ -114,8 +119,8 @@ extension StokerNode {
                     "statementTimeout (\(effectiveStatementTimeout)) must be shorter than the lease (\(lease)); "
                         + "default lease / 2.")
             }
-            if retryInterval > .seconds(86_400) {
-                throw invalid("retryInterval is \(retryInterval); it must be at most one day.")
+            if effectiveRetryInterval > .seconds(86_400) {
+                throw invalid("retryInterval is \(effectiveRetryInterval); it must be at most one day.")
             }
             if maximumReconnectDelay > .seconds(3600) {
                 throw invalid("maximumReconnectDelay is \(maximumReconnectDelay); it must be at most one hour.")

@@ -756,6 +756,14 @@ final class NodeCore: Sendable {
         var serverInstance = ""
         /// An acknowledgement may have arrived (a member joined): check the awaited evidence again.
         var checkAcknowledgement = true
+        /// The election whose evidence was awaited last (several take turns).
+        var lastAwaited: String?
+        /// When the witness's outstanding heartbeat was sent (nil: none outstanding).
+        var witnessQuery: ContinuousClock.Instant?
+        /// When the witness's next heartbeat is due.
+        var nextWitnessBeat = ContinuousClock.now
+        /// The longest a lock-queue wait may last: below the server's `deadlock_timeout`.
+        var longestWait = Duration.milliseconds(250)
         var statements: ProtocolStatements?
         var clusterID = 0
         var channel = ""
@@ -778,6 +786,13 @@ final class NodeCore: Sendable {
     ) throws -> T {
         let sent = ContinuousClock.now
         let value = try body()
+        try trust(sent: sent, on: side, context)
+        return value
+    }
+
+    /// A reply to a request sent at `sent` arrived: renew that session's half of the lease, unless the reply is too
+    /// late to be trusted (then the lease is over: throws).
+    private func trust(sent: ContinuousClock.Instant, on side: Side, _ context: SessionContext) throws {
         let valid = configuration.lease - configuration.effectiveMargin
         let trusted = state.withLock { state -> Bool in
             guard state.session == context.generation, state.leaseExpiredSession != context.generation,
@@ -801,7 +816,6 @@ final class NodeCore: Sendable {
             expireLease(session: context.generation)
             throw LeaseLost()
         }
-        return value
     }
 
     private func join(_ context: inout SessionContext) throws {
@@ -834,9 +848,15 @@ final class NodeCore: Sendable {
         context.channel = statements.channel(clusterID: context.clusterID)
         // LISTEN before reading the members: no change can fall between the two.
         try connection.listen(context.channel)
+        // The server instance, and the term floor (it reads the WAL position: a server that hides it fails here, with
+        // its own message, rather than at the first term bump).
         let mainInstance = try confirmed(context) {
             try connection.execute(statements.serverInstance).singleRow().string(0)
         }
+        // A wait shorter than deadlock_timeout never runs the server's deadlock check (nor, with log_lock_waits,
+        // logs a line).
+        let deadlockTimeout = try connection.execute(ProtocolStatements.deadlockTimeoutQuery).singleRow().int(0)
+        context.longestWait = max(.milliseconds(1), .milliseconds(deadlockTimeout) * 0.8)
         let clusterID = context.clusterID
         let witness = context.witness
         let mainPID = connection.protocolBackendPID
@@ -881,7 +901,7 @@ final class NodeCore: Sendable {
     }
 
     /// The session settings of both of a node's sessions: the lease's timeouts (the server's idle timer ends a silent
-    /// session), keepalives, read committed.
+    /// session), keepalives, read committed, commits at least flushed locally.
     private func configure(_ connection: PGConnection, applicationName: String) throws {
         let lease = configuration.lease.roundedUpMilliseconds
         try connection.execute(
@@ -895,7 +915,11 @@ final class NodeCore: Sendable {
                    set_config('tcp_keepalives_idle', $5, false),
                    set_config('tcp_keepalives_interval', '1', false),
                    set_config('tcp_keepalives_count', '3', false),
-                   set_config('tcp_user_timeout', $2, false)
+                   set_config('tcp_user_timeout', $2, false),
+                   -- What the evidence rule trusts (terms, begins, acknowledgements) must survive a server crash.
+                   set_config('synchronous_commit',
+                              CASE WHEN current_setting('synchronous_commit') = 'off' THEN 'local'
+                                   ELSE current_setting('synchronous_commit') END, false)
             """,
             [
                 applicationName, "\(lease)", "\(configuration.effectiveStatementTimeout.roundedUpMilliseconds)",
@@ -908,10 +932,12 @@ final class NodeCore: Sendable {
         let connection = context.connection
         guard let statements = context.statements else { return .lost(Self.internalError) }
         let heartbeat = configuration.effectiveHeartbeatInterval
+        let retryInterval = configuration.effectiveRetryInterval
         var nextHeartbeat = ContinuousClock.now + heartbeat
-        var nextRetry = ContinuousClock.now
+        var nextRetry = ContinuousClock.now + retryInterval
         var retryNow = true
         while true {
+            try serviceWitness(&context)
             // Nothing is trusted past the lease: the watchdog may already have ended it.
             if state.withLock({ $0.leaseExpiredSession == context.generation }) || !context.lease.isValid() {
                 throw LeaseLost()
@@ -939,23 +965,6 @@ final class NodeCore: Sendable {
             try performReleases(context)
             if handle(connection.takeNotifications(), &context) { retryNow = true }
 
-            var now = ContinuousClock.now
-            if now >= nextHeartbeat {
-                let sent = now
-                let result = try confirmed(context) {
-                    try connection.execute(statements.heartbeat, ["\(context.nodeID)"])
-                }
-                metrics.heartbeatRoundTrip.recordNanoseconds(sent.duration(to: .now).nanoseconds)
-                if result.affectedRows == 0 {
-                    throw StokerError(
-                        .connectionLost, "This node's row was deleted by someone else; rejoining as a new incarnation.")
-                }
-                let witness = context.witness
-                _ = try confirmed(context, on: .witness) { try witness.execute(statements.witnessHeartbeat) }
-                nextHeartbeat = sent + heartbeat
-                if handle(connection.takeNotifications(), &context) { retryNow = true }
-            }
-
             let (candidates, holdsElection) = state.withLock { state in
                 // A stopping node takes no new leadership.
                 let candidates =
@@ -967,38 +976,94 @@ final class NodeCore: Sendable {
                 let holds = state.slots.values.contains { $0.releaseReady || $0.announcing || $0.machine.mayHoldLock }
                 return (candidates, holds)
             }
+            // A follower that leads nothing spends its time *in* the lock queue of its first candidate: the server
+            // grants the lock the instant the holder's session ends (a crash, the server ending it, a hand-over). Its
+            // notifications wait for each wait to end, which matters little to a node that leads nothing. A node that
+            // leads something keeps its session free for them, and retries on notifications (`released`, a member
+            // gone or come) and at `retryInterval`.
+            let waitOn = holdsElection || state.withLock({ $0.freeze != nil }) ? nil : candidates.first
+            let others = waitOn == nil ? candidates : Array(candidates.dropFirst())
+            let list = "{" + others.map(String.init).joined(separator: ",") + "}"
+            var now = ContinuousClock.now
+            if now >= nextHeartbeat {
+                // The fallback retry rides on the heartbeat when it would be due before the next one; so does the wait.
+                let retrying = !others.isEmpty && (retryNow || nextRetry <= now + heartbeat)
+                let sent = now
+                let renewed: Int
+                var won: [Int] = []
+                if let first = waitOn, !retrying {
+                    let row = try confirmed(context) {
+                        try connection.execute(
+                            statements.heartbeatAndWait,
+                            ["\(context.nodeID)", "\(first)", "\(queueWait(context).roundedUpMilliseconds)"]
+                        ).singleRow()
+                    }
+                    renewed = try row.int(0)
+                    if try row.bool(1) {
+                        won = [first]
+                        retryNow = true
+                    }
+                } else if retrying {
+                    let row = try confirmed(context) {
+                        try connection.execute(statements.heartbeatAndTry, ["\(context.nodeID)", list]).singleRow()
+                    }
+                    renewed = try row.int(0)
+                    won = try Self.integers(inArrayLiteral: try row.string(1))
+                    retryNow = false
+                    nextRetry = max(nextRetry, sent) + retryInterval
+                } else {
+                    renewed =
+                        try confirmed(context) {
+                            try connection.execute(statements.heartbeat, ["\(context.nodeID)"])
+                        }.affectedRows ?? 0
+                }
+                metrics.heartbeatRoundTrip.recordNanoseconds(sent.duration(to: .now).nanoseconds)
+                if renewed == 0 {
+                    throw StokerError(
+                        .connectionLost, "This node's row was deleted by someone else; rejoining as a new incarnation.")
+                }
+                nextHeartbeat = sent + heartbeat
+                for id in won { try acquired(election: id, &context) }
+                if handle(connection.takeNotifications(), &context) { retryNow = true }
+                continue
+            }
+
             now = ContinuousClock.now
-            if !candidates.isEmpty, retryNow || now >= nextRetry {
+            if !others.isEmpty, retryNow || now >= nextRetry {
+                // Told to (a release, a member gone or come, a new election), or the fallback's time.
+                if !retryNow { nextRetry = now + retryInterval }
                 retryNow = false
-                nextRetry = now + configuration.retryInterval
-                let list = "{" + candidates.map(String.init).joined(separator: ",") + "}"
                 let won = try confirmed(context) { try connection.execute(statements.tryAcquire, [list]) }
                 for row in won.rows { try acquired(election: try row.int(0), &context) }
                 if handle(connection.takeNotifications(), &context) { retryNow = true }
                 continue
             }
+            retryNow = false
 
-            var until = nextHeartbeat
-            if !candidates.isEmpty { until = min(until, nextRetry) }
-            if let (name, evidence) = awaitedEvidence() {
+            if let (name, evidence) = awaitedEvidence(after: &context.lastAwaited) {
+                var until = nextHeartbeat
+                if context.witnessQuery == nil { until = min(until, context.nextWitnessBeat) }
                 if try awaitEvidence(election: name, evidence, until: until, &context) { retryNow = true }
                 continue
             }
-            if let first = candidates.first, !holdsElection,
-                let wait = queueWait(until: until), state.withLock({ $0.freeze == nil })
-            {
-                // A follower that leads nothing spends the wait *in* the first candidate's lock queue (DESIGN §5): the
-                // server grants it the instant the holder's session ends. The statement returns at `until` at the
-                // latest, so heartbeats and the other candidates' retries keep their rhythm; notifications wait for it.
+            if let first = waitOn {
                 let granted = try confirmed(context) {
                     try connection.execute(
-                        statements.waitForElection, ["\(first)", "\(wait.roundedUpMilliseconds)"]
+                        statements.waitForElection, ["\(first)", "\(queueWait(context).roundedUpMilliseconds)"]
                     ).singleRow().bool(0)
                 }
-                if granted { try acquired(election: first, &context) }
+                if granted {
+                    try acquired(election: first, &context)
+                    // Its holder is gone: whatever else it held is likely free too.
+                    retryNow = true
+                }
                 if handle(connection.takeNotifications(), &context) { retryNow = true }
                 continue
             }
+            var until = nextHeartbeat
+            // The witness's answer wakes the poll; with nothing outstanding, its next heartbeat is due then.
+            if context.witnessQuery == nil { until = min(until, context.nextWitnessBeat) }
+            if !others.isEmpty { until = min(until, nextRetry) }
             if let freeze = state.withLock({ state -> Duration? in
                 defer {
                     if state.freeze != nil {
@@ -1018,30 +1083,87 @@ final class NodeCore: Sendable {
         }
     }
 
-    /// Sleeps until `until`, a notification, a wake-up, or news on the witness session: it is idle, so anything it
-    /// reads is the server ending it (or its EOF), which throws here.
+    /// Sleeps until `until`, a notification, a wake-up, or news on the witness session (its watch's answer, or —
+    /// with nothing outstanding — the server ending it, which throws here).
     private func waitIdle(until: ContinuousClock.Instant, _ context: SessionContext) throws {
         var polls = 0
         let outcome = try context.connection.waitForNotifications(
             until: until, wakeDescriptor: wakeDescriptor, watchDescriptor: context.witness.socket, pollCount: &polls)
-        if outcome == .watched {
+        if outcome == .watched, context.witnessQuery == nil {
             do {
                 try context.witness.consumeInput()
             } catch {
-                throw StokerError(
-                    .connectionLost, "The node's witness session ended: \(error.serverMessage ?? error.message)")
+                throw Self.witnessLost(error)
             }
         }
     }
 
-    /// The first election whose leadership waits for evidence about its predecessor.
-    private func awaitedEvidence() -> (String, AwaitedEvidence)? {
-        state.withLock { state in
-            for (name, slot) in state.slots {
-                if case .awaitingEvidence = slot.machine.state, let evidence = slot.evidence { return (name, evidence) }
+    private static func witnessLost(_ error: StokerError) -> StokerError {
+        StokerError(.connectionLost, "The node's witness session ended: \(error.serverMessage ?? error.message)")
+    }
+
+    /// `{1,2}` → `[1, 2]` (an int4 array's text form).
+    static func integers(inArrayLiteral text: String) throws(StokerError) -> [Int] {
+        let inner = text.trimmingPrefix("{").prefix { $0 != "}" }
+        if inner.isEmpty { return [] }
+        var values: [Int] = []
+        for part in inner.split(separator: ",") {
+            guard let value = Int(part) else {
+                throw StokerError(.unexpectedResult, "Expected an integer array, got \"\(text.prefix(40))\".")
             }
-            return nil
+            values.append(value)
         }
+        return values
+    }
+
+    /// The witness session's side of the loop, never blocking: collects the answer to its heartbeat if it has
+    /// arrived (a trusted reply renews its half of the lease), and sends the next one when it is due. The witness
+    /// runs nothing else: an idle backend sees its client's end at once (a crash frees the node lock with the process),
+    /// where one busy in a statement would notice only at its next connection check.
+    private func serviceWitness(_ context: inout SessionContext) throws {
+        guard let statements = context.statements else { return }
+        let witness = context.witness
+        if let sent = context.witnessQuery {
+            let result: QueryResult?
+            do {
+                result = try witness.awaitResult(until: .now)
+            } catch {
+                throw Self.witnessLost(error)
+            }
+            guard result != nil else { return }
+            context.witnessQuery = nil
+            try trust(sent: sent, on: .witness, context)
+        }
+        let now = ContinuousClock.now
+        guard now >= context.nextWitnessBeat else { return }
+        do {
+            try witness.send(statements.witnessHeartbeat, [])
+        } catch {
+            throw Self.witnessLost(error)
+        }
+        context.witnessQuery = now
+        context.nextWitnessBeat = now + Self.witnessInterval(configuration)
+    }
+
+    /// How often the witness heartbeats: a third of `lease − margin`, so one late answer never costs the lease.
+    static func witnessInterval(_ configuration: StokerNode.Configuration) -> Duration {
+        (configuration.lease - configuration.effectiveMargin) / 3
+    }
+
+    /// The first election whose leadership waits for evidence about its predecessor.
+    /// Several take turns: the one after `last` in name order, then the first.
+    private func awaitedEvidence(after last: inout String?) -> (String, AwaitedEvidence)? {
+        let waiting = state.withLock { state in
+            state.slots.compactMap { name, slot -> (String, AwaitedEvidence)? in
+                guard case .awaitingEvidence = slot.machine.state, let evidence = slot.evidence else { return nil }
+                return (name, evidence)
+            }.sorted { $0.0 < $1.0 }
+        }
+        let previous = last
+        guard let next = waiting.first(where: { entry in previous.map { entry.0 > $0 } ?? true }) ?? waiting.first
+        else { return nil }
+        last = next.0
+        return next
     }
 
     /// One step of the wait for evidence that `evidence.predecessor` stopped acting (DESIGN §2.1, the evidence rule):
@@ -1118,6 +1240,13 @@ final class NodeCore: Sendable {
         let left = min(
             ContinuousClock.now.duration(to: until), configuration.effectiveStatementTimeout / 2, .milliseconds(250))
         return left >= .milliseconds(1) ? left : nil
+    }
+
+    /// How long a follower's wait in an election's lock queue lasts: below the server's `deadlock_timeout` (a wait
+    /// that long runs the deadlock check — which takes every lock-partition lock — and, with `log_lock_waits`, logs a
+    /// line) and half the statement timeout (which must never cut it).
+    private func queueWait(_ context: SessionContext) -> Duration {
+        max(.milliseconds(1), min(context.longestWait, configuration.effectiveStatementTimeout / 2))
     }
 
     /// Looks up the rows of elections registered since (or before) this session began; returns whether any was.
@@ -1338,6 +1467,8 @@ final class NodeCore: Sendable {
                         slot.mailbox.yield(.member(change))
                     }
                 }
+                // A member gone may have freed locks; one come back may have acknowledged its predecessor.
+                retry = true
             case "leader":
                 guard case .integer(let election)? = fields["election"] else { continue }
                 var leaderName: String?

@@ -153,6 +153,17 @@ final class PGConnection {
         }
     }
 
+    /// Sends one statement with bound parameters (text format) without waiting for the answer; collect it with
+    /// ``awaitResult(until:)``.
+    func send(_ sql: String, _ parameters: [String?]) throws(StokerError) {
+        let sent = withCStringArray(parameters) { pointers in
+            PQsendQueryParams(raw, sql, Int32(parameters.count), nil, pointers, nil, nil, 0)
+        }
+        if sent == 0 {
+            throw failure(sqlState: nil, serverMessage: trimmed(String(cString: PQerrorMessage(raw))))
+        }
+    }
+
     /// Waits for the answer to ``send(_:)`` until `deadline` (`nil`: no deadline) in `poll(2)`. Returns the last
     /// statement's rows, or `nil` when the deadline passed first — the statement is then still pending: call again,
     /// or drop the connection.

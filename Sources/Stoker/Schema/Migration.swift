@@ -42,12 +42,20 @@ enum SchemaManifest {
                 ("lease_ms", "integer"),
             ]
         ),
+        ("server_epoch", [("id", "integer not null"), ("token", "text not null")]),
+        (
+            "term_band",
+            [
+                ("id", "integer not null"), ("system_identifier", "text not null"), ("timeline", "bigint not null"),
+                ("floor", "bigint not null"),
+            ]
+        ),
         (
             "elections",
             [
                 ("id", "integer not null identity"), ("cluster_id", "integer not null"), ("name", "text not null"),
                 ("term", "bigint not null default 0"), ("leader_node", "integer"), ("leader_name", "text"),
-                ("leader_since", "timestamp with time zone"),
+                ("leader_since", "timestamp with time zone"), ("written_on", "text"), ("leader_lease_ms", "integer"),
             ]
         ),
     ]
@@ -68,6 +76,7 @@ enum SchemaManifest {
         "clusters p (id)", "clusters u (name)", "clusters c (name)",
         "nodes p (id)", "nodes f (cluster_id)", "nodes c (name)",
         "elections p (id)", "elections u (cluster_id,name)", "elections f (cluster_id)", "elections c (name)",
+        "server_epoch p (id)", "server_epoch c (id)", "term_band p (id)", "term_band c (id)",
     ]
 
     struct ExpectedFunction: Sendable {
@@ -95,8 +104,8 @@ enum SchemaManifest {
             name: "bump_term",
             securityDefiner: false
         ),
-        ExpectedFunction(signature: "server_instance()", name: "server_instance", securityDefiner: false),
-        ExpectedFunction(signature: "term_floor()", name: "term_floor", securityDefiner: false),
+        ExpectedFunction(signature: "server_instance()", name: "server_instance", securityDefiner: true),
+        ExpectedFunction(signature: "term_floor()", name: "term_floor", securityDefiner: true),
         ExpectedFunction(
             signature: "begin_term(p_election integer, p_term bigint, p_node integer, p_name text)",
             name: "begin_term",

@@ -25,10 +25,16 @@ struct ProtocolStatements: Sendable {
     /// Run on the witness session, in one transaction with ``lockNode``, so the row is visible only once its lock is
     /// held (`witness_pid` is the running session's pid).
     let insertNode: String
-    /// → the server instance this session is on (`server_instance()`, migration 003).
+    /// → the server instance this session is on (`server_instance()`), and the lowest term it may issue
+    /// (`term_floor()`); migration 003.
     let serverInstance: String
     /// The witness session's heartbeat: a round trip that keeps its idle timer from ending it.
     let witnessHeartbeat = "SELECT 1"
+    /// The server's `deadlock_timeout` in milliseconds: a lock-queue wait stays below it.
+    static let deadlockTimeoutQuery = "SELECT (extract(epoch FROM current_setting('deadlock_timeout')::interval) * 1000)::int"
+    /// `$1` node id, `$2` election ids as an int4 array literal: the heartbeat and the follower's retry in one
+    /// statement → rows renewed (0: the row is gone), the ids whose lock this session just won (an int4 array literal).
+    let heartbeatAndTry: String
     /// `$1` node id → whether the node lock was taken (session level: it outlives the transaction).
     let lockNode: String
     /// `$1` node id: the heartbeat that renews the lease.
@@ -40,10 +46,13 @@ struct ProtocolStatements: Sendable {
     /// `$1` election ids as an int4 array literal (`{3,7}`) → the ids whose lock this session just won.
     /// Never pass an id this session already holds: advisory locks stack.
     let tryAcquire: String
-    /// `$1` election id, `$2` milliseconds: waits that long at most in the lock's queue (DESIGN §5) → whether this
-    /// session holds the lock now (`wait_for_lock`, migration 002: a timeout is no error, and a grant in the instant
-    /// of the timeout counts as granted). Never pass an id this session already holds.
+    /// `$1` election id, `$2` milliseconds: waits that long at most in the lock's queue → whether this session holds
+    /// the lock now (`wait_for_lock`: a timeout is no error, and a grant in the instant of the timeout counts as
+    /// granted). Never pass an id this session already holds.
     let waitForElection: String
+    /// The same wait with the heartbeat: `$1` node id, `$2` election id, `$3` milliseconds → rows renewed (0: the row
+    /// is gone), whether this session holds the lock now.
+    let heartbeatAndWait: String
     /// `$1` election id, `$2` node id, `$3` node name → the new `term`; `began` when leadership begins at once (the
     /// predecessor handed over, or its witness is gone); else the predecessor's node id, whether it joined this server
     /// (NULL: its row is gone) and its lease in milliseconds (`take_term`, migration 003).
@@ -101,9 +110,14 @@ struct ProtocolStatements: Sendable {
             VALUES ($1, $2, $3, $4, $5::jsonb, $6, pg_backend_pid(), $7, $8, \(s).server_instance())
             RETURNING id, server_instance
             """
-        serverInstance = "SELECT \(s).server_instance()"
+        serverInstance = "SELECT \(s).server_instance(), \(s).term_floor()"
         lockNode = "SELECT pg_try_advisory_lock(\(ns), $1::int4)"
         heartbeat = "UPDATE \(s).nodes SET heartbeat_at = now() WHERE id = $1"
+        heartbeatAndTry = """
+            WITH beat AS (UPDATE \(s).nodes SET heartbeat_at = now() WHERE id = $1 RETURNING 1)
+            SELECT (SELECT count(*) FROM beat)::int,
+                   ARRAY(SELECT id FROM unnest($2::int4[]) AS candidate (id) WHERE pg_try_advisory_lock(\(ns), -id))::text
+            """
         members = "SELECT id, name, host, pid, draining FROM \(s).nodes WHERE cluster_id = $1 ORDER BY id"
         ensureElection = """
             WITH inserted AS (
@@ -117,10 +131,14 @@ struct ProtocolStatements: Sendable {
             SELECT id FROM unnest($1::int4[]) AS candidate (id)
              WHERE pg_try_advisory_lock(\(ns), -id)
             """
-        waitForElection = "SELECT \(s).wait_for_lock(\(ns), -($1::int4), $2::int4)"
         takeTerm = """
             SELECT term, began, previous_node, previous_same_server, previous_lease_ms
               FROM \(s).take_term(\(ns), $1, $2, $3)
+            """
+        waitForElection = "SELECT \(s).wait_for_lock(\(ns), -($1::int4), $2::int4)"
+        heartbeatAndWait = """
+            WITH beat AS (UPDATE \(s).nodes SET heartbeat_at = now() WHERE id = $1 RETURNING 1)
+            SELECT (SELECT count(*) FROM beat)::int, \(s).wait_for_lock(\(ns), -($2::int4), $3::int4)
             """
         awaitPredecessor = "SELECT \(s).await_predecessor(\(ns), $1, $2, $3, $4, $5, $6)"
         beginTerm = "SELECT \(s).begin_term($1, $2, $3, $4)"
