@@ -11,7 +11,7 @@ import UnixSignals
     import Darwin
 #endif
 
-/// `stoker node`: one participant with a built-in behaviour that prints every callback as a JSON line (DESIGN §8).
+/// `stoker node`: one participant with a built-in behaviour that prints every callback as a JSON line.
 struct Node: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Run one participant: join a cluster, stand in its elections, print every callback as JSON.",
@@ -22,7 +22,9 @@ struct Node: AsyncParsableCommand {
             "term", and "ended_at" on every demotion (the monotonic instant leadership ended; for a lost lease, \
             the lease deadline). SIGTERM or SIGINT hands the elections over and exits 0 after "shutdown". A bad \
             flag or a connection error prints one line on stderr and exits non-zero. Durations: 250ms, 2s, 1.5s, \
-            1m (units ns, us, ms, s, m, h).
+            1m (units ns, us, ms, s, m, h). Connections: two per node whatever the number of elections (the main \
+            session and an idle witness that holds the node lock), plus one short-lived check at start — plan \
+            max_connections for two per process.
             """
     )
 
@@ -52,7 +54,8 @@ struct Node: AsyncParsableCommand {
     @Option(
         name: .long,
         help: ArgumentHelp(
-            "How often a follower tries to take a free election (default: 100ms).", valueName: "duration"))
+            "How often a follower tries to take a free election when nothing told it to (default: the heartbeat).",
+            valueName: "duration"))
     var retry: DurationArgument?
 
     @Option(

@@ -149,8 +149,10 @@ struct MigrationTests {
                     )
                     let cluster = try statements.ensureCluster("c", on: connection)
                     let election = try statements.ensureElection(cluster: cluster, name: "e", on: connection)
-                    let node = try connection.execute(statements.insertNode, [String(cluster), "n", "h", "1", "{}", "0", nil, "5000"])
-                        .singleRow().int(0)
+                    let node = try connection.execute(
+                        statements.insertNode, [String(cluster), "n", "h", "1", "{}", "0", nil, "5000"]
+                    )
+                    .singleRow().int(0)
                     guard node == 1, election == 1 else { return false }
                     let nodeLock = try connection.execute(statements.lockNode, [String(node)]).singleRow().bool(0)
                     let electionLocks = try connection.execute(statements.tryAcquire, ["{\(election)}"]).rows.count

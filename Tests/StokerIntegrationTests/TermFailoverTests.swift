@@ -3,7 +3,7 @@ import Testing
 
 @_spi(Testing) @testable import Stoker
 
-/// DESIGN's rule that a term is never issued twice for one election, also after an HA failover to an asynchronous
+/// The rule that a term is never issued twice for one election, also after an HA failover to an asynchronous
 /// standby that lost the last committed term bumps: the old leader's in-flight writes, fenced with such a lost term,
 /// may still reach the new primary through the application's own pool, and must be refused there.
 ///

@@ -1166,7 +1166,7 @@ final class NodeCore: Sendable {
         return next
     }
 
-    /// One step of the wait for evidence that `evidence.predecessor` stopped acting (DESIGN §2.1, the evidence rule):
+    /// One step of the wait for evidence that `evidence.predecessor` stopped acting (the evidence rule):
     /// on the same server, in the queue of its node lock (granted the instant its witness closes, and the leadership
     /// begins in the same statement); after a server change, its acknowledgement or its lease run out. Returns at
     /// `until` at the latest; returns whether notifications asked for a retry.

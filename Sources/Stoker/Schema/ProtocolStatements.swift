@@ -31,7 +31,8 @@ struct ProtocolStatements: Sendable {
     /// The witness session's heartbeat: a round trip that keeps its idle timer from ending it.
     let witnessHeartbeat = "SELECT 1"
     /// The server's `deadlock_timeout` in milliseconds: a lock-queue wait stays below it.
-    static let deadlockTimeoutQuery = "SELECT (extract(epoch FROM current_setting('deadlock_timeout')::interval) * 1000)::int"
+    static let deadlockTimeoutQuery =
+        "SELECT (extract(epoch FROM current_setting('deadlock_timeout')::interval) * 1000)::int"
     /// `$1` node id, `$2` election ids as an int4 array literal: the heartbeat and the follower's retry in one
     /// statement → rows renewed (0: the row is gone), the ids whose lock this session just won (an int4 array literal).
     let heartbeatAndTry: String
