@@ -7,7 +7,7 @@ struct StokerBench: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "stoker-bench",
         abstract: "Benchmarks of Stoker against what bare PostgreSQL allows.",
-        subcommands: [Failover.self, FloorClient.self]
+        subcommands: [Failover.self, Idle.self, FloorClient.self]
     )
 }
 
@@ -16,10 +16,13 @@ struct Failover: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Failover latency of `stoker node` under graceful stop, crash and freeze, next to the floor.",
         discussion: """
-            Starts a private PostgreSQL, then for each fault and each system runs --nodes participants of one \
-            election. Each repetition signals the leader — SIGTERM (graceful), SIGKILL (crash) or SIGSTOP (freeze; \
-            SIGCONT once a successor leads) — and times the successor's `now_leader` (its `at`, CLOCK_MONOTONIC) \
-            from the instant just before the signal; the faulted participant is then replaced by a fresh one. \
+            Starts a private PostgreSQL, then for each fault and each system runs --nodes participants, each in \
+            --elections elections (one participant is started first and leads them all before the others start). \
+            Each repetition signals the participant that leads the most elections — SIGTERM (graceful), SIGKILL \
+            (crash) or SIGSTOP (freeze; SIGCONT once a successor leads) — and times, in each election it led, the \
+            successor's `now_leader` (its `at`, CLOCK_MONOTONIC) from the instant just before the signal; the faulted \
+            participant is then replaced by a fresh one (with --fresh: every participant is stopped and all are \
+            started anew, as after a deploy). \
             The floor is the same harness around bare libpq clients (`floor-client`) that wait in \
             pg_advisory_lock with lock_timeout 100 ms and hold the lock under idle_session_timeout = lease. \
             Every line is checked: per election, leaderships [now_leader.at, ended_at] never overlap and terms \
@@ -42,6 +45,12 @@ struct Failover: AsyncParsableCommand {
     @Option(name: .long, help: "Comma-separated systems to run: stoker, floor.")
     var systems: SystemList = SystemList([.stoker, .floor])
 
+    @Option(name: .long, help: "Elections each Stoker participant stands in (at least 1; 1 with the floor).")
+    var elections: Int = 1
+
+    @Flag(name: .long, help: "Start every participant anew for each repetition (as after a deploy).")
+    var fresh = false
+
     func validate() throws {
         guard reps >= 1 else { throw ValidationError("--reps must be at least 1 (got \(reps)).") }
         guard nodes >= 2 else {
@@ -55,6 +64,14 @@ struct Failover: AsyncParsableCommand {
         guard lease.duration >= .milliseconds(500) else {
             throw ValidationError("--lease must be at least 500ms (got \(lease.text)).")
         }
+        guard (1...100).contains(elections) else {
+            throw ValidationError("--elections must be between 1 and 100 (got \(elections)).")
+        }
+        if elections > 1 && systems.values.contains(.floor) {
+            throw ValidationError(
+                "--elections \(elections) runs against Stoker only (pass --systems stoker): a floor client holds one "
+                    + "advisory lock, so the floor has one election per process.")
+        }
     }
 
     func run() async throws {
@@ -65,7 +82,7 @@ struct Failover: AsyncParsableCommand {
         }
         let settings = BenchSettings(
             reps: reps, lease: lease, faults: faults.values, nodes: nodes, systems: systems.values,
-            stokerPath: stoker, benchPath: binary)
+            elections: elections, fresh: fresh, stokerPath: stoker, benchPath: binary)
         let commandLine = CommandLine.arguments.map(shellQuoted).joined(separator: " ")
         let outcome = try await runFailoverBenchmark(settings, commandLine: commandLine)
         print(outcome.report)
@@ -166,35 +183,35 @@ private func commaSeparated<T: Equatable>(_ text: String, _ make: (String) -> T?
 }
 
 /// `text` as one shell word (single-quoted unless it is plain).
-private func shellQuoted(_ text: String) -> String {
+func shellQuoted(_ text: String) -> String {
     let plain = !text.isEmpty && text.allSatisfy { $0.isLetter || $0.isNumber || "-_./=:,@%+".contains($0) }
     return plain ? text : "'" + text.replacingOccurrences(of: "'", with: "'\\''") + "'"
 }
 
 /// The bench's own binary (for `floor-client` participants).
-private func ownExecutable() throws -> String {
+func ownExecutable() throws -> String {
     guard let path = try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe") else {
         throw ValidationError("cannot resolve /proc/self/exe")
     }
     return path
 }
 
-/// `stoker`, built next to this binary, with a `node` subcommand.
-private func locateStoker(nextTo binary: String) async throws -> String {
+/// `stoker`, built next to this binary, with a `node` subcommand. `otherwise` ends the error messages (what else the
+/// user can do).
+func locateStoker(nextTo binary: String, otherwise: String = ", or pass --systems floor") async throws -> String {
     let directory = (binary as NSString).deletingLastPathComponent
     let stoker = directory + "/stoker"
     guard FileManager.default.isExecutableFile(atPath: stoker) else {
         throw ValidationError(
             "no `stoker` executable next to this bench at \(stoker); build both with "
-                + "`swift build -c release --product stoker-bench` (or `swift run -c release stoker-bench`), "
-                + "or pass --systems floor")
+                + "`swift build -c release --product stoker-bench` (or `swift run -c release stoker-bench`)"
+                + otherwise)
     }
     let help = try await runProcess([stoker, "node", "--help"], timeout: .seconds(60))
     guard help.status == 0 else {
         throw ValidationError(
             "\(stoker) has no working `node` subcommand (`stoker node --help` exited \(help.status): "
-                + "\(help.standardError.trimmingCharacters(in: .whitespacesAndNewlines))); rebuild it, or pass "
-                + "--systems floor")
+                + "\(help.standardError.trimmingCharacters(in: .whitespacesAndNewlines))); rebuild it" + otherwise)
     }
     return stoker
 }

@@ -8,6 +8,10 @@ struct BenchSettings: Sendable {
     let faults: [Fault]
     let nodes: Int
     let systems: [BenchSystem]
+    /// Elections each participant stands in (1 for the floor).
+    let elections: Int
+    /// Whether every participant is started anew for each repetition.
+    let fresh: Bool
     /// `stoker`, when `.stoker` is among the systems.
     let stokerPath: String?
     /// This bench's own binary (it runs the floor clients).
@@ -18,8 +22,11 @@ struct BenchSettings: Sendable {
 struct PhaseResult: Sendable {
     let system: BenchSystem
     let fault: Fault
-    /// Failover latencies in seconds: the successor's `now_leader.at` minus the instant just before the signal.
+    /// Failover latencies in seconds: the successor's `now_leader.at` minus the instant just before the signal, one
+    /// per election the faulted leader led, over every repetition.
     var latencies: [Double] = []
+    /// Repetitions completed.
+    var repetitions = 0
     /// Overlapping leaderships found in the lines (each one a correctness failure).
     var overlaps: [String] = []
     /// Everything else that went wrong (a non-zero exit after SIGTERM, a missing `ended_at`, an aborted phase, …).
@@ -41,21 +48,6 @@ struct BenchOutcome: Sendable {
 struct BenchError: Error, CustomStringConvertible {
     let description: String
     init(_ description: String) { self.description = description }
-}
-
-/// One participant process.
-struct Participant: Sendable {
-    /// The harness's name for it (`n3` for `stoker node --name n3`, `f3` for a floor client).
-    let name: String
-    let process: NodeProcess
-
-    /// Its parsed lines.
-    var events: [Event] { process.lines.compactMap { Event($0.text) } }
-
-    /// Whether its last leadership event is a `now_leader`.
-    var isLeading: Bool {
-        events.last { $0.isNowLeader || $0.isDemotion }?.isNowLeader ?? false
-    }
 }
 
 /// Starts a private PostgreSQL and runs every (fault, system) phase on it; returns the report.
@@ -91,7 +83,8 @@ func progress(_ message: String) {
     FileHandle.standardError.write(Data((message + "\n").utf8))
 }
 
-/// One fault applied `reps` times to `nodes` participants of one system, in one election of its own.
+/// One fault applied `reps` times to `nodes` participants of one system, in elections of its own (`elections` per
+/// participant; the floor has one).
 struct Phase {
     let settings: BenchSettings
     let system: BenchSystem
@@ -104,7 +97,7 @@ struct Phase {
     private var everyone: [Participant] = []
     /// The participants running now.
     private var live: [Participant] = []
-    /// The SIGKILL instant of each crashed participant: the end of its leadership, which it could not print.
+    /// The SIGKILL instant of each crashed participant: the end of its leaderships, which it could not print.
     private var killedAt: [String: Double] = [:]
 
     init(settings: BenchSettings, system: BenchSystem, fault: Fault, database: TestDatabase, floorKey: Int) {
@@ -116,27 +109,51 @@ struct Phase {
         result = PhaseResult(system: system, fault: fault)
     }
 
-    /// The Stoker cluster of this phase (the election is `e`).
+    /// The Stoker cluster of this phase.
     private var cluster: String { "bench-\(fault.rawValue)" }
     private var label: String { "\(fault.rawValue)/\(system.rawValue)" }
+    /// The elections every participant stands in, as they appear in its lines.
+    private var elections: [String] { system == .floor ? ["floor"] : electionNames(settings.elections) }
 
     /// Runs the repetitions, stops every participant, checks all lines. Never throws: failures become problems.
     mutating func run() async -> PhaseResult {
         do {
-            for _ in 0..<settings.nodes { live.append(try await startParticipant()) }
-            var leader = try await firstNowLeader(among: live, timeout: .seconds(60)).participant
-            try await settle(leader: leader)
+            var leaders = try await startAll()
             for rep in 1...settings.reps {
-                leader = try await failover(rep: rep, from: leader)
+                leaders = try await failover(rep: rep, from: leaders)
+                result.repetitions = rep
+                if settings.fresh && rep < settings.reps {
+                    result.problems += await stopParticipants(live, when: "SIGTERM (stop before a fresh start)")
+                    live = []
+                    leaders = try await startAll()
+                }
             }
         } catch {
-            let message = "aborted after \(result.latencies.count) of \(settings.reps) repetitions: \(error)"
+            let message = "aborted after \(result.repetitions) of \(settings.reps) repetitions: \(error)"
             progress("\(label): \(message)")
             result.problems.append(message)
         }
-        await stopAll()
+        result.problems += await stopParticipants(live, when: "the final SIGTERM")
+        live = []
+        for participant in everyone { await participant.process.close() }
         checkHistory()
         return result
+    }
+
+    /// Starts one participant and waits until it leads every election, then the others; settles. Returns
+    /// election → leader (the first participant everywhere).
+    private mutating func startAll() async throws -> [String: Participant] {
+        let first = try await startParticipant()
+        live.append(first)
+        for election in elections {
+            _ = try await first.process.waitForLine(timeout: .seconds(60)) {
+                Event($0.text).map { $0.isNowLeader && $0.election == election } ?? false
+            }
+        }
+        for _ in 1..<settings.nodes { live.append(try await startParticipant()) }
+        let leaders = Dictionary(uniqueKeysWithValues: elections.map { ($0, first) })
+        try await settle(leaders: leaders)
+        return leaders
     }
 
     private mutating func startParticipant() async throws -> Participant {
@@ -145,11 +162,9 @@ struct Phase {
         switch system {
         case .stoker:
             guard let stoker = settings.stokerPath else { throw BenchError("no stoker executable") }
-            arguments =
-                [
-                    stoker, "node", "--url", database.conninfo, "--cluster", cluster, "--election", "e", "--name", name,
-                    "--lease", settings.lease.text,
-                ]
+            arguments = stokerNodeArguments(
+                stoker: stoker, conninfo: database.conninfo, cluster: cluster, elections: elections, name: name,
+                lease: settings.lease)
         case .floor:
             arguments = [
                 settings.benchPath, "floor-client", "--url", database.conninfo, "--key", String(floorKey),
@@ -161,10 +176,20 @@ struct Phase {
         return participant
     }
 
-    /// One repetition: signal the leader, time its successor, check the old leader's end, replace it.
-    private mutating func failover(rep: Int, from leader: Participant) async throws -> Participant {
+    /// One repetition: signal the participant leading the most elections, time each of its elections' successor,
+    /// check the old leader's end, and (unless every participant is restarted for the next one) replace it.
+    /// Returns election → leader afterwards.
+    private mutating func failover(
+        rep: Int, from leaders: [String: Participant]
+    ) async throws -> [String: Participant] {
+        var counts: [String: Int] = [:]
+        for participant in leaders.values { counts[participant.name, default: 0] += 1 }
+        guard let leader = live.filter({ counts[$0.name] != nil }).max(by: { counts[$0.name]! < counts[$1.name]! })
+        else { throw BenchError("no live participant leads an election") }
+        let led = elections.filter { leaders[$0]?.name == leader.name }
         let candidates = live.filter { $0.name != leader.name }
         let leaderMark = leader.process.lines.count
+        let candidateMarks = candidates.map { $0.process.lines.count }
         let timeout = fault == .freeze ? settings.lease.duration + .seconds(30) : .seconds(30)
 
         // A server-side end: the leader's backend, found first (untimed). The timed call includes the admin session's
@@ -180,54 +205,63 @@ struct Phase {
             guard ended.first?.first == "t" else { throw BenchError("pg_terminate_backend(\(backend)) failed") }
         }
         if fault == .crash { killedAt[leader.name] = signalled }
-        let (successor, taken) = try await firstNowLeader(among: candidates, timeout: timeout)
-        let latency = taken.at - signalled
-        result.latencies.append(latency)
+        let takeovers = try await withThrowingTaskGroup(of: (String, Participant, Event).self) { group in
+            for election in led {
+                group.addTask {
+                    let (successor, taken) = try await firstNowLeader(
+                        in: election, among: candidates, from: candidateMarks, timeout: timeout)
+                    return (election, successor, taken)
+                }
+            }
+            var found: [(election: String, successor: Participant, taken: Event)] = []
+            for try await takeover in group { found.append(takeover) }
+            return found.sorted { $0.election < $1.election }
+        }
+        result.latencies += takeovers.map { $0.taken.at - signalled }
 
-        var note = ""
         switch fault {
         case .graceful:
             let status = try await leader.process.waitForExit(timeout: .seconds(30))
             if status != 0 {
                 result.problems.append("rep \(rep): \(leader.name) exited \(status) after SIGTERM, not 0")
             }
-            note = endNote(of: leader, from: leaderMark, successor: successor, taken: taken)
         case .crash:
             let status = try await leader.process.waitForExit(timeout: .seconds(30))
             if status != 128 + SIGKILL {
                 result.problems.append("rep \(rep): \(leader.name) exited \(status) after SIGKILL")
             }
-        case .serverKill:
+        case .serverKill, .freeze:
+            if fault == .freeze { leader.process.signal(SIGCONT) }
             // The old leader lives on: its demotion (connection lost, with ended_at) must precede the successor.
-            _ = try await leader.process.waitForLine(from: leaderMark, timeout: .seconds(30)) {
-                Event($0.text).map { $0.isDemotion && $0.endedAt != nil } ?? false
+            for election in led {
+                _ = try await leader.process.waitForLine(from: leaderMark, timeout: .seconds(30)) {
+                    Event($0.text).map { $0.isDemotion && $0.endedAt != nil && $0.election == election } ?? false
+                }
             }
-            note = endNote(of: leader, from: leaderMark, successor: successor, taken: taken)
             leader.process.signal(SIGTERM)
             let status = try await leader.process.waitForExit(timeout: .seconds(30))
             if system == .stoker && status != 0 {
-                result.problems.append("rep \(rep): \(leader.name) exited \(status) after SIGTERM, not 0")
-            }
-        case .freeze:
-            leader.process.signal(SIGCONT)
-            _ = try await leader.process.waitForLine(from: leaderMark, timeout: .seconds(30)) {
-                Event($0.text).map { $0.isDemotion && $0.endedAt != nil } ?? false
-            }
-            note = endNote(of: leader, from: leaderMark, successor: successor, taken: taken)
-            leader.process.signal(SIGTERM)
-            let status = try await leader.process.waitForExit(timeout: .seconds(30))
-            if system == .stoker && status != 0 {
-                result.problems.append("rep \(rep): the resumed \(leader.name) exited \(status) after SIGTERM, not 0")
+                let which = fault == .freeze ? "the resumed " : ""
+                result.problems.append("rep \(rep): \(which)\(leader.name) exited \(status) after SIGTERM, not 0")
             }
         }
-        progress(
-            "\(label) rep \(rep)/\(settings.reps): \(leader.name) → \(successor.name) in "
-                + "\(formatMilliseconds(latency))\(note)")
+        let notes = takeovers.map { takeover in
+            let note = fault == .crash ? "" : endNote(of: leader, in: takeover.election, from: leaderMark, takeover)
+            let latency = formatMilliseconds(takeover.taken.at - signalled)
+            guard led.count > 1 else { return "\(takeover.successor.name) in \(latency)\(note)" }
+            return "\(takeover.election): \(takeover.successor.name) in \(latency)"
+                + (note.isEmpty ? "" : " (\(note.dropFirst(2)))")
+        }
+        progress("\(label) rep \(rep)/\(settings.reps): \(leader.name) → " + notes.joined(separator: ", "))
 
+        var next = leaders
+        for takeover in takeovers { next[takeover.election] = takeover.successor }
         live.removeAll { $0.name == leader.name }
-        live.append(try await startParticipant())
-        try await settle(leader: successor)
-        return successor
+        if !settings.fresh {
+            live.append(try await startParticipant())
+            try await settle(leaders: next)
+        }
+        return next
     }
 
     /// The server process of `participant`'s session.
@@ -240,154 +274,55 @@ struct Phase {
         return pid
     }
 
-    /// The old leader's `ended_at` against the successor's `at`, said loudly when they overlap.
-    private func endNote(of leader: Participant, from mark: Int, successor: Participant, taken: Event) -> String {
+    /// The old leader's `ended_at` in `election` against the successor's `at`, said loudly when they overlap.
+    private func endNote(
+        of leader: Participant, in election: String, from mark: Int,
+        _ takeover: (election: String, successor: Participant, taken: Event)
+    ) -> String {
         let end = leader.process.lines.dropFirst(mark).lazy.compactMap { Event($0.text) }.first {
-            $0.isDemotion && $0.endedAt != nil
+            $0.isDemotion && $0.endedAt != nil && $0.election == election
         }
         guard let endedAt = end?.endedAt else { return "; \(leader.name) printed no ended_at" }
-        let gap = taken.at - endedAt
+        let gap = takeover.taken.at - endedAt
         if gap < 0 && result.overlapsChecked {
             progress(
-                "OVERLAP: \(leader.name) ended its leadership at \(endedAt), "
-                    + "\(formatMilliseconds(-gap)) after \(successor.name) took over at \(taken.at)")
+                "OVERLAP: \(leader.name) ended its leadership of \(election) at \(endedAt), "
+                    + "\(formatMilliseconds(-gap)) after \(takeover.successor.name) took over at \(takeover.taken.at)")
         }
         return "; handover gap \(formatMilliseconds(gap))"
     }
 
-    /// The first `now_leader` printed by any of `candidates` from now on.
-    private func firstNowLeader(
-        among candidates: [Participant], timeout: Duration
-    ) async throws -> (participant: Participant, event: Event) {
-        let marks = candidates.map { $0.process.lines.count }
-        return try await withThrowingTaskGroup(of: (Participant, Event).self) { group in
-            for (participant, mark) in zip(candidates, marks) {
-                group.addTask {
-                    let line = try await participant.process.waitForLine(from: mark, timeout: timeout) {
-                        Event($0.text)?.isNowLeader == true
-                    }
-                    guard let event = Event(line.text) else { throw BenchError("unparsable line: \(line.text)") }
-                    return (participant, event)
-                }
+    /// Waits until every live participant has joined (seen from the database), 300 ms more, and checks that in
+    /// every election the expected leader — and only it — leads.
+    private func settle(leaders expected: [String: Participant]) async throws {
+        try await waitUntilJoined(live, timeout: .seconds(30)) {
+            switch system {
+            case .stoker:
+                return try await joinedStokerNodes(database, cluster: cluster, pids: live.map(\.process.pid))
+            case .floor:
+                let names = live.map { "'floor-\($0.process.pid)'" }.joined(separator: ",")
+                let rows = try await database.admin(
+                    "SELECT count(*) FROM pg_stat_activity WHERE application_name IN (\(names))")
+                return rows.first?.first.flatMap { $0.flatMap { Int($0) } } ?? 0
             }
-            var failures: [String] = []
-            while let next = await group.nextResult() {
-                switch next {
-                case .success(let found):
-                    group.cancelAll()
-                    return found
-                case .failure(let error):
-                    failures.append("\(error)")
-                }
-            }
-            throw BenchError("no participant became leader:\n" + failures.joined(separator: "\n"))
-        }
-    }
-
-    /// Waits until every live participant has joined (seen from the database), 300 ms more, and checks that
-    /// `leader` — and only it — leads.
-    private func settle(leader: Participant) async throws {
-        let query: String
-        switch system {
-        case .stoker:
-            let pids = live.map { String($0.process.pid) }.joined(separator: ",")
-            query = """
-                SELECT count(*) FROM stoker.nodes n JOIN stoker.clusters c ON c.id = n.cluster_id
-                 WHERE c.name = '\(cluster)' AND n.pid = ANY('{\(pids)}'::int[])
-                """
-        case .floor:
-            let names = live.map { "'floor-\($0.process.pid)'" }.joined(separator: ",")
-            query = "SELECT count(*) FROM pg_stat_activity WHERE application_name IN (\(names))"
-        }
-        let deadline = ContinuousClock.now.advanced(by: .seconds(30))
-        while true {
-            let joined = try await database.admin(query).first?.first.flatMap { $0.flatMap { Int($0) } } ?? 0
-            if joined == live.count { break }
-            if let gone = live.first(where: { $0.process.exitStatus != nil }) {
-                throw BenchError(
-                    "\(gone.name) exited with status \(gone.process.exitStatus ?? -1) while joining; stderr:\n"
-                        + gone.process.standardError)
-            }
-            guard ContinuousClock.now < deadline else {
-                throw BenchError("only \(joined) of \(live.count) participants joined within 30 s")
-            }
-            try await Task.sleep(for: .milliseconds(20))
         }
         try await Task.sleep(for: .milliseconds(300))
-        let leading = live.filter(\.isLeading).map(\.name)
-        guard leading == [leader.name] else {
-            throw BenchError("expected exactly \(leader.name) to lead after settling; leading: \(leading)")
-        }
-    }
-
-    /// SIGTERM to every live participant (resuming a frozen one first); each must exit 0. Then everything is reaped.
-    private mutating func stopAll() async {
-        for participant in live {
-            participant.process.signal(SIGCONT)
-            participant.process.signal(SIGTERM)
-        }
-        for participant in live {
-            do {
-                let status = try await participant.process.waitForExit(timeout: .seconds(30))
-                if status != 0 {
-                    result.problems.append(
-                        "\(participant.name) exited \(status) after the final SIGTERM; stderr:\n"
-                            + String(participant.process.standardError.suffix(1_000)))
-                }
-            } catch {
-                result.problems.append("\(participant.name) did not stop: \(error)")
+        let leading = leadersByElection(live, elections: elections)
+        for election in elections {
+            guard let expected = expected[election]?.name, leading[election] == [expected] else {
+                let expectation = expected[election].map { "exactly \($0.name)" } ?? "one participant"
+                throw BenchError(
+                    "expected \(expectation) to lead \(election) after settling; leading: \(leading[election] ?? [])")
             }
         }
-        for participant in everyone { await participant.process.close() }
-        live = []
     }
 
-    /// Over every line of the phase: leaderships [now_leader.at, ended_at] never overlap, terms increase.
+    /// Over every line of the phase: per election, leaderships [now_leader.at, ended_at] never overlap, terms
+    /// increase.
     private mutating func checkHistory() {
-        struct Leadership {
-            let name: String
-            let start: Double
-            let end: Double
-            let term: Int?
-        }
-        var leaderships: [Leadership] = []
-        for participant in everyone {
-            var open: Event?
-            for event in participant.events {
-                if event.isNowLeader {
-                    if open != nil { result.problems.append("\(participant.name) printed now_leader twice in a row") }
-                    open = event
-                } else if event.isDemotion, let start = open {
-                    if event.endedAt == nil {
-                        result.problems.append("\(participant.name): a demotion without ended_at: \(event.event)")
-                    }
-                    leaderships.append(
-                        Leadership(
-                            name: participant.name, start: start.at, end: event.endedAt ?? event.at, term: start.term))
-                    open = nil
-                }
-            }
-            if let start = open {
-                let end = killedAt[participant.name]
-                if end == nil { result.problems.append("\(participant.name)'s last leadership never ended") }
-                leaderships.append(
-                    Leadership(
-                        name: participant.name, start: start.at, end: end ?? .infinity, term: start.term))
-            }
-        }
-        leaderships.sort { $0.start < $1.start }
-        for (earlier, later) in zip(leaderships, leaderships.dropFirst()) {
-            if earlier.end > later.start && result.overlapsChecked {
-                result.overlaps.append(
-                    "\(earlier.name) (term \(earlier.term.map(String.init) ?? "?")) led until \(earlier.end), "
-                        + "\(formatMilliseconds(earlier.end - later.start)) after \(later.name) (term "
-                        + "\(later.term.map(String.init) ?? "?")) began at \(later.start)")
-            }
-            if let first = earlier.term, let second = later.term, second <= first {
-                result.problems.append(
-                    "term did not increase: \(earlier.name) term \(first), then \(later.name) term \(second)")
-            }
-        }
+        let findings = checkLeaderships(everyone, killedAt: killedAt)
+        if result.overlapsChecked { result.overlaps = findings.overlaps }
+        result.problems += findings.problems
         for overlap in result.overlaps { progress("OVERLAP (\(label)): \(overlap)") }
     }
 }

@@ -67,7 +67,7 @@ struct Report {
     private func target(_ fault: Fault) -> (text: String, met: Bool?, misses: [String]) {
         let stoker = summary(.stoker, fault)
         let overlaps = result(.stoker, fault)?.overlaps.count ?? 0
-        let complete = result(.stoker, fault).map { $0.latencies.count == settings.reps } ?? false
+        let complete = result(.stoker, fault).map { $0.repetitions == settings.reps } ?? false
         var bounds: [(name: String, value: Double, limit: Double)] = []
         let text: String
         switch fault {
@@ -99,9 +99,23 @@ struct Report {
         out.append("- date: \(ISO8601DateFormatter().string(from: Date()))")
         out.append("- machine: \(machine.uname), \(machine.processors) CPUs, \(machine.cpuModel)")
         out.append("- PostgreSQL \(postgresVersion): private cluster on this host (unix socket, fsync=off)")
-        out.append(
-            "- \(settings.nodes) participants per election, lease \(settings.lease.text), \(settings.reps) "
-                + "repetitions per fault and system")
+        if settings.elections == 1 {
+            out.append(
+                "- \(settings.nodes) participants per election, lease \(settings.lease.text), \(settings.reps) "
+                    + "repetitions per fault and system")
+        } else {
+            out.append(
+                "- \(settings.nodes) participants, each in the same \(settings.elections) elections, lease "
+                    + "\(settings.lease.text), \(settings.reps) repetitions per fault and system; one participant is "
+                    + "started first and leads every election before the others start; each repetition faults the "
+                    + "participant leading the most elections and times every election it led (one sample each): "
+                    + "the percentiles are over every election's samples")
+        }
+        if settings.fresh {
+            out.append(
+                "- fresh: every participant is started anew for each repetition (all stopped with SIGTERM, then one "
+                    + "started and leading, then the others, all joined), as after a deploy")
+        }
         out.append(
             "- Stoker: two sessions per node (main and witness); a successor whose predecessor did not hand over "
                 + "begins once the predecessor's witness is gone (no fixed guard)")
@@ -137,6 +151,16 @@ struct Report {
         }
         let problems = results.flatMap { result in
             result.problems.map { "\(result.fault.rawValue)/\(result.system.rawValue): \($0)" }
+        }
+        if settings.elections > 1 {
+            out.append("")
+            out.append(
+                "Samples: "
+                    + results.map {
+                        "\($0.fault.rawValue)/\($0.system.rawValue) \($0.latencies.count) from \($0.repetitions) "
+                            + "repetitions"
+                    }.joined(separator: "; ")
+                    + " (a repetition gives one sample per election the faulted participant led).")
         }
         if results.contains(where: { !$0.overlapsChecked }) {
             out.append("")

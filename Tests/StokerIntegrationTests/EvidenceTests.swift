@@ -39,20 +39,40 @@ struct EvidenceTests {
         entries.first { $0.kind == .nowLeader && $0.election == "e" && $0.at > instant && $0.node != node }
     }
 
+    /// Waits (bounded, fails loudly) until election "e" has a term above `term`; returns it.
+    private static func bumpedTerm(in database: TestDatabase, above term: Int) async throws -> Int {
+        for _ in 0..<3000 {
+            let rows = try await database.admin("SELECT term FROM stoker.elections WHERE name = 'e'")
+            if let value = rows.first?.first.flatMap({ $0 }).flatMap({ Int($0) }), value > term { return value }
+            try await Task.sleep(for: .milliseconds(10))
+        }
+        Issue.record("the term of e never rose above \(term)")
+        throw History.TimedOut(what: "a term bump")
+    }
+
     @Test("the server ends the leader's main session while its threads are held: the successor waits for its end")
     func serverKillWhileHeld() async throws {
         try await withTestDatabase { database in
             try await withThreeNodes(database) { history, all, leader in
                 // Held as a CPU-starved process would be: its session thread cannot read the FATAL, its watchdog
-                // cannot run. A second — far past any fixed guard a successor could have used instead of evidence, and
-                // long enough for this task to kill the session while the hold lasts, even on a busy host.
-                let hold = Duration.seconds(1)
+                // cannot run. Seconds — far past any fixed guard a successor could have used instead of evidence, and
+                // long enough for this task to look at the cluster while the hold lasts, even on a busy host.
+                let hold = Duration.seconds(3)
                 let holds = leader.node.sessionHolds
                 let frozen = ContinuousClock.now
                 leader.node.freezeThreads(for: hold)
                 try await eventually("the leader's session thread is held") { leader.node.sessionHolds > holds }
                 let killed = ContinuousClock.now
                 try await database.terminateSession(of: leader.node)
+                // A successor takes the lock and bumps the term at once (the fence refuses the old term from then on),
+                // but while the old leader is held nothing names it leader: not whereis, not a nowLeader.
+                let term = try await Self.bumpedTerm(in: database, above: 1)
+                let stillHeld = !history.entries.contains { $0.node == leader.name && $0.isDemotion }
+                if stillHeld {
+                    #expect(try await whereis("e", in: database) == nil, "whereis named a leader at term \(term)")
+                    #expect(Self.successor(history.entries, after: killed, other: leader.name) == nil)
+                }
+                #expect(ContinuousClock.now < frozen + hold, "the cluster was looked at during the hold")
                 try await history.wait("the old leader demoted, and another node leads") { entries in
                     entries.contains { $0.node == leader.name && $0.isDemotion && $0.at > killed }
                         && Self.successor(entries, after: killed, other: leader.name) != nil

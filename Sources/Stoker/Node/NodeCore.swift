@@ -887,7 +887,10 @@ final class NodeCore: Sendable {
         }
         context.serverInstance = instance
         context.nodeID = nodeID
-        for row in try connection.execute(statements.members, ["\(clusterID)"]).rows {
+        // Confirmed: the main session's half of the lease starts here, not at its first statement (a join on a busy
+        // server can take a while).
+        let members = try confirmed(context) { try connection.execute(statements.members, ["\(clusterID)"]).rows }
+        for row in members {
             context.members[try row.int(0)] = try row.string(1)
         }
         let member = ClusterMember(id: nodeID, name: configuration.nodeName)
