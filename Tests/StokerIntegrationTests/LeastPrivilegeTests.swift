@@ -88,14 +88,9 @@ struct LeastPrivilegeTests {
                 #expect(try leader.int(1) == nodeID)
                 #expect(try await node.query(statements.fence, ["billing", "importer", "1"]).singleRow().int(0) == 1)
 
-                // Graceful release, in one transaction.
-                let released = try await node.run { connection in
-                    try connection.transaction {
-                        try connection.execute(statements.clearLeader, [String(election), String(nodeID)])
-                        return try connection.execute(statements.unlockElection, [String(election)]).singleRow()
-                            .bool(0)
-                    }
-                }
+                // Graceful release, in one statement.
+                let released = try await node.query(statements.handOver, [String(election), String(nodeID)])
+                    .singleRow().bool(0)
                 #expect(released)
                 await expectFenceRefused(node, statements, term: 1)
                 #expect(try await node.query(statements.whereis, [String(cluster), "importer"]).rows.isEmpty)

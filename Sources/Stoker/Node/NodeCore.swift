@@ -856,6 +856,9 @@ final class NodeCore: Sendable {
         // A wait shorter than deadlock_timeout never runs the server's deadlock check (nor, with log_lock_waits,
         // logs a line).
         let deadlockTimeout = try connection.execute(ProtocolStatements.deadlockTimeoutQuery).singleRow().int(0)
+        // PL/pgSQL compiles a function, and plans its statements, at its first call in a session: 5-7 ms for the term
+        // bump's functions, measured. Paid here, not in the middle of a failover.
+        try connection.execute(statements.warmUp)
         context.longestWait = max(.milliseconds(1), .milliseconds(deadlockTimeout) * 0.8)
         let clusterID = context.clusterID
         let witness = context.witness
@@ -1420,15 +1423,12 @@ final class NodeCore: Sendable {
         }
     }
 
-    /// Clears the leader (if it is this node) and unlocks, in one transaction: its COMMIT sends `released`.
+    /// Clears the leader (if it is this node) and unlocks, in one statement (`hand_over`): its commit sends `released`.
     private func release(election id: Int, _ context: SessionContext) throws {
         guard let statements = context.statements else { return }
         let connection = context.connection
         let unlocked = try confirmed(context) {
-            try connection.transaction {
-                try connection.execute(statements.clearLeader, ["\(id)", "\(context.nodeID)"])
-                return try connection.execute(statements.unlockElection, ["\(id)"]).singleRow().bool(0)
-            }
+            try connection.execute(statements.handOver, ["\(id)", "\(context.nodeID)"]).singleRow().bool(0)
         }
         if !unlocked {
             logger.error(

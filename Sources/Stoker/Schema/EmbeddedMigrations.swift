@@ -444,6 +444,22 @@ BEGIN
 END
 $$;
 
+-- hand_over(namespace, election, node): a graceful release in one round trip — clears the election's leader if it is
+-- this node (that is the successor's evidence), then unlocks; returns whether the lock was held. A successor granted
+-- the lock by the unlock waits in take_term for this statement's commit (the row is locked first), so it sees the
+-- leader cleared.
+CREATE OR REPLACE FUNCTION hand_over(p_namespace integer, p_election integer, p_node integer) RETURNS boolean
+    LANGUAGE plpgsql
+    SET search_path FROM CURRENT
+AS $$
+BEGIN
+    UPDATE elections e
+       SET leader_node = NULL, leader_name = NULL, leader_since = NULL
+     WHERE e.id = p_election AND e.leader_node = p_node;
+    RETURN pg_advisory_unlock(p_namespace, -p_election);
+END
+$$;
+
 -- leader: a leadership began (leader_since set anew, leader_node not NULL) — not at the term bump, which may precede
 -- it while the new leader waits for evidence. released: a graceful hand-over (leader_node cleared).
 CREATE OR REPLACE FUNCTION notify_election_change() RETURNS trigger

@@ -123,6 +123,11 @@ enum SchemaManifest {
             name: "await_predecessor",
             securityDefiner: false
         ),
+        ExpectedFunction(
+            signature: "hand_over(p_namespace integer, p_election integer, p_node integer)",
+            name: "hand_over",
+            securityDefiner: false
+        ),
     ]
 
     struct ExpectedTrigger: Sendable {

@@ -98,6 +98,7 @@ public enum StokerSchema {
         GRANT EXECUTE ON FUNCTION \(schema).take_term(integer, integer, integer, text) TO \(role);
         GRANT EXECUTE ON FUNCTION \(schema).await_predecessor(integer, integer, integer, integer, bigint, integer, text)
             TO \(role);
+        GRANT EXECUTE ON FUNCTION \(schema).hand_over(integer, integer, integer) TO \(role);
         """
     }
 

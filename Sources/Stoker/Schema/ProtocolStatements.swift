@@ -66,11 +66,13 @@ struct ProtocolStatements: Sendable {
     let beginTerm: String
     /// `$1` node id → whether a later incarnation names it as the one it replaces (that node ended its leaderships).
     let acknowledged: String
-    /// `$1` election id, `$2` node id: clears the leader (→ `released` notification) — then ``unlockElection``,
-    /// both in one transaction.
-    let clearLeader: String
-    /// `$1` election id → whether the lock was held and is now released.
-    let unlockElection: String
+    /// Calls the term bump's functions for election 0 and node 0, which never exist (ids start at 1): no row is
+    /// touched, no lock is left held (`await_predecessor` takes and gives back lock 0 at once), and the session has
+    /// them compiled and planned before its first takeover.
+    let warmUp: String
+    /// `$1` election id, `$2` node id: the graceful release in one round trip — clears the leader if it is this node
+    /// (→ `released`), then unlocks → whether the lock was held (`hand_over`, migration 003).
+    let handOver: String
     /// `$1` cluster id → `id`, `name` of every member whose node lock is gone (rows deleted; `node_down` sent).
     let sweep: String
     /// `$1` cluster id, `$2` election name → `term`, node `id`, node `name` of the node whose main session holds the
@@ -144,11 +146,11 @@ struct ProtocolStatements: Sendable {
         awaitPredecessor = "SELECT \(s).await_predecessor(\(ns), $1, $2, $3, $4, $5, $6)"
         beginTerm = "SELECT \(s).begin_term($1, $2, $3, $4)"
         acknowledged = "SELECT EXISTS (SELECT FROM \(s).nodes WHERE replaces = $1)"
-        clearLeader = """
-            UPDATE \(s).elections SET leader_node = NULL, leader_name = NULL, leader_since = NULL
-             WHERE id = $1 AND leader_node = $2
+        warmUp = """
+            SELECT (SELECT count(*) FROM \(s).take_term(\(ns), 0, 0, '')), \(s).begin_term(0, 0, 0, ''),
+                   \(s).await_predecessor(\(ns), 0, 1, 0, 0, 0, '')
             """
-        unlockElection = "SELECT pg_advisory_unlock(\(ns), -($1::int4))"
+        handOver = "SELECT \(s).hand_over(\(ns), $1, $2)"
         sweep = """
             DELETE FROM \(s).nodes n
              WHERE n.cluster_id = $1 AND NOT EXISTS (\(heldLock("n.id", nil)))
