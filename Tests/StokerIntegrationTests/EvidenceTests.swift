@@ -201,4 +201,33 @@ struct EvidenceTests {
             }
         }
     }
+
+    @Test("an election row last written on another server instance, naming no leader: the first leader waits a lease")
+    func releasedOnAnotherServer() async throws {
+        try await withTestDatabase { database in
+            let lease = Duration.seconds(2)
+            let history = History()
+            try await withNodes { nodes in
+                let first = nodes.add(
+                    try TestNode("a", database: database, elections: ["e"], history: history) { $0.lease = lease })
+                try await history.wait("a leads") { History.leaders($0, election: "e") == ["a"] }
+                try await first.stop()
+                // As after a failover to an asynchronous standby that lost the last leader: the row names nobody, and
+                // was written on another server, so nothing here tells whether someone still leads elsewhere.
+                _ = try await database.admin(
+                    "UPDATE stoker.elections SET written_on = 'another server' WHERE name = 'e' AND leader_node IS NULL"
+                )
+                let started = ContinuousClock.now
+                let second = nodes.add(
+                    try TestNode("b", database: database, elections: ["e"], history: history) { $0.lease = lease })
+                try await history.wait("b leads") { History.leaders($0, election: "e") == ["b"] }
+                let began = try #require(history.entries.first { $0.node == "b" && $0.kind == .nowLeader })
+                #expect(began.at - started >= lease, "began \(began.at - started) after its start, before a lease")
+                // It joined once and waited (a predecessor it cannot name is no error to reconnect over).
+                #expect(try await database.admin("SELECT count(*) FROM stoker.nodes WHERE name = 'b'") == [["1"]])
+                try await second.stop()
+                history.check(complete: true)
+            }
+        }
+    }
 }

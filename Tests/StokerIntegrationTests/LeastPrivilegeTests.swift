@@ -63,6 +63,8 @@ struct LeastPrivilegeTests {
                     }
                 }
                 #expect(try await node.query(statements.heartbeat, [String(nodeID)]).affectedRows == 1)
+                #expect(try await node.query(ProtocolStatements.deadlockTimeoutQuery).singleRow().int(0) > 0)
+                _ = try await node.query(statements.warmUp)
                 #expect(try await node.query(statements.members, [String(cluster)]).rows.count == 1)
 
                 let election = try await node.run {
@@ -95,6 +97,30 @@ struct LeastPrivilegeTests {
                 await expectFenceRefused(node, statements, term: 1)
                 #expect(try await node.query(statements.whereis, [String(cluster), "importer"]).rows.isEmpty)
 
+                // The follower's other ways in, each followed by a hand-over: the queue wait with the heartbeat and the
+                // bump in one statement, the batched try with the bump, the heartbeat with the try (then the bump).
+                let waited = try await node.query(
+                    statements.waitAndTake, [String(nodeID), String(election), "100", "node-a", "true"]
+                ).singleRow()
+                #expect(try waited.int(0) == 1)
+                #expect(try waited.bool(1))
+                #expect(try waited.int(2) == 2)
+                #expect(try waited.bool(3))
+                try await handOver(node, statements, election: election, node: nodeID)
+                let tried = try await node.query(statements.tryTake, ["{\(election)}", String(nodeID), "node-a"])
+                    .singleRow()
+                #expect(try tried.int(0) == election)
+                #expect(try tried.int(1) == 3)
+                #expect(try tried.bool(2))
+                try await handOver(node, statements, election: election, node: nodeID)
+                let beat = try await node.query(statements.heartbeatAndTry, [String(nodeID), "{\(election)}"])
+                    .singleRow()
+                #expect(try beat.int(0) == 1)
+                #expect(try beat.string(1) == "{\(election)}")
+                let bumped = try await node.query(statements.takeTerm, [String(election), String(nodeID), "node-a"])
+                #expect(try bumped.singleRow().int(0) == 4)
+                try await handOver(node, statements, election: election, node: nodeID)
+
                 // A second node dies without a goodbye; the sweep removes it and node_down is sent.
                 let otherPID = try await withSession(appConnection) { other in
                     try await other.run { connection in
@@ -118,16 +144,25 @@ struct LeastPrivilegeTests {
                 var events: [String] = []
                 for await notification in node.notifications {
                     events.append(Self.event(in: notification.payload))
-                    if events.count == 8 { break }
+                    if events.count == 14 { break }
                 }
                 // Own changes are delivered to the listener too, after each commit, in commit order: a leadership
-                // begins three times above (take_term, await_predecessor, begin_term), each a `leader`.
+                // begins three times above (take_term, await_predecessor, begin_term), each a `leader`, then three
+                // more times, each handed over.
                 #expect(
                     events == [
-                        "node_up", "leader", "leader", "leader", "released", "node_up", "node_down", "node_down",
+                        "node_up", "leader", "leader", "leader", "released", "leader", "released", "leader", "released",
+                        "leader", "released", "node_up", "node_down", "node_down",
                     ])
             }
         }
+    }
+
+    private func handOver(
+        _ session: PostgresSession, _ statements: ProtocolStatements, election: Int, node: Int
+    ) async throws {
+        let row = try await session.query(statements.handOver, [String(election), String(node)]).singleRow()
+        #expect(try row.bool(0), "the hand-over released a lock this session held")
     }
 
     /// Which grants the node's role holds.

@@ -68,8 +68,9 @@ final class NodeCore: Sendable {
     /// What a successor waits for before its leadership begins, when its predecessor did not hand over.
     struct AwaitedEvidence: Sendable {
         let term: Int64
-        /// The predecessor's node id (incarnation).
-        let predecessor: Int
+        /// The predecessor's node id (incarnation); nil when the election's row, last written on another server
+        /// instance, names none (an asynchronous standby may have lost the leader it had): then only the lease counts.
+        let predecessor: Int?
         /// The predecessor joined the server this session is on: its node lock, held by its witness, is the evidence
         /// (free once its process is gone or it has ended its leaderships and closed the witness). Otherwise (a
         /// restart or failover ended every session since, or its row is gone): its next incarnation's row naming it,
@@ -998,17 +999,10 @@ final class NodeCore: Sendable {
                 let renewed: Int
                 var won: [Int] = []
                 if let first = waitOn, !retrying {
-                    let row = try confirmed(context) {
-                        try connection.execute(
-                            statements.heartbeatAndWait,
-                            ["\(context.nodeID)", "\(first)", "\(queueWait(context).roundedUpMilliseconds)"]
-                        ).singleRow()
-                    }
-                    renewed = try row.int(0)
-                    if try row.bool(1) {
-                        won = [first]
-                        retryNow = true
-                    }
+                    let (rows, granted) = try waitAndTake(first, beat: true, &context)
+                    renewed = rows
+                    // Its holder is gone: whatever else it held is likely free too.
+                    if granted { retryNow = true }
                 } else if retrying {
                     let row = try confirmed(context) {
                         try connection.execute(statements.heartbeatAndTry, ["\(context.nodeID)", list]).singleRow()
@@ -1039,8 +1033,12 @@ final class NodeCore: Sendable {
                 // Told to (a release, a member gone or come, a new election), or the fallback's time.
                 if !retryNow { nextRetry = now + retryInterval }
                 retryNow = false
-                let won = try confirmed(context) { try connection.execute(statements.tryAcquire, [list]) }
-                for row in won.rows { try acquired(election: try row.int(0), &context) }
+                let won = try confirmed(context) {
+                    try connection.execute(statements.tryTake, [list, "\(context.nodeID)", configuration.nodeName])
+                }
+                for row in won.rows {
+                    try acquired(election: try row.int(0), taken: try TakenTerm(row, from: 1), &context)
+                }
                 if handle(connection.takeNotifications(), &context) { retryNow = true }
                 continue
             }
@@ -1053,16 +1051,8 @@ final class NodeCore: Sendable {
                 continue
             }
             if let first = waitOn {
-                let granted = try confirmed(context) {
-                    try connection.execute(
-                        statements.waitForElection, ["\(first)", "\(queueWait(context).roundedUpMilliseconds)"]
-                    ).singleRow().bool(0)
-                }
-                if granted {
-                    try acquired(election: first, &context)
-                    // Its holder is gone: whatever else it held is likely free too.
-                    retryNow = true
-                }
+                // Its holder is gone when granted: whatever else it held is likely free too.
+                if try waitAndTake(first, beat: false, &context).1 { retryNow = true }
                 if handle(connection.takeNotifications(), &context) { retryNow = true }
                 continue
             }
@@ -1120,6 +1110,26 @@ final class NodeCore: Sendable {
             values.append(value)
         }
         return values
+    }
+
+    /// One wait in the lock queue of election `id` (with the heartbeat, when `beat`), and its term bump in the same
+    /// statement when the lock is granted; returns the rows the heartbeat renewed, and whether the lock was granted.
+    private func waitAndTake(_ id: Int, beat: Bool, _ context: inout SessionContext) throws -> (Int, Bool) {
+        guard let statements = context.statements else { return (0, false) }
+        let connection = context.connection
+        let wait = queueWait(context)
+        let row = try confirmed(context) {
+            try connection.execute(
+                statements.waitAndTake,
+                [
+                    "\(context.nodeID)", "\(id)", "\(wait.roundedUpMilliseconds)", configuration.nodeName,
+                    beat ? "true" : "false",
+                ]
+            ).singleRow()
+        }
+        let granted = try row.bool(1)
+        if granted { try acquired(election: id, taken: try TakenTerm(row, from: 2), &context) }
+        return (try row.int(0), granted)
     }
 
     /// The witness session's side of the loop, never blocking: collects the answer to its heartbeat if it has
@@ -1187,7 +1197,7 @@ final class NodeCore: Sendable {
         let nodeID = context.nodeID
         let nodeName = configuration.nodeName
         var began: Bool?
-        if evidence.sameServer {
+        if evidence.sameServer, let predecessor = evidence.predecessor {
             guard let wait = queueWait(until: until) else {
                 try waitIdle(until: until, context)
                 return handle(connection.takeNotifications(), &context)
@@ -1196,17 +1206,17 @@ final class NodeCore: Sendable {
                 try connection.execute(
                     statements.awaitPredecessor,
                     [
-                        "\(evidence.predecessor)", "\(wait.roundedUpMilliseconds)", "\(id)", "\(evidence.term)",
+                        "\(predecessor)", "\(wait.roundedUpMilliseconds)", "\(id)", "\(evidence.term)",
                         "\(nodeID)", nodeName,
                     ]
                 ).singleRow().optionalBool(0)
             }
         } else {
             var acknowledged = false
-            if context.checkAcknowledgement {
+            if context.checkAcknowledgement, let predecessor = evidence.predecessor {
                 context.checkAcknowledgement = false
                 acknowledged = try confirmed(context) {
-                    try connection.execute(statements.acknowledged, ["\(evidence.predecessor)"]).singleRow().bool(0)
+                    try connection.execute(statements.acknowledged, ["\(predecessor)"]).singleRow().bool(0)
                 }
             }
             if acknowledged || ContinuousClock.now >= evidence.leaseRunOut {
@@ -1275,7 +1285,26 @@ final class NodeCore: Sendable {
     }
 
     /// The try-lock returned `election`: this session holds its lock now.
-    private func acquired(election id: Int, _ context: inout SessionContext) throws {
+    /// What a term bump (`take_term`) answered, read from its five columns starting at `column`.
+    private struct TakenTerm {
+        let term: Int64
+        let began: Bool
+        let predecessor: Int?
+        let sameServer: Bool
+        let leaseMilliseconds: Int?
+
+        init(_ row: QueryResult.Row, from column: Int) throws(StokerError) {
+            term = Int64(try row.int(column))
+            began = try row.bool(column + 1)
+            predecessor = row.isNull(column + 2) ? nil : try row.int(column + 2)
+            sameServer = try row.optionalBool(column + 3) ?? false
+            leaseMilliseconds = row.isNull(column + 4) ? nil : try row.int(column + 4)
+        }
+    }
+
+    /// This session holds the lock of election `id` now — and, when `taken` is given, the same statement already
+    /// bumped its term; otherwise the bump runs here.
+    private func acquired(election id: Int, taken: TakenTerm? = nil, _ context: inout SessionContext) throws {
         guard let statements = context.statements else { return }
         let found = state.withLock { state -> (String, ElectionStateMachine.Action, ElectionMetrics)? in
             guard let name = state.slots.first(where: { $0.value.id == id })?.key, var slot = state.slots[name] else {
@@ -1292,21 +1321,28 @@ final class NodeCore: Sendable {
         }
         switch action {
         case .bumpTerm:
-            let bumped = try confirmed(context) {
-                try context.connection.execute(
-                    statements.takeTerm, ["\(id)", "\(context.nodeID)", configuration.nodeName]
-                ).singleRow()
+            let bumped: TakenTerm
+            if let taken {
+                bumped = taken
+            } else {
+                bumped = try confirmed(context) {
+                    try TakenTerm(
+                        try context.connection.execute(
+                            statements.takeTerm, ["\(id)", "\(context.nodeID)", configuration.nodeName]
+                        ).singleRow(), from: 0)
+                }
             }
-            let term = Int64(try bumped.int(0))
-            let began = try bumped.bool(1)
+            let term = bumped.term
+            let began = bumped.began
             // Without a hand-over or a free node lock of the predecessor, leadership waits for evidence that the
             // predecessor stopped acting: the term is bumped (the fence refuses it already), `isLeader` stays false.
             var evidence: AwaitedEvidence?
             if !began {
-                let predecessor = try bumped.int(2)
-                let lease = bumped.isNull(4) ? configuration.lease : .milliseconds(try bumped.int(4))
+                // The longest lease the predecessor (or, not knowing it, any member) may have had, and never less than
+                // this node's own.
+                let lease = max(configuration.lease, .milliseconds(bumped.leaseMilliseconds ?? 0))
                 evidence = AwaitedEvidence(
-                    term: term, predecessor: predecessor, sameServer: try bumped.optionalBool(3) ?? false,
+                    term: term, predecessor: bumped.predecessor, sameServer: bumped.sameServer,
                     leaseRunOut: .now + lease)
             }
             // A leadership that begins here: counted before the scope can be seen by anyone who might end it (so the
@@ -1358,7 +1394,7 @@ final class NodeCore: Sendable {
                         metadata: metadata.merging(
                             [
                                 "stoker.election": "\(name)", "stoker.term": "\(term)",
-                                "stoker.previous": "\(evidence.predecessor)",
+                                "stoker.previous": "\(evidence.predecessor.map(String.init) ?? "unknown")",
                                 "stoker.evidence":
                                     "\(evidence.sameServer ? "its witness session" : "its acknowledgement or lease")",
                             ], uniquingKeysWith: { $1 }))

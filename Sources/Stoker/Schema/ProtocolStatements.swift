@@ -47,13 +47,14 @@ struct ProtocolStatements: Sendable {
     /// `$1` election ids as an int4 array literal (`{3,7}`) → the ids whose lock this session just won.
     /// Never pass an id this session already holds: advisory locks stack.
     let tryAcquire: String
-    /// `$1` election id, `$2` milliseconds: waits that long at most in the lock's queue → whether this session holds
-    /// the lock now (`wait_for_lock`: a timeout is no error, and a grant in the instant of the timeout counts as
-    /// granted). Never pass an id this session already holds.
-    let waitForElection: String
-    /// The same wait with the heartbeat: `$1` node id, `$2` election id, `$3` milliseconds → rows renewed (0: the row
-    /// is gone), whether this session holds the lock now.
-    let heartbeatAndWait: String
+    /// The try-lock and the term bump in one round trip: `$1` election ids as an int4 array literal, `$2` node id, `$3`
+    /// node name → for each election whose lock this session just won: `id`, then ``takeTerm``'s columns. Never pass an
+    /// id this session already holds.
+    let tryTake: String
+    /// The lock-queue wait, the term bump when granted, and the heartbeat when `$5` is true, in one round trip: `$1`
+    /// node id, `$2` election id, `$3` milliseconds, `$4` node name → rows renewed, granted, then ``takeTerm``'s
+    /// columns (NULL unless granted). Never pass an id this session already holds.
+    let waitAndTake: String
     /// `$1` election id, `$2` node id, `$3` node name → the new `term`; `began` when leadership begins at once (the
     /// predecessor handed over, or its witness is gone); else the predecessor's node id, whether it joined this server
     /// (NULL: its row is gone) and its lease in milliseconds (`take_term`, migration 003).
@@ -138,10 +139,20 @@ struct ProtocolStatements: Sendable {
             SELECT term, began, previous_node, previous_same_server, previous_lease_ms
               FROM \(s).take_term(\(ns), $1, $2, $3)
             """
-        waitForElection = "SELECT \(s).wait_for_lock(\(ns), -($1::int4), $2::int4)"
-        heartbeatAndWait = """
-            WITH beat AS (UPDATE \(s).nodes SET heartbeat_at = now() WHERE id = $1 RETURNING 1)
-            SELECT (SELECT count(*) FROM beat)::int, \(s).wait_for_lock(\(ns), -($2::int4), $3::int4)
+        tryTake = """
+            WITH won AS MATERIALIZED (
+                SELECT id FROM unnest($1::int4[]) AS candidate (id) WHERE pg_try_advisory_lock(\(ns), -id)
+            )
+            SELECT won.id, t.term, t.began, t.previous_node, t.previous_same_server, t.previous_lease_ms
+              FROM won CROSS JOIN LATERAL \(s).take_term(\(ns), won.id, $2, $3) AS t
+            """
+        waitAndTake = """
+            WITH beat AS (UPDATE \(s).nodes SET heartbeat_at = now() WHERE id = $1 AND $5::boolean RETURNING 1),
+                 wait AS MATERIALIZED (SELECT \(s).wait_for_lock(\(ns), -($2::int4), $3::int4) AS granted)
+            SELECT (SELECT count(*) FROM beat)::int, wait.granted,
+                   t.term, t.began, t.previous_node, t.previous_same_server, t.previous_lease_ms
+              FROM wait CROSS JOIN LATERAL
+                   \(s).take_term(\(ns), CASE WHEN wait.granted THEN $2::int4 ELSE 0 END, $1, $4) AS t
             """
         awaitPredecessor = "SELECT \(s).await_predecessor(\(ns), $1, $2, $3, $4, $5, $6)"
         beginTerm = "SELECT \(s).begin_term($1, $2, $3, $4)"
