@@ -100,12 +100,13 @@ struct LeastPrivilegeTests {
                 // The follower's other ways in, each followed by a hand-over: the queue wait with the heartbeat and the
                 // bump in one statement, the batched try with the bump, the heartbeat with the try (then the bump).
                 let waited = try await node.query(
-                    statements.waitAndTake, [String(nodeID), String(election), "100", "node-a", "true"]
+                    statements.waitAndTake, [String(nodeID), String(election), "100", "node-a", "true", "{}"]
                 ).singleRow()
                 #expect(try waited.int(0) == 1)
-                #expect(try waited.bool(1))
-                #expect(try waited.int(2) == 2)
-                #expect(try waited.bool(3))
+                #expect(try waited.int(1) == election)
+                #expect(try waited.bool(2))
+                #expect(try waited.int(3) == 2)
+                #expect(try waited.bool(4))
                 try await handOver(node, statements, election: election, node: nodeID)
                 let tried = try await node.query(statements.tryTake, ["{\(election)}", String(nodeID), "node-a"])
                     .singleRow()

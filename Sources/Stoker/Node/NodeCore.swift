@@ -999,7 +999,7 @@ final class NodeCore: Sendable {
                 let renewed: Int
                 var won: [Int] = []
                 if let first = waitOn, !retrying {
-                    let (rows, granted) = try waitAndTake(first, beat: true, &context)
+                    let (rows, granted) = try waitAndTake(first, others: others, beat: true, &context)
                     renewed = rows
                     // Its holder is gone: whatever else it held is likely free too.
                     if granted { retryNow = true }
@@ -1052,7 +1052,7 @@ final class NodeCore: Sendable {
             }
             if let first = waitOn {
                 // Its holder is gone when granted: whatever else it held is likely free too.
-                if try waitAndTake(first, beat: false, &context).1 { retryNow = true }
+                if try waitAndTake(first, others: others, beat: false, &context).1 { retryNow = true }
                 if handle(connection.takeNotifications(), &context) { retryNow = true }
                 continue
             }
@@ -1113,23 +1113,31 @@ final class NodeCore: Sendable {
     }
 
     /// One wait in the lock queue of election `id` (with the heartbeat, when `beat`), and its term bump in the same
-    /// statement when the lock is granted; returns the rows the heartbeat renewed, and whether the lock was granted.
-    private func waitAndTake(_ id: Int, beat: Bool, _ context: inout SessionContext) throws -> (Int, Bool) {
+    /// statement when the lock is granted — with a try and a bump of the `others` too, whose holder is likely gone as
+    /// well; returns the rows the heartbeat renewed, and whether the lock was granted.
+    private func waitAndTake(
+        _ id: Int, others: [Int], beat: Bool, _ context: inout SessionContext
+    ) throws -> (Int, Bool) {
         guard let statements = context.statements else { return (0, false) }
         let connection = context.connection
         let wait = queueWait(context)
-        let row = try confirmed(context) {
+        let rows = try confirmed(context) {
             try connection.execute(
                 statements.waitAndTake,
                 [
                     "\(context.nodeID)", "\(id)", "\(wait.roundedUpMilliseconds)", configuration.nodeName,
-                    beat ? "true" : "false",
+                    beat ? "true" : "false", "{" + others.map(String.init).joined(separator: ",") + "}",
                 ]
-            ).singleRow()
+            ).rows
         }
-        let granted = try row.bool(1)
-        if granted { try acquired(election: id, taken: try TakenTerm(row, from: 2), &context) }
-        return (try row.int(0), granted)
+        guard let first = rows.first else {
+            throw StokerError(.unexpectedResult, "The lock-queue wait returned no row.")
+        }
+        let granted = try first.bool(2)
+        for row in rows where try row.bool(2) {
+            try acquired(election: try row.int(1), taken: try TakenTerm(row, from: 3), &context)
+        }
+        return (try first.int(0), granted)
     }
 
     /// The witness session's side of the loop, never blocking: collects the answer to its heartbeat if it has

@@ -401,8 +401,11 @@ BEGIN
             v_began := true;
         ELSE
             SELECT n.server_instance = v_here INTO v_same FROM nodes n WHERE n.id = v_election.leader_node;
-            -- Never a lock this session holds (advisory locks stack): another node's lock is held by its witness.
-            IF v_same AND pg_try_advisory_lock(p_namespace, v_election.leader_node) THEN
+            -- Never a lock this session holds (advisory locks stack): another node's lock is held by its witness. A
+            -- short wait, not a try: after a crash the predecessor's witness backend sees its client gone in the same
+            -- instant as its main one, but may not have run yet; after a server-side kill the old leader may close
+            -- its witness within it.
+            IF v_same AND wait_for_lock(p_namespace, v_election.leader_node, 25) THEN
                 PERFORM pg_advisory_unlock(p_namespace, v_election.leader_node);
                 v_began := true;
             END IF;
@@ -420,6 +423,37 @@ BEGIN
     RETURN QUERY SELECT v_term, v_began, CASE WHEN v_began THEN NULL ELSE v_election.leader_node END,
                         CASE WHEN v_began THEN NULL ELSE coalesce(v_same, false) END,
                         CASE WHEN v_began THEN NULL ELSE v_lease END;
+END
+$$;
+
+-- wait_and_take(namespace, election, timeout_ms, node, name, others): a follower's wait in the election's lock queue
+-- (wait_for_lock), and when granted the term bump (take_term) in the same statement — and then, since the holder is
+-- likely gone from its other elections too, a try of `others` (election ids), each won one bumped as well. One row per
+-- election: the waited one first (granted false and the rest NULL when the wait timed out), then each other one won.
+-- Never pass an election whose lock this session holds.
+CREATE OR REPLACE FUNCTION wait_and_take(
+    p_namespace integer, p_election integer, p_timeout_ms integer, p_node integer, p_name text, p_others integer[])
+    RETURNS TABLE (election integer, granted boolean, term bigint, began boolean, previous_node integer,
+                   previous_same_server boolean, previous_lease_ms integer)
+    LANGUAGE plpgsql
+    SET search_path FROM CURRENT
+AS $$
+DECLARE
+    v_other integer;
+BEGIN
+    IF NOT wait_for_lock(p_namespace, -p_election, p_timeout_ms) THEN
+        RETURN QUERY SELECT p_election, false, NULL::bigint, NULL::boolean, NULL::integer, NULL::boolean, NULL::integer;
+        RETURN;
+    END IF;
+    RETURN QUERY SELECT p_election, true, t.term, t.began, t.previous_node, t.previous_same_server, t.previous_lease_ms
+                   FROM take_term(p_namespace, p_election, p_node, p_name) AS t;
+    FOREACH v_other IN ARRAY coalesce(p_others, '{}') LOOP
+        IF pg_try_advisory_lock(p_namespace, -v_other) THEN
+            RETURN QUERY SELECT v_other, true, t.term, t.began, t.previous_node, t.previous_same_server,
+                                t.previous_lease_ms
+                           FROM take_term(p_namespace, v_other, p_node, p_name) AS t;
+        END IF;
+    END LOOP;
 END
 $$;
 

@@ -124,6 +124,13 @@ enum SchemaManifest {
             securityDefiner: false
         ),
         ExpectedFunction(
+            signature:
+                "wait_and_take(p_namespace integer, p_election integer, p_timeout_ms integer, p_node integer, "
+                + "p_name text, p_others integer[])",
+            name: "wait_and_take",
+            securityDefiner: false
+        ),
+        ExpectedFunction(
             signature: "hand_over(p_namespace integer, p_election integer, p_node integer)",
             name: "hand_over",
             securityDefiner: false

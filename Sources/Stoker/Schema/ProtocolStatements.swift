@@ -51,9 +51,10 @@ struct ProtocolStatements: Sendable {
     /// node name → for each election whose lock this session just won: `id`, then ``takeTerm``'s columns. Never pass an
     /// id this session already holds.
     let tryTake: String
-    /// The lock-queue wait, the term bump when granted, and the heartbeat when `$5` is true, in one round trip: `$1`
-    /// node id, `$2` election id, `$3` milliseconds, `$4` node name → rows renewed, granted, then ``takeTerm``'s
-    /// columns (NULL unless granted). Never pass an id this session already holds.
+    /// The lock-queue wait, the term bump when granted (with a try and a bump of the other candidates `$6`, an int4
+    /// array literal), and the heartbeat when `$5` is true, in one round trip: `$1` node id, `$2` election id, `$3`
+    /// milliseconds, `$4` node name → a row per election (the waited one first): rows renewed, election id, granted,
+    /// then ``takeTerm``'s columns (NULL unless granted). Never pass an id this session already holds.
     let waitAndTake: String
     /// `$1` election id, `$2` node id, `$3` node name → the new `term`; `began` when leadership begins at once (the
     /// predecessor handed over, or its witness is gone); else the predecessor's node id, whether it joined this server
@@ -147,12 +148,10 @@ struct ProtocolStatements: Sendable {
               FROM won CROSS JOIN LATERAL \(s).take_term(\(ns), won.id, $2, $3) AS t
             """
         waitAndTake = """
-            WITH beat AS (UPDATE \(s).nodes SET heartbeat_at = now() WHERE id = $1 AND $5::boolean RETURNING 1),
-                 wait AS MATERIALIZED (SELECT \(s).wait_for_lock(\(ns), -($2::int4), $3::int4) AS granted)
-            SELECT (SELECT count(*) FROM beat)::int, wait.granted,
-                   t.term, t.began, t.previous_node, t.previous_same_server, t.previous_lease_ms
-              FROM wait CROSS JOIN LATERAL
-                   \(s).take_term(\(ns), CASE WHEN wait.granted THEN $2::int4 ELSE 0 END, $1, $4) AS t
+            WITH beat AS (UPDATE \(s).nodes SET heartbeat_at = now() WHERE id = $1 AND $5::boolean RETURNING 1)
+            SELECT (SELECT count(*) FROM beat)::int, w.election, w.granted,
+                   w.term, w.began, w.previous_node, w.previous_same_server, w.previous_lease_ms
+              FROM \(s).wait_and_take(\(ns), $2, $3, $1, $4, $6::int4[]) AS w
             """
         awaitPredecessor = "SELECT \(s).await_predecessor(\(ns), $1, $2, $3, $4, $5, $6)"
         beginTerm = "SELECT \(s).begin_term($1, $2, $3, $4)"
