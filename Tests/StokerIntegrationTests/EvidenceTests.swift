@@ -230,4 +230,27 @@ struct EvidenceTests {
             }
         }
     }
+
+    @Test("an election row written on another timeline: its leader's acknowledgement is not trusted, the lease is")
+    func otherTimelineWaitsForLease() async throws {
+        try await withTestDatabase { database in
+            let lease = Duration.seconds(3)
+            try await withThreeNodes(database, lease: lease) { history, all, leader in
+                // As after a failover to an asynchronous standby: the row says who led when it was written, on another
+                // timeline — someone may have led since, in writes the standby never got. Its named leader re-joining
+                // (its acknowledgement) proves nothing about that one.
+                _ = try await database.admin(
+                    "UPDATE stoker.elections SET written_on = '0/99/' || written_on WHERE name = 'e'")
+                let killed = ContinuousClock.now
+                try await database.terminateSession(of: leader.node)
+                try await history.wait("a new leadership") { entries in
+                    Self.successor(entries, after: killed, other: nil) != nil
+                }
+                let next = try #require(Self.successor(history.entries, after: killed, other: nil))
+                #expect(next.at - killed >= lease, "began \(next.at - killed) after the kill, before the lease")
+                for node in all { try await node.stop() }
+                history.check(complete: true)
+            }
+        }
+    }
 }

@@ -68,8 +68,8 @@ final class NodeCore: Sendable {
     /// What a successor waits for before its leadership begins, when its predecessor did not hand over.
     struct AwaitedEvidence: Sendable {
         let term: Int64
-        /// The predecessor's node id (incarnation); nil when the election's row, last written on another server
-        /// instance, names none (an asynchronous standby may have lost the leader it had): then only the lease counts.
+        /// The predecessor's node id (incarnation); nil when the election's row was last written on another timeline
+        /// (a failover to an asynchronous standby may have lost its last leader): then only the lease counts.
         let predecessor: Int?
         /// The predecessor joined the server this session is on: its node lock, held by its witness, is the evidence
         /// (free once its process is gone or it has ended its leaderships and closed the witness). Otherwise (a
@@ -1268,9 +1268,15 @@ final class NodeCore: Sendable {
 
     /// How long a follower's wait in an election's lock queue lasts: below the server's `deadlock_timeout` (a wait
     /// that long runs the deadlock check — which takes every lock-partition lock — and, with `log_lock_waits`, logs a
-    /// line) and half the statement timeout (which must never cut it).
+    /// line), half the statement timeout (which must never cut it), and a sixth of `lease − margin`.
     private func queueWait(_ context: SessionContext) -> Duration {
-        max(.milliseconds(1), min(context.longestWait, configuration.effectiveStatementTimeout / 2))
+        // And a sixth of `lease − margin`: the witness's heartbeat is sent and collected between statements, so two
+        // waits in a row must leave its half of the lease room (a third for its interval, a third for the waits).
+        max(
+            .milliseconds(1),
+            min(
+                context.longestWait, configuration.effectiveStatementTimeout / 2,
+                (configuration.lease - configuration.effectiveMargin) / 6))
     }
 
     /// Looks up the rows of elections registered since (or before) this session began; returns whether any was.

@@ -232,9 +232,10 @@ ALTER TABLE nodes ADD COLUMN IF NOT EXISTS replaces integer;
 ALTER TABLE nodes ADD COLUMN IF NOT EXISTS lease_ms integer;
 CREATE INDEX IF NOT EXISTS nodes_replaces_idx ON nodes (replaces) WHERE replaces IS NOT NULL;
 
--- written_on: the server instance on which the leader fields were last written (a leadership began). A failover to an
--- asynchronous standby can lose the last writes, so a row written on another instance proves nothing about who led
--- last. leader_lease_ms: the lease of the node that began the current (or last) leadership.
+-- written_on: the server instance on which the leader fields were last written (a leadership began). Its first two
+-- parts (system identifier, timeline) name the history it was written in: a restart or a crash recovery keeps what was
+-- committed (node sessions commit at least flushed locally), but a failover to an asynchronous standby can lose the
+-- last writes, so a row written on another timeline proves nothing about who led last. leader_lease_ms: the lease of the node that began the current (or last) leadership.
 ALTER TABLE elections ADD COLUMN IF NOT EXISTS written_on text;
 ALTER TABLE elections ADD COLUMN IF NOT EXISTS leader_lease_ms integer;
 
@@ -253,10 +254,11 @@ CREATE TABLE IF NOT EXISTS term_band (
     floor              bigint  NOT NULL
 );
 
--- server_instance(): which running server this session is on — the cluster's system identifier (shared by a primary
--- and its standbys), the postmaster's start time (new on every restart; a promoted standby's differs from the old
--- primary's) and the epoch token (new after crash recovery, which keeps the postmaster). A free node lock is evidence
--- only on the server the node joined: a restart, a crash recovery or a failover ends every session, the witness too.
+-- server_instance(): which running server this session is on, as system/timeline/start/token — the cluster's system
+-- identifier (shared by a primary and its standbys), the WAL timeline (new with every promotion), the postmaster's
+-- start time (new on every restart) and the epoch token (new after crash recovery, which keeps the postmaster). A free
+-- node lock is evidence only on the server the node joined: a restart, a crash recovery or a failover ends every
+-- session, the witness too.
 CREATE OR REPLACE FUNCTION server_instance() RETURNS text
     LANGUAGE plpgsql
     SECURITY DEFINER
@@ -271,6 +273,7 @@ BEGIN
         SELECT s.token INTO v_token FROM server_epoch s WHERE s.id = 1;
     END IF;
     RETURN (pg_control_system()).system_identifier::text || '/'
+        || ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::bigint::text || '/'
         || to_char(pg_postmaster_start_time() AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US') || '/' || v_token;
 END
 $$;
@@ -366,18 +369,21 @@ BEGIN
 END
 $$;
 
--- take_term(namespace, election, node, name): the term bump of a node that just took the election's lock. The new term
--- is above the last one and at least term_floor(). Leadership begins in the same transaction (began) when there is
--- evidence that the previous leader stopped acting:
+-- take_term(namespace, election, node, name, wait_ms): the term bump of a node that just took the election's lock.
+-- The new term is above the last one and at least term_floor(). Leadership begins in the same transaction (began) when
+-- there is evidence that the previous leader stopped acting:
 --   - it handed over (its release cleared leader_node), or
---   - it joined this very server and its node lock is free (its witness is gone: the process ended, or it ended its
---     leaderships and closed the witness) —
--- and the row's leader fields were written on this server (after a failover they may have lost the last leader).
--- Otherwise leader_node keeps naming the previous leader — a successor of this node that never began inherits the
--- same wait — and the caller waits for the evidence: await_predecessor() on the same server; else a row that replaces
--- the previous incarnation, or the lease run out (previous_lease_ms: the longest lease the previous leader or any
--- member may have). previous_same_server is NULL when the previous leader's row is gone.
-CREATE OR REPLACE FUNCTION take_term(p_namespace integer, p_election integer, p_node integer, p_name text)
+--   - it joined this very server and its node lock comes free within wait_ms (its witness is gone: the process ended,
+--     or it ended its leaderships and closed the witness; after a crash its witness backend may exit a moment after
+--     its main one).
+-- Otherwise leader_node keeps naming the previous leader — a successor of this node that never began inherits the same
+-- wait — and the caller waits for the evidence: await_predecessor() on the same server; after a restart or a crash
+-- recovery a row that replaces the previous incarnation (its acknowledgement), or the lease run out. When the row was
+-- written on another timeline (a failover, which may have lost the last leader) or before this migration, nobody it
+-- names can be trusted to be the last leader: previous_node is NULL and only the lease counts. previous_lease_ms: the
+-- longest lease the previous leader or any member may have.
+CREATE OR REPLACE FUNCTION take_term(
+    p_namespace integer, p_election integer, p_node integer, p_name text, p_wait_ms integer)
     RETURNS TABLE (term bigint, began boolean, previous_node integer, previous_same_server boolean,
                    previous_lease_ms integer)
     LANGUAGE plpgsql
@@ -386,7 +392,10 @@ AS $$
 DECLARE
     v_here     text := server_instance();
     v_election elections%ROWTYPE;
-    v_same     boolean;
+    v_durable  boolean;
+    v_previous integer;
+    v_same     boolean := false;
+    v_free     boolean := false;
     v_began    boolean := false;
     v_lease    integer;
     v_term     bigint;
@@ -396,18 +405,26 @@ BEGIN
         PERFORM set_config('synchronous_commit', 'local', true);
     END IF;
     SELECT * INTO v_election FROM elections e WHERE e.id = p_election FOR UPDATE;
-    IF v_election.term = 0 OR v_election.written_on = v_here THEN
-        IF v_election.leader_node IS NULL OR v_election.leader_node = p_node THEN
+    v_durable := v_election.term = 0
+        OR (split_part(v_election.written_on, '/', 1) = split_part(v_here, '/', 1)
+            AND split_part(v_election.written_on, '/', 2) = split_part(v_here, '/', 2));
+    IF coalesce(v_durable, false) THEN
+        v_previous := v_election.leader_node;
+        IF v_previous IS NULL OR v_previous = p_node THEN
             v_began := true;
         ELSE
-            SELECT n.server_instance = v_here INTO v_same FROM nodes n WHERE n.id = v_election.leader_node;
-            -- Never a lock this session holds (advisory locks stack): another node's lock is held by its witness. A
-            -- short wait, not a try: after a crash the predecessor's witness backend sees its client gone in the same
-            -- instant as its main one, but may not have run yet; after a server-side kill the old leader may close
-            -- its witness within it.
-            IF v_same AND wait_for_lock(p_namespace, v_election.leader_node, 25) THEN
-                PERFORM pg_advisory_unlock(p_namespace, v_election.leader_node);
-                v_began := true;
+            SELECT coalesce(n.server_instance = v_here, false) INTO v_same FROM nodes n WHERE n.id = v_previous;
+            -- Never a lock this session holds (advisory locks stack): another node's lock is held by its witness.
+            IF coalesce(v_same, false) THEN
+                IF p_wait_ms > 0 THEN
+                    v_free := wait_for_lock(p_namespace, v_previous, p_wait_ms);
+                ELSE
+                    v_free := pg_try_advisory_lock(p_namespace, v_previous);
+                END IF;
+                IF v_free THEN
+                    PERFORM pg_advisory_unlock(p_namespace, v_previous);
+                    v_began := true;
+                END IF;
             END IF;
         END IF;
     END IF;
@@ -420,7 +437,7 @@ BEGIN
     IF v_began THEN
         PERFORM begin_term(p_election, v_term, p_node, p_name);
     END IF;
-    RETURN QUERY SELECT v_term, v_began, CASE WHEN v_began THEN NULL ELSE v_election.leader_node END,
+    RETURN QUERY SELECT v_term, v_began, CASE WHEN v_began THEN NULL ELSE v_previous END,
                         CASE WHEN v_began THEN NULL ELSE coalesce(v_same, false) END,
                         CASE WHEN v_began THEN NULL ELSE v_lease END;
 END
@@ -446,12 +463,12 @@ BEGIN
         RETURN;
     END IF;
     RETURN QUERY SELECT p_election, true, t.term, t.began, t.previous_node, t.previous_same_server, t.previous_lease_ms
-                   FROM take_term(p_namespace, p_election, p_node, p_name) AS t;
+                   FROM take_term(p_namespace, p_election, p_node, p_name, 25) AS t;
     FOREACH v_other IN ARRAY coalesce(p_others, '{}') LOOP
         IF pg_try_advisory_lock(p_namespace, -v_other) THEN
             RETURN QUERY SELECT v_other, true, t.term, t.began, t.previous_node, t.previous_same_server,
                                 t.previous_lease_ms
-                           FROM take_term(p_namespace, v_other, p_node, p_name) AS t;
+                           FROM take_term(p_namespace, v_other, p_node, p_name, 0) AS t;
         END IF;
     END LOOP;
 END

@@ -112,7 +112,8 @@ enum SchemaManifest {
             securityDefiner: false
         ),
         ExpectedFunction(
-            signature: "take_term(p_namespace integer, p_election integer, p_node integer, p_name text)",
+            signature:
+                "take_term(p_namespace integer, p_election integer, p_node integer, p_name text, p_wait_ms integer)",
             name: "take_term",
             securityDefiner: false
         ),

@@ -95,7 +95,7 @@ public enum StokerSchema {
         GRANT EXECUTE ON FUNCTION \(schema).server_instance() TO \(role);
         GRANT EXECUTE ON FUNCTION \(schema).term_floor() TO \(role);
         GRANT EXECUTE ON FUNCTION \(schema).begin_term(integer, bigint, integer, text) TO \(role);
-        GRANT EXECUTE ON FUNCTION \(schema).take_term(integer, integer, integer, text) TO \(role);
+        GRANT EXECUTE ON FUNCTION \(schema).take_term(integer, integer, integer, text, integer) TO \(role);
         GRANT EXECUTE ON FUNCTION \(schema).await_predecessor(integer, integer, integer, integer, bigint, integer, text)
             TO \(role);
         GRANT EXECUTE ON FUNCTION \(schema).hand_over(integer, integer, integer) TO \(role);

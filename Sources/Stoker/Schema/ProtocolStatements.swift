@@ -57,8 +57,9 @@ struct ProtocolStatements: Sendable {
     /// then ``takeTerm``'s columns (NULL unless granted). Never pass an id this session already holds.
     let waitAndTake: String
     /// `$1` election id, `$2` node id, `$3` node name → the new `term`; `began` when leadership begins at once (the
-    /// predecessor handed over, or its witness is gone); else the predecessor's node id, whether it joined this server
-    /// (NULL: its row is gone) and its lease in milliseconds (`take_term`, migration 003).
+    /// predecessor handed over, or its witness is gone within 25 ms); else the predecessor's node id (NULL when the row
+    /// was written on another timeline: only the lease counts), whether it joined this server, and the longest lease it
+    /// or any member may have, in milliseconds (`take_term`, migration 003).
     let takeTerm: String
     /// `$1` predecessor's node id, `$2` milliseconds, `$3` election id, `$4` term, `$5` node id, `$6` node name → true
     /// when the predecessor's node lock was granted (its witness gone) and this node's leadership began, false while
@@ -138,14 +139,14 @@ struct ProtocolStatements: Sendable {
             """
         takeTerm = """
             SELECT term, began, previous_node, previous_same_server, previous_lease_ms
-              FROM \(s).take_term(\(ns), $1, $2, $3)
+              FROM \(s).take_term(\(ns), $1, $2, $3, 25)
             """
         tryTake = """
             WITH won AS MATERIALIZED (
                 SELECT id FROM unnest($1::int4[]) AS candidate (id) WHERE pg_try_advisory_lock(\(ns), -id)
             )
             SELECT won.id, t.term, t.began, t.previous_node, t.previous_same_server, t.previous_lease_ms
-              FROM won CROSS JOIN LATERAL \(s).take_term(\(ns), won.id, $2, $3) AS t
+              FROM won CROSS JOIN LATERAL \(s).take_term(\(ns), won.id, $2, $3, 0) AS t
             """
         waitAndTake = """
             WITH beat AS (UPDATE \(s).nodes SET heartbeat_at = now() WHERE id = $1 AND $5::boolean RETURNING 1)
@@ -157,7 +158,7 @@ struct ProtocolStatements: Sendable {
         beginTerm = "SELECT \(s).begin_term($1, $2, $3, $4)"
         acknowledged = "SELECT EXISTS (SELECT FROM \(s).nodes WHERE replaces = $1)"
         warmUp = """
-            SELECT (SELECT count(*) FROM \(s).take_term(\(ns), 0, 0, '')), \(s).begin_term(0, 0, 0, ''),
+            SELECT (SELECT count(*) FROM \(s).take_term(\(ns), 0, 0, '', 0)), \(s).begin_term(0, 0, 0, ''),
                    \(s).await_predecessor(\(ns), 0, 1, 0, 0, 0, '')
             """
         handOver = "SELECT \(s).hand_over(\(ns), $1, $2)"
