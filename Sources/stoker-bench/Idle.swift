@@ -467,18 +467,9 @@ struct IdleReport {
             out.append("### OVERLAPS (two leaders of one election at once)")
             out.append(contentsOf: measured.findings.overlaps.map { "- \($0)" })
         }
-        if !measured.findings.problems.isEmpty {
-            out.append("")
-            out.append("### Problems")
-            out.append(
-                contentsOf: measured.findings.problems.map { "- " + $0.replacingOccurrences(of: "\n", with: "\n  ") })
-        }
-        let targets = [transactionsMet, cpuMet]
-        out.append("")
         out.append(
-            "Result: \(passed ? "correct (no overlap, no problem)" : "**FAILED** (overlaps or problems above)"); "
-                + "targets met: \(targets.filter { $0 == true }.count) of \(targets.count)"
-                + (targets.contains(nil) ? " (n/a: not measured in full)" : ""))
+            contentsOf: resultFooter(
+                problems: measured.findings.problems, passed: passed, targets: [transactionsMet, cpuMet]))
         return out.joined(separator: "\n")
     }
 

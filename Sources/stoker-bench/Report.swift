@@ -173,17 +173,9 @@ struct Report {
             out.append("### OVERLAPS (two leaders at once)")
             out.append(contentsOf: overlaps.map { "- \($0)" })
         }
-        if !problems.isEmpty {
-            out.append("")
-            out.append("### Problems")
-            out.append(contentsOf: problems.map { "- " + $0.replacingOccurrences(of: "\n", with: "\n  ") })
-        }
-        let targets = settings.faults.map { target($0).met }
-        out.append("")
         out.append(
-            "Result: \(passed ? "correct (no overlap, no problem)" : "**FAILED** (overlaps or problems above)"); "
-                + "targets met: \(targets.filter { $0 == true }.count) of \(targets.count)"
-                + (targets.contains(nil) ? " (n/a: not measured in full)" : ""))
+            contentsOf: resultFooter(
+                problems: problems, passed: passed, targets: settings.faults.map { target($0).met }))
         return out.joined(separator: "\n")
     }
 
@@ -196,4 +188,21 @@ struct Report {
         guard let value, let base, base > 0 else { return "–" }
         return String(format: "%.2f×", value / base)
     }
+}
+
+/// The end of every report: its problems, if any, and one line with the verdict and how many targets were met (`nil`:
+/// a target not measured in full).
+func resultFooter(problems: [String], passed: Bool, targets: [Bool?]) -> [String] {
+    var out: [String] = []
+    if !problems.isEmpty {
+        out.append("")
+        out.append("### Problems")
+        out.append(contentsOf: problems.map { "- " + $0.replacingOccurrences(of: "\n", with: "\n  ") })
+    }
+    out.append("")
+    out.append(
+        "Result: \(passed ? "correct (no overlap, no problem)" : "**FAILED** (overlaps or problems above)"); "
+            + "targets met: \(targets.filter { $0 == true }.count) of \(targets.count)"
+            + (targets.contains(nil) ? " (n/a: not measured in full)" : ""))
+    return out
 }
