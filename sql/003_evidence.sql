@@ -47,22 +47,31 @@ CREATE TABLE IF NOT EXISTS term_band (
 -- start time (new on every restart) and the epoch token (new after crash recovery, which keeps the postmaster). A free
 -- node lock is evidence only on the server the node joined: a restart, a crash recovery or a failover ends every
 -- session, the witness too.
+-- A session never outlives its server instance (a restart, a crash recovery or a promotion ends it), so the answer is
+-- kept for the session in a setting of its own (one per Stoker schema).
 CREATE OR REPLACE FUNCTION server_instance() RETURNS text
     LANGUAGE plpgsql
     SECURITY DEFINER
     SET search_path FROM CURRENT
 AS $$
 DECLARE
+    v_key   text := 'stoker.instance_' || (SELECT n.oid FROM pg_namespace n WHERE n.nspname = current_schema())::text;
+    v_value text := current_setting(v_key, true);
     v_token text;
 BEGIN
+    IF v_value IS NOT NULL AND v_value <> '' THEN
+        RETURN v_value;
+    END IF;
     SELECT s.token INTO v_token FROM server_epoch s WHERE s.id = 1;
     IF NOT FOUND THEN
         INSERT INTO server_epoch (id, token) VALUES (1, gen_random_uuid()::text) ON CONFLICT (id) DO NOTHING;
         SELECT s.token INTO v_token FROM server_epoch s WHERE s.id = 1;
     END IF;
-    RETURN (pg_control_system()).system_identifier::text || '/'
+    v_value := (pg_control_system()).system_identifier::text || '/'
         || ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::bigint::text || '/'
         || to_char(pg_postmaster_start_time() AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US') || '/' || v_token;
+    PERFORM set_config(v_key, v_value, false);
+    RETURN v_value;
 END
 $$;
 
@@ -216,15 +225,21 @@ BEGIN
             END IF;
         END IF;
     END IF;
-    SELECT greatest(v_election.leader_lease_ms, max(n.lease_ms)) INTO v_lease
-      FROM nodes n WHERE n.cluster_id = v_election.cluster_id;
+    IF NOT v_began THEN
+        SELECT greatest(v_election.leader_lease_ms, max(n.lease_ms)) INTO v_lease
+          FROM nodes n WHERE n.cluster_id = v_election.cluster_id;
+    END IF;
+    -- The bump, and when the evidence is in, the begin (as begin_term does) in the same row update.
     UPDATE elections e
-       SET term = greatest(e.term + 1, term_floor())
+       SET term = greatest(e.term + 1, term_floor()),
+           leader_node = CASE WHEN v_began THEN p_node ELSE e.leader_node END,
+           leader_name = CASE WHEN v_began THEN p_name ELSE e.leader_name END,
+           leader_since = CASE WHEN v_began THEN now() ELSE e.leader_since END,
+           written_on = CASE WHEN v_began THEN v_here ELSE e.written_on END,
+           leader_lease_ms = CASE WHEN v_began THEN (SELECT n.lease_ms FROM nodes n WHERE n.id = p_node)
+                                  ELSE e.leader_lease_ms END
      WHERE e.id = p_election
     RETURNING e.term INTO v_term;
-    IF v_began THEN
-        PERFORM begin_term(p_election, v_term, p_node, p_name);
-    END IF;
     RETURN QUERY SELECT v_term, v_began, CASE WHEN v_began THEN NULL ELSE v_previous END,
                         CASE WHEN v_began THEN NULL ELSE coalesce(v_same, false) END,
                         CASE WHEN v_began THEN NULL ELSE v_lease END;
