@@ -757,6 +757,8 @@ final class NodeCore: Sendable {
         var serverInstance = ""
         /// An acknowledgement may have arrived (a member joined): check the awaited evidence again.
         var checkAcknowledgement = true
+        /// The election whose waiter token this session holds: it waits in that election's lock queue.
+        var waiterToken: Int?
         /// The election whose evidence was awaited last (several take turns).
         var lastAwaited: String?
         /// When the witness's outstanding heartbeat was sent (nil: none outstanding).
@@ -983,13 +985,22 @@ final class NodeCore: Sendable {
                 let holds = state.slots.values.contains { $0.releaseReady || $0.announcing || $0.machine.mayHoldLock }
                 return (candidates, holds)
             }
-            // A follower that leads nothing spends its time *in* the lock queue of its first candidate: the server
-            // grants the lock the instant the holder's session ends (a crash, the server ending it, a hand-over). Its
-            // notifications wait for each wait to end, which matters little to a node that leads nothing. A node that
-            // leads something keeps its session free for them, and retries on notifications (`released`, a member
-            // gone or come) and at `retryInterval`.
-            let waitOn = holdsElection || state.withLock({ $0.freeze != nil }) ? nil : candidates.first
-            let others = waitOn == nil ? candidates : Array(candidates.dropFirst())
+            // One follower per election — the one holding its waiter token, a follower that leads nothing — spends its
+            // time *in* the election's lock queue: the server grants the lock the instant the holder's session ends (a
+            // crash, the server ending it, a hand-over). Its notifications wait for each wait to end, which matters
+            // little to a node that leads nothing. Every other node keeps its session free for notifications, and
+            // retries on them (`released`, a member gone or come) and at `retryInterval`, when a follower also tries to
+            // become the waiter of an election that has none.
+            let mayWait = !holdsElection && state.withLock({ $0.freeze == nil })
+            if let token = context.waiterToken, !mayWait || !candidates.contains(token) {
+                let held = try confirmed(context) {
+                    try connection.execute(statements.releaseWaiter, ["\(token)"]).singleRow().bool(0)
+                }
+                if !held { logger.error("gave back a waiter token this session did not hold") }
+                context.waiterToken = nil
+            }
+            let waitOn = mayWait ? context.waiterToken : nil
+            let others = candidates.filter { $0 != waitOn }
             let list = "{" + others.map(String.init).joined(separator: ",") + "}"
             var now = ContinuousClock.now
             if now >= nextHeartbeat {
@@ -1004,11 +1015,15 @@ final class NodeCore: Sendable {
                     // Its holder is gone: whatever else it held is likely free too.
                     if granted { retryNow = true }
                 } else if retrying {
+                    let claim = mayWait && waitOn == nil
                     let row = try confirmed(context) {
-                        try connection.execute(statements.heartbeatAndTry, ["\(context.nodeID)", list]).singleRow()
+                        try connection.execute(
+                            statements.heartbeatAndTry, ["\(context.nodeID)", list, claim ? "true" : "false"]
+                        ).singleRow()
                     }
                     renewed = try row.int(0)
                     won = try Self.integers(inArrayLiteral: try row.string(1))
+                    if claim, !row.isNull(2) { context.waiterToken = try row.int(2) }
                     retryNow = false
                     nextRetry = max(nextRetry, sent) + retryInterval
                 } else {
@@ -1016,6 +1031,14 @@ final class NodeCore: Sendable {
                         try confirmed(context) {
                             try connection.execute(statements.heartbeat, ["\(context.nodeID)"])
                         }.affectedRows ?? 0
+                }
+                if !retrying, mayWait, waitOn == nil, !candidates.isEmpty {
+                    // No election to wait for yet: try to become the waiter of one that has none.
+                    let list = "{" + candidates.map(String.init).joined(separator: ",") + "}"
+                    let claimed = try confirmed(context) {
+                        try connection.execute(statements.claimWaiter, [list]).singleRow()
+                    }
+                    if !claimed.isNull(0) { context.waiterToken = try claimed.int(0) }
                 }
                 metrics.heartbeatRoundTrip.recordNanoseconds(sent.duration(to: .now).nanoseconds)
                 if renewed == 0 {
@@ -1038,6 +1061,13 @@ final class NodeCore: Sendable {
                 }
                 for row in won.rows {
                     try acquired(election: try row.int(0), taken: try TakenTerm(row, from: 1), &context)
+                }
+                if won.rows.isEmpty, mayWait, waitOn == nil {
+                    // Something changed (a new leader, a release, a member gone or come): an election may lack a waiter.
+                    let claimed = try confirmed(context) {
+                        try connection.execute(statements.claimWaiter, [list]).singleRow()
+                    }
+                    if !claimed.isNull(0) { context.waiterToken = try claimed.int(0) }
                 }
                 if handle(connection.takeNotifications(), &context) { retryNow = true }
                 continue
@@ -1134,6 +1164,8 @@ final class NodeCore: Sendable {
             throw StokerError(.unexpectedResult, "The lock-queue wait returned no row.")
         }
         let granted = try first.bool(2)
+        // Granted: the statement gave the waiter token back.
+        if granted, context.waiterToken == id { context.waiterToken = nil }
         for row in rows where try row.bool(2) {
             try acquired(election: try row.int(1), taken: try TakenTerm(row, from: 3), &context)
         }
@@ -1531,6 +1563,8 @@ final class NodeCore: Sendable {
                         slot.mailbox.yield(.leaderObserved(leaderName))
                     }
                 }
+                // A new leader may have been its election's waiter: another follower can take the role now.
+                retry = true
             case "released":
                 guard case .integer(let election)? = fields["election"] else { continue }
                 state.withLock { state in

@@ -458,8 +458,9 @@ BEGIN
 END
 $$;
 
--- wait_and_take(namespace, election, timeout_ms, node, name, others): a follower's wait in the election's lock queue
--- (wait_for_lock), and when granted the term bump (take_term) in the same statement — and then, since the holder is
+-- wait_and_take(namespace, election, timeout_ms, node, name, others): the election's waiter (this session holds its
+-- waiter token) waits in its lock queue (wait_for_lock), and when granted gives the token back and bumps the term
+-- (take_term) in the same statement — and then, since the holder is
 -- likely gone from its other elections too, a try of `others` (election ids), each won one bumped as well. One row per
 -- election: the waited one first (granted false and the rest NULL when the wait timed out), then each other one won.
 -- Never pass an election whose lock this session holds.
@@ -477,6 +478,9 @@ BEGIN
         RETURN QUERY SELECT p_election, false, NULL::bigint, NULL::boolean, NULL::integer, NULL::boolean, NULL::integer;
         RETURN;
     END IF;
+    -- This session waited as the election's waiter (claim_waiter): the token goes back before the commit announces the
+    -- new leadership, so the next follower can take it at once.
+    PERFORM pg_advisory_unlock(p_namespace, -1073741824 - p_election);
     RETURN QUERY SELECT p_election, true, t.term, t.began, t.previous_node, t.previous_same_server, t.previous_lease_ms
                    FROM take_term(p_namespace, p_election, p_node, p_name, 25) AS t;
     FOREACH v_other IN ARRAY coalesce(p_others, '{}') LOOP
@@ -506,6 +510,27 @@ BEGIN
     IF begin_term(p_election, p_term, p_node, p_name) THEN
         RETURN true;
     END IF;
+    RETURN NULL;
+END
+$$;
+
+-- claim_waiter(namespace, elections): one follower per election waits in its lock queue; the others stay free for
+-- notifications and poll rarely. Tries the waiter token of each election in order — advisory lock (namespace,
+-- −2^30 − election id), apart from node locks (+id) and election locks (−id) — and returns the first one this session
+-- took, or NULL. Never pass an election whose token this session holds.
+CREATE OR REPLACE FUNCTION claim_waiter(p_namespace integer, p_elections integer[]) RETURNS integer
+    LANGUAGE plpgsql
+    SET search_path FROM CURRENT
+AS $$
+DECLARE
+    v_election integer;
+BEGIN
+    FOREACH v_election IN ARRAY coalesce(p_elections, '{}') LOOP
+        CONTINUE WHEN v_election >= 1073741823;
+        IF pg_try_advisory_lock(p_namespace, -1073741824 - v_election) THEN
+            RETURN v_election;
+        END IF;
+    END LOOP;
     RETURN NULL;
 END
 $$;

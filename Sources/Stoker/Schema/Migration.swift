@@ -132,6 +132,11 @@ enum SchemaManifest {
             securityDefiner: false
         ),
         ExpectedFunction(
+            signature: "claim_waiter(p_namespace integer, p_elections integer[])",
+            name: "claim_waiter",
+            securityDefiner: false
+        ),
+        ExpectedFunction(
             signature: "hand_over(p_namespace integer, p_election integer, p_node integer)",
             name: "hand_over",
             securityDefiner: false

@@ -99,6 +99,7 @@ public enum StokerSchema {
         GRANT EXECUTE ON FUNCTION \(schema).await_predecessor(integer, integer, integer, integer, bigint, integer, text)
             TO \(role);
         GRANT EXECUTE ON FUNCTION \(schema).hand_over(integer, integer, integer) TO \(role);
+        GRANT EXECUTE ON FUNCTION \(schema).claim_waiter(integer, integer[]) TO \(role);
         GRANT EXECUTE ON FUNCTION \(schema).wait_and_take(integer, integer, integer, integer, text, integer[]) TO \(role);
         """
     }

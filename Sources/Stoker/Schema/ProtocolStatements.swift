@@ -33,8 +33,9 @@ struct ProtocolStatements: Sendable {
     /// The server's `deadlock_timeout` in milliseconds: a lock-queue wait stays below it.
     static let deadlockTimeoutQuery =
         "SELECT (extract(epoch FROM current_setting('deadlock_timeout')::interval) * 1000)::int"
-    /// `$1` node id, `$2` election ids as an int4 array literal: the heartbeat and the follower's retry in one
-    /// statement → rows renewed (0: the row is gone), the ids whose lock this session just won (an int4 array literal).
+    /// `$1` node id, `$2` election ids as an int4 array literal, `$3` whether to claim a waiter token: the heartbeat,
+    /// the follower's retry and the claim in one statement → rows renewed (0: the row is gone), the ids whose lock this
+    /// session just won (an int4 array literal), the election whose waiter token it took (or NULL).
     let heartbeatAndTry: String
     /// `$1` node id → whether the node lock was taken (session level: it outlives the transaction).
     let lockNode: String
@@ -56,6 +57,11 @@ struct ProtocolStatements: Sendable {
     /// milliseconds, `$4` node name → a row per election (the waited one first): rows renewed, election id, granted,
     /// then ``takeTerm``'s columns (NULL unless granted). Never pass an id this session already holds.
     let waitAndTake: String
+    /// `$1` election ids as an int4 array literal → the first whose waiter token this session just took, or NULL
+    /// (`claim_waiter`, migration 003). Never pass an election whose token this session holds.
+    let claimWaiter: String
+    /// `$1` election id: gives its waiter token back → whether this session held it.
+    let releaseWaiter: String
     /// `$1` election id, `$2` node id, `$3` node name → the new `term`; `began` when leadership begins at once (the
     /// predecessor handed over, or its witness is gone within 25 ms); else the predecessor's node id (NULL when the row
     /// was written on another timeline: only the lease counts), whether it joined this server, and the longest lease it
@@ -120,9 +126,12 @@ struct ProtocolStatements: Sendable {
         lockNode = "SELECT pg_try_advisory_lock(\(ns), $1::int4)"
         heartbeat = "UPDATE \(s).nodes SET heartbeat_at = now() WHERE id = $1"
         heartbeatAndTry = """
-            WITH beat AS (UPDATE \(s).nodes SET heartbeat_at = now() WHERE id = $1 RETURNING 1)
-            SELECT (SELECT count(*) FROM beat)::int,
-                   ARRAY(SELECT id FROM unnest($2::int4[]) AS candidate (id) WHERE pg_try_advisory_lock(\(ns), -id))::text
+            WITH beat AS (UPDATE \(s).nodes SET heartbeat_at = now() WHERE id = $1 RETURNING 1),
+                 won AS MATERIALIZED (
+                     SELECT id FROM unnest($2::int4[]) AS candidate (id) WHERE pg_try_advisory_lock(\(ns), -id)
+                 )
+            SELECT (SELECT count(*) FROM beat)::int, ARRAY(SELECT id FROM won)::text,
+                   CASE WHEN $3::boolean THEN \(s).claim_waiter(\(ns), $2::int4[]) END
             """
         members = "SELECT id, name, host, pid, draining FROM \(s).nodes WHERE cluster_id = $1 ORDER BY id"
         ensureElection = """
@@ -154,6 +163,8 @@ struct ProtocolStatements: Sendable {
                    w.term, w.began, w.previous_node, w.previous_same_server, w.previous_lease_ms
               FROM \(s).wait_and_take(\(ns), $2, $3, $1, $4, $6::int4[]) AS w
             """
+        claimWaiter = "SELECT \(s).claim_waiter(\(ns), $1::int4[])"
+        releaseWaiter = "SELECT pg_advisory_unlock(\(ns), -1073741824 - ($1::int4))"
         awaitPredecessor = "SELECT \(s).await_predecessor(\(ns), $1, $2, $3, $4, $5, $6)"
         beginTerm = "SELECT \(s).begin_term($1, $2, $3, $4)"
         acknowledged = "SELECT EXISTS (SELECT FROM \(s).nodes WHERE replaces = $1)"
