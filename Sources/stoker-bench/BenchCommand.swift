@@ -118,7 +118,7 @@ struct BenchDuration: ExpressibleByArgument, Sendable, CustomStringConvertible {
 enum Fault: String, CaseIterable, Sendable {
     case graceful, crash, freeze
     /// `pg_terminate_backend` of the leader's session: the server frees the lock and tells the leader in one instant
-    /// (the race the takeover guard is for). Not in the default set.
+    /// (the race the evidence rule is for: the successor waits for the old leader's witness). Not in the default set.
     case serverKill = "server-kill"
 
     /// The faults run when `--faults` is not given.

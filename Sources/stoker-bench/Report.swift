@@ -166,7 +166,7 @@ struct Report {
             out.append("")
             out.append(
                 "Overlaps are not checked for a frozen or server-killed floor holder: a bare lock has no lease and "
-                    + "no takeover guard, so it learns of its loss only after its successor may have started.")
+                    + "no witness, so it learns of its loss only after its successor may have started.")
         }
         if !overlaps.isEmpty {
             out.append("")

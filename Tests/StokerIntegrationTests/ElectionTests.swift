@@ -254,10 +254,18 @@ struct ElectionTests {
                             && entries.filter { $0.kind == .nowLeader }.count >= leadersBefore + elections.count
                             && elections.allSatisfy { History.leaders(entries, election: $0).count == 1 }
                     }
+                    // The tables agree with the callbacks once the cluster has settled (under load a lease can still run
+                    // out after the first new leadership, and another follow; each state is looked at whole, again).
                     for election in elections {
-                        #expect(try await lockHolders(election, in: database) == 1)
-                        let leaders = History.leaders(history.entries, election: election)
-                        #expect(try await whereis(election, in: database)?.member.name == leaders.first)
+                        var agreed = false
+                        for _ in 0..<3000 where !agreed {
+                            let holders = try await lockHolders(election, in: database)
+                            let named = try await whereis(election, in: database)?.member.name
+                            let leaders = History.leaders(history.entries, election: election)
+                            agreed = holders == 1 && leaders.count == 1 && named == leaders.first
+                            if !agreed { try await Task.sleep(for: .milliseconds(10)) }
+                        }
+                        #expect(agreed, "whereis and the lock never agreed with the callbacks for \(election)")
                     }
                     for node in all { try await node.stop() }
                     history.check(complete: true)
