@@ -155,7 +155,9 @@ struct MigrationTests {
                     .singleRow().int(0)
                     guard node == 1, election == 1 else { return false }
                     let nodeLock = try connection.execute(statements.lockNode, [String(node)]).singleRow().bool(0)
-                    let electionLocks = try connection.execute(statements.tryAcquire, ["{\(election)}"]).rows.count
+                    let electionLocks = try connection.execute(
+                        statements.tryTake, ["{\(election)}", String(node), "n"]
+                    ).rows.count
                     return nodeLock && electionLocks == 1
                 }
             }

@@ -753,8 +753,6 @@ final class NodeCore: Sendable {
         let lease: LeaseClock
         /// The incarnation this one follows, if any.
         let replaces: Int?
-        /// The server instance both sessions joined (`server_instance()`).
-        var serverInstance = ""
         /// An acknowledgement may have arrived (a member joined): check the awaited evidence again.
         var checkAcknowledgement = true
         /// The election whose waiter token this session holds: it waits in that election's lock queue.
@@ -891,7 +889,6 @@ final class NodeCore: Sendable {
                 .connectionLost,
                 "The node's two sessions reached different servers (\(mainInstance) and \(instance)); reconnecting.")
         }
-        context.serverInstance = instance
         context.nodeID = nodeID
         // Confirmed: the main session's half of the lease starts here, not at its first statement (a join on a busy
         // server can take a while).

@@ -45,9 +45,6 @@ struct ProtocolStatements: Sendable {
     let members: String
     /// `$1` cluster id, `$2` election name → `id` (inserted on first use). Use ``ensureElection(cluster:name:on:)``.
     let ensureElection: String
-    /// `$1` election ids as an int4 array literal (`{3,7}`) → the ids whose lock this session just won.
-    /// Never pass an id this session already holds: advisory locks stack.
-    let tryAcquire: String
     /// The try-lock and the term bump in one round trip: `$1` election ids as an int4 array literal, `$2` node id, `$3`
     /// node name → for each election whose lock this session just won: `id`, then ``takeTerm``'s columns. Never pass an
     /// id this session already holds.
@@ -110,6 +107,11 @@ struct ProtocolStatements: Sendable {
                        AND l.classid = \(ns)::oid AND l.objid = (\(key))::oid\(pid.map { " AND l.pid = \($0)" } ?? "")
             """
         }
+        // The follower's try of its candidates' locks (an int4 array literal in `parameter`) → the ids it just won.
+        // Never pass an id this session already holds: advisory locks stack.
+        let tryLocks = { (parameter: String) in
+            "SELECT id FROM unnest(\(parameter)::int4[]) AS candidate (id) WHERE pg_try_advisory_lock(\(ns), -id)"
+        }
         ensureCluster = """
             WITH inserted AS (
                 INSERT INTO \(s).clusters (name) VALUES ($1) ON CONFLICT (name) DO NOTHING RETURNING id
@@ -127,9 +129,7 @@ struct ProtocolStatements: Sendable {
         heartbeat = "UPDATE \(s).nodes SET heartbeat_at = now() WHERE id = $1"
         heartbeatAndTry = """
             WITH beat AS (UPDATE \(s).nodes SET heartbeat_at = now() WHERE id = $1 RETURNING 1),
-                 won AS MATERIALIZED (
-                     SELECT id FROM unnest($2::int4[]) AS candidate (id) WHERE pg_try_advisory_lock(\(ns), -id)
-                 )
+                 won AS MATERIALIZED (\(tryLocks("$2")))
             SELECT (SELECT count(*) FROM beat)::int, ARRAY(SELECT id FROM won)::text,
                    CASE WHEN $3::boolean THEN \(s).claim_waiter(\(ns), $2::int4[]) END
             """
@@ -142,18 +142,12 @@ struct ProtocolStatements: Sendable {
             SELECT id FROM inserted
             UNION ALL SELECT id FROM \(s).elections WHERE cluster_id = $1 AND name = $2 LIMIT 1
             """
-        tryAcquire = """
-            SELECT id FROM unnest($1::int4[]) AS candidate (id)
-             WHERE pg_try_advisory_lock(\(ns), -id)
-            """
         takeTerm = """
             SELECT term, began, previous_node, previous_same_server, previous_lease_ms
               FROM \(s).take_term(\(ns), $1, $2, $3, 25)
             """
         tryTake = """
-            WITH won AS MATERIALIZED (
-                SELECT id FROM unnest($1::int4[]) AS candidate (id) WHERE pg_try_advisory_lock(\(ns), -id)
-            )
+            WITH won AS MATERIALIZED (\(tryLocks("$1")))
             SELECT won.id, t.term, t.began, t.previous_node, t.previous_same_server, t.previous_lease_ms
               FROM won CROSS JOIN LATERAL \(s).take_term(\(ns), won.id, $2, $3, 0) AS t
             """
