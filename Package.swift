@@ -51,8 +51,8 @@ let package = Package(
             ],
             swiftSettings: strict
         ),
-        // Failover benchmark: drives `stoker node` processes and a bare-libpq floor (DESIGN.md §5, §8). Depending on
-        // the executable `stoker` makes `swift run stoker-bench` build it too; the bench runs it from next to itself.
+        // Failover benchmark: drives `stoker node` processes and a bare-libpq floor (BENCHMARKS.md). Depending on the
+        // executable `stoker` makes `swift run stoker-bench` build it too; the bench runs it from next to itself.
         .executableTarget(
             name: "stoker-bench",
             dependencies: [
@@ -63,10 +63,12 @@ let package = Package(
             ],
             swiftSettings: strict
         ),
-        // A throwaway PostgreSQL for tests (and later the CLI's demo): see DESIGN.md §7.
+        // A throwaway PostgreSQL for tests (and later the CLI's demo): a private cluster started by a detached
+        // supervisor that removes it even when the test process is killed. Stoker for its WakeSignal (SPI), which
+        // TestProxy stops its threads with.
         .target(
             name: "StokerTestSupport",
-            dependencies: ["CStokerLibPQ", "CStokerSystem"],
+            dependencies: ["CStokerLibPQ", "CStokerSystem", "Stoker"],
             swiftSettings: strict
         ),
         .testTarget(

@@ -2,8 +2,8 @@ import CStokerSystem
 import Glibc
 import Synchronization
 
-/// The current instant of `CLOCK_MONOTONIC`, in seconds: the clock of `stoker node`'s `at` and `ended_at`
-/// (DESIGN.md §8), shared by every process on the host. (Swift's `ContinuousClock` is `CLOCK_BOOTTIME` on Linux.)
+/// The current instant of `CLOCK_MONOTONIC`, in seconds: the clock of `stoker node`'s `at` and `ended_at`, shared
+/// by every process on the host. (Swift's `ContinuousClock` is `CLOCK_BOOTTIME` on Linux.)
 public func monotonicSeconds() -> Double {
     var now = timespec()
     clock_gettime(CLOCK_MONOTONIC, &now)

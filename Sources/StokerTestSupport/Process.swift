@@ -20,7 +20,8 @@ public struct ProcessResult: Sendable {
 }
 
 /// Runs `arguments` (`arguments[0]` a path, or a name looked up in `$PATH`) to completion and returns its exit
-/// status and output. `Foundation.Process` is not used (PITFALLS.md §4).
+/// status and output. `Foundation.Process` is not used: its `waitUntilExit()` and `readDataToEndOfFile()` can hang
+/// forever once a detached grandchild (a cluster's supervisor) inherits its pipes (swift-corelibs-foundation#4795).
 ///
 /// The child is started with posix_spawn: stdin on /dev/null, stdout and stderr into pipes, every other descriptor
 /// closed, an empty signal mask and default signal dispositions, and `environment` (`nil`: ours) as its whole

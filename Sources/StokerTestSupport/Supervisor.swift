@@ -2,7 +2,8 @@ import CStokerSystem
 import Glibc
 import Synchronization
 
-/// The detached shell that owns one private cluster from `initdb` to `rm -rf` (PITFALLS.md §4).
+/// The detached shell that owns one private cluster from `initdb` to `rm -rf`, so the cluster goes away even when the
+/// test process is killed (SIGKILL included) mid-run: the test process never runs `initdb` or `pg_ctl` itself.
 ///
 /// Arguments: `$1` test pid, `$2` root dir, `$3` TCP port, `$4` PostgreSQL bin dir, `$5` 1 for TLS,
 /// `$6` the user to run as via `runuser` (empty: run directly), `$7` the mode: `initdb` (a new cluster) or

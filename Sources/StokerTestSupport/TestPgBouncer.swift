@@ -1,6 +1,7 @@
 import Glibc
 
-/// The detached shell that owns one PgBouncer from start to `rm -rf`, like the cluster's supervisor (PITFALLS.md §4).
+/// The detached shell that owns one PgBouncer from start to `rm -rf`, like the cluster's supervisor
+/// (`supervisorScript`), so it goes away even when the test process is killed mid-run.
 ///
 /// Arguments: `$1` test pid, `$2` root dir (holding `pgbouncer.ini`), `$3` the pgbouncer binary, `$4` the user to run
 /// it as via `runuser` (empty: run directly; pgbouncer refuses to run as root). It starts pgbouncer as its own child,

@@ -373,10 +373,10 @@ public final class TestPostgres: Sendable {
 
     // MARK: - Faults
 
-    /// Restarts a private cluster like `pg_ctl restart -m immediate` (DESIGN.md §7): its supervisor stops the
-    /// postmaster in immediate mode — every session is cut off without a goodbye and nothing is checkpointed, as in a
-    /// crash — and starts it again on the same data directory, socket directory and port. Returns once the server
-    /// accepts connections again (waits asynchronously, up to 60 s).
+    /// Restarts a private cluster like `pg_ctl restart -m immediate`: its supervisor stops the postmaster in immediate
+    /// mode — every session is cut off without a goodbye and nothing is checkpointed, as in a crash — and starts it
+    /// again on the same data directory, socket directory and port. Returns once the server accepts connections
+    /// again (waits asynchronously, up to 60 s).
     ///
     /// This disrupts every test using the cluster, so a test that restarts should start its own with
     /// ``start(_:)`` rather than use ``shared()`` or ``controlled()`` (allowed, but their other users fail).

@@ -1,8 +1,9 @@
-import CStokerLibPQ  // for eventfd (sys/eventfd.h, which Glibc does not export)
 import Glibc
+// WakeSignal only (the proxy's stop signal); internal: not re-exported to the users of this module.
+@_spi(Testing) internal import Stoker
 import Synchronization
 
-/// A loopback TCP proxy in front of a server, for partition tests (DESIGN §7): ``partition()`` blackholes every
+/// A loopback TCP proxy in front of a server, for partition tests: ``partition()`` blackholes every
 /// connection open at that moment in both directions — nothing is forwarded, nothing is closed, as when a network
 /// path silently drops packets — while connections made afterwards work normally (the partitioned client can come
 /// back on a new path).
@@ -14,7 +15,8 @@ public final class TestProxy: Sendable {
     /// The loopback port clients connect to.
     public let port: Int
     private let listener: Int32
-    private let stopDescriptor: Int32
+    /// Signalled once, by ``stop()``: every thread polls it beside its sockets.
+    private let stopSignal: WakeSignal
     private let upstreamHost: String
     private let upstreamPort: Int
 
@@ -30,13 +32,15 @@ public final class TestProxy: Sendable {
     /// Starts a proxy to `host:port` (a TCP address: `127.0.0.1` for the private test clusters).
     public init(upstreamHost host: String, upstreamPort port: Int) throws {
         let (listener, listenerPort) = try loopbackSocket(listening: 16)
-        let stop = eventfd(0, Int32(EFD_CLOEXEC | EFD_NONBLOCK))
-        guard stop >= 0 else {
+        let stop: WakeSignal
+        do {
+            stop = try WakeSignal()
+        } catch {
             close(listener)
             throw TestPostgresError("proxy: eventfd failed")
         }
         self.listener = listener
-        self.stopDescriptor = stop
+        self.stopSignal = stop
         self.port = listenerPort
         self.upstreamHost = host == "localhost" ? "127.0.0.1" : host
         self.upstreamPort = port
@@ -59,8 +63,7 @@ public final class TestProxy: Sendable {
         state.withLock { state in
             guard !state.stopped else { return }
             state.stopped = true
-            var one: UInt64 = 1
-            _ = write(stopDescriptor, &one, MemoryLayout<UInt64>.size)
+            stopSignal.signal()
             shutdown(listener, Int32(SHUT_RDWR))
             for descriptor in state.descriptors { shutdown(descriptor, Int32(SHUT_RDWR)) }
         }
@@ -70,7 +73,7 @@ public final class TestProxy: Sendable {
         while true {
             var descriptors = [
                 pollfd(fd: listener, events: Int16(POLLIN), revents: 0),
-                pollfd(fd: stopDescriptor, events: Int16(POLLIN), revents: 0),
+                pollfd(fd: stopSignal.descriptor, events: Int16(POLLIN), revents: 0),
             ]
             _ = poll(&descriptors, 2, -1)
             if descriptors[1].revents != 0 || state.withLock({ $0.stopped }) { break }
@@ -126,13 +129,13 @@ public final class TestProxy: Sendable {
             var descriptors = [
                 pollfd(fd: client, events: Int16(POLLIN), revents: 0),
                 pollfd(fd: server, events: Int16(POLLIN), revents: 0),
-                pollfd(fd: stopDescriptor, events: Int16(POLLIN), revents: 0),
+                pollfd(fd: stopSignal.descriptor, events: Int16(POLLIN), revents: 0),
             ]
             _ = poll(&descriptors, 3, -1)
             if descriptors[2].revents != 0 { break }
             if state.withLock({ $0.partitioned.contains(id) }) {
                 // Blackholed: never read, forward or close again; wait for the proxy to stop.
-                var stop = pollfd(fd: stopDescriptor, events: Int16(POLLIN), revents: 0)
+                var stop = pollfd(fd: stopSignal.descriptor, events: Int16(POLLIN), revents: 0)
                 _ = poll(&stop, 1, -1)
                 break
             }

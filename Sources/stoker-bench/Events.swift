@@ -1,6 +1,6 @@
 import Foundation
 
-/// One line of `stoker node` (DESIGN.md §8) or of `floor-client`: a flat JSON object.
+/// One line of `stoker node` (its JSON-lines output, one callback a line) or of `floor-client`: a flat JSON object.
 struct Event: Sendable {
     /// `at`: CLOCK_MONOTONIC seconds when the event happened.
     let at: Double

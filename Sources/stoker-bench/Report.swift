@@ -30,7 +30,7 @@ func nearestRank(_ p: Double, of values: [Double]) -> Double? {
     return sorted[min(max(rank, 1), sorted.count) - 1]
 }
 
-/// The markdown report of a run and its verdicts (DESIGN.md §5 targets).
+/// The markdown report of a run and its verdicts: each fault's failover latency against its target (see `target(_:)`).
 struct Report {
     let settings: BenchSettings
     let results: [PhaseResult]

@@ -82,7 +82,9 @@ struct Node: AsyncParsableCommand {
 
     @Option(
         name: .long,
-        help: ArgumentHelp("Ask for a timer event every duration (the seed's next_timer_in).", valueName: "duration"))
+        help: ArgumentHelp(
+            "Ask for a timer event every duration (like next_timer_in in the Elixir library stoker).",
+            valueName: "duration"))
     var timer: DurationArgument?
 
     @Option(name: .customLong("log-level"), help: "Log level of the node's own log lines on stderr.")

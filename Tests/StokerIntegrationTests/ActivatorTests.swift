@@ -7,7 +7,8 @@ import Testing
 
 @_spi(Testing) @testable import Stoker
 
-/// The activator's rules (DESIGN §4) and the node's observability, against real PostgreSQL.
+/// The activator's rules (callbacks one at a time and in order, a throwing callback does not stop it, demotion
+/// cancels leader work, `clusterValid` decides cluster changes) and the node's observability, against real PostgreSQL.
 @Suite("Activator")
 struct ActivatorTests {
     /// Records the leader task's life: when it saw cancellation, `isLeader` then, and when it finished.

@@ -62,8 +62,9 @@ struct ChaosTests {
                             _ = try await database.admin("SELECT pg_terminate_backend(\(pid))")
                         }
                     }
-                    // One fault at a time (DESIGN §2 promises "once" for any single fault; two at once — a frozen loop
-                    // that the server also kills — is what fencing is for): a freeze has ended before the next fault.
+                    // One fault at a time (never two leaders is promised for any single fault; two at once — a
+                    // frozen loop that the server also kills — is what fencing is for): a freeze has ended before the
+                    // next fault.
                     try await eventually("the freeze of \(victim.name) ends") { !victim.node.isFrozen }
                     // The fault has played out once every election has a leader again and the victim's leaderships
                     // (if any) have been demoted.

@@ -3,7 +3,7 @@ import Testing
 
 @testable import Stoker
 
-/// DESIGN §2.5 and issue #2: every connection failure gets its own typed error, none holds the password.
+/// Bad input never crashes: every connection failure gets its own typed error, none holds the password.
 @Suite("Connecting: typed errors, no password", .timeLimit(.minutes(2)))
 struct ConnectionTests {
     static let secret = "hunter2-Zx9!q"
@@ -347,7 +347,7 @@ struct SessionStopTests {
                 try await holder.query("CREATE TABLE t (id int PRIMARY KEY)")
                 try await holder.query("BEGIN")
                 try await holder.query("INSERT INTO t VALUES (1)")
-                // A backend waiting for a lock notices a vanished client only through this check (DESIGN §3).
+                // A backend waiting for a lock notices a vanished client only through this check.
                 let blocked = try await PostgresSession.connect(
                     database.conninfo + " options='-c client_connection_check_interval=100'"
                 )

@@ -36,8 +36,8 @@ struct HistoryEntry: Sendable, CustomStringConvertible {
     var description: String { "\(node)/\(election) \(event) term=\(term.map(String.init) ?? "-")" }
 }
 
-/// The history checker of DESIGN §7: every callback of every node, in one monotonic timeline, and the properties of
-/// DESIGN §2 asserted over it.
+/// The history checker: every callback of every node, in one monotonic timeline, and the election's guarantees
+/// asserted over it (see ``check(complete:sourceLocation:)``).
 final class History: Sendable {
     private struct Waiter {
         let predicate: @Sendable ([HistoryEntry]) -> Bool
@@ -131,7 +131,7 @@ final class History: Sendable {
         entries.filter { $0.kind == kind && (node == nil || $0.node == node) }.count
     }
 
-    /// DESIGN §2.1 and §2.4 over the whole history:
+    /// Never two leaders at once, and no leadership without its demotion, over the whole history:
     /// - per election, no two leaderships overlap: each runs from its `nowLeader` callback's start to the instant its
     ///   demotion says it ended (open-ended while it lasts), and they are disjoint;
     /// - terms strictly increase, in the order leaderships started;
@@ -193,8 +193,8 @@ final class History: Sendable {
     }
 }
 
-/// The behaviour the tests run: it records every callback into the shared history (and its own state, as the
-/// seed's tests did) and asks for a timer every `timer`.
+/// The behaviour the tests run: it records every callback into the shared history (and its own state, as the tests
+/// of the Elixir library `stoker` did) and asks for a timer every `timer`.
 struct RecordingBehaviour: StokerBehaviour {
     let history: History
     var timer: Duration?

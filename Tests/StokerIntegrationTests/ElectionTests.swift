@@ -3,8 +3,8 @@ import Testing
 
 @_spi(Testing) @testable import Stoker
 
-/// DESIGN §2 over real PostgreSQL: several nodes in one process, every callback in one history, checked after every
-/// run for overlapping leaderships, terms that fail to increase and leaderships never demoted.
+/// The election's guarantees over real PostgreSQL: several nodes in one process, every callback in one history,
+/// checked after every run for overlapping leaderships, terms that fail to increase and leaderships never demoted.
 @Suite("Election")
 struct ElectionTests {
     @Test("3 nodes × 3 elections: exactly one leader per election, confirmed by pg_locks; terms increase")
@@ -130,8 +130,8 @@ struct ElectionTests {
 
     @Test("a graceful hand-over is driven by the released notification, not by the retry interval")
     func handOverByNotification() async throws {
-        // Followers that each lead an election of their own never wait in the lock queue (DESIGN §5): with an hourly
-        // retry, only the `released` notification can make one take over.
+        // Followers that each lead an election of their own never wait in the lock queue: with an hourly retry, only
+        // the `released` notification can make one take over.
         try await handOverTwice(extraElection: { ["own-\($0)"] }, fault: { leader, _ in try await leader.stop() })
     }
 

@@ -7,7 +7,7 @@ import Testing
     import Glibc
 #endif
 
-/// One JSON line of `stoker node` (DESIGN §8), and which process printed it.
+/// One JSON line of `stoker node`, and which process printed it.
 struct ParticipantLine: Sendable, CustomStringConvertible {
     let process: String
     let raw: String
@@ -44,10 +44,10 @@ struct ParticipantLine: Sendable, CustomStringConvertible {
     var description: String { "\(process): \(raw)" }
 }
 
-/// Every line of every participant, judged the way DESIGN §2 states the guarantees: per election, leaderships
-/// `[now_leader.at, demotion.ended_at]` never overlap and their terms rise; every `now_leader` has exactly one
-/// demotion (`now_follower` or `shutdown`, with `ended_at`), unless its process was killed — then the leadership ended
-/// no earlier than the kill, and every successor must have started after it.
+/// Every line of every participant, judged by the election's guarantees: per election, leaderships `[now_leader.at,
+/// demotion.ended_at]` never overlap and their terms rise; every `now_leader` has exactly one demotion
+/// (`now_follower` or `shutdown`, with `ended_at`), unless its process was killed — then the leadership ended no
+/// earlier than the kill, and every successor must have started after it.
 struct LineHistory: Sendable {
     let lines: [ParticipantLine]
     let unparsable: [String]

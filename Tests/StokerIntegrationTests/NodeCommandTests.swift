@@ -7,7 +7,7 @@ import Testing
 #endif
 
 /// `stoker node`, judged as a script or an operator meets it: several built executables against the throwaway
-/// PostgreSQL, real signals, and nothing but their output lines (DESIGN §8).
+/// PostgreSQL, real signals, and nothing but their output lines.
 @Suite("stoker node (real processes)", .timeLimit(.minutes(3)))
 struct NodeCommandTests {
     static let secret = "node-Cli-pw!9"

@@ -3,8 +3,8 @@ import Testing
 
 @testable import Stoker
 
-/// DESIGN §3: one dedicated session per node. A transaction-pooling proxy silently breaks session advisory locks and
-/// LISTEN, so connecting through one must fail loudly; a session-mode pool is fine. Checked against a real PgBouncer.
+/// A node needs sessions of its own: a transaction-pooling proxy silently breaks session advisory locks and LISTEN,
+/// so connecting through one must fail loudly; a session-mode pool is fine. Checked against a real PgBouncer.
 @Suite("Connecting through PgBouncer", .timeLimit(.minutes(3)))
 struct PoolerTests {
     @Test(

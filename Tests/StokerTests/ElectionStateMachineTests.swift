@@ -14,7 +14,7 @@ struct ElectionStateMachineTests {
         case lockWon
         case termBumped(Int64, began: Bool)
         case evidenceFound
-        case leadershipLost(ElectionStateMachine.Loss)
+        case leadershipLost(DemotionReason)
         case resign
         case released
 
@@ -92,7 +92,7 @@ struct ElectionStateMachineTests {
         .termBumped(8, began: false),
         .evidenceFound,
         .leadershipLost(.leaseExpired),
-        .leadershipLost(.sessionLost),
+        .leadershipLost(.connectionLost),
         .resign,
         .released,
     ]
@@ -107,7 +107,7 @@ struct ElectionStateMachineTests {
         .init(.follower, .termBumped(8, began: false), .none, .follower),
         .init(.follower, .evidenceFound, .none, .follower),
         .init(.follower, .leadershipLost(.leaseExpired), .none, .follower),
-        .init(.follower, .leadershipLost(.sessionLost), .none, .follower),
+        .init(.follower, .leadershipLost(.connectionLost), .none, .follower),
         .init(.follower, .resign, .finishResignation, .withdrawn),
         .init(.follower, .released, .none, .follower),
 
@@ -118,7 +118,7 @@ struct ElectionStateMachineTests {
         .init(.acquiring, .termBumped(8, began: false), .awaitEvidence(term: 8), .awaitingEvidence(term: 8)),
         .init(.acquiring, .evidenceFound, .none, .acquiring),
         .init(.acquiring, .leadershipLost(.leaseExpired), .none, .follower),
-        .init(.acquiring, .leadershipLost(.sessionLost), .none, .follower),
+        .init(.acquiring, .leadershipLost(.connectionLost), .none, .follower),
         .init(.acquiring, .resign, .none, .resigning(wasLeading: false)),
         .init(.acquiring, .released, .none, .acquiring),
 
@@ -129,7 +129,7 @@ struct ElectionStateMachineTests {
         .init(.awaitingEvidence(term: 7), .termBumped(8, began: false), .none, .awaitingEvidence(term: 7)),
         .init(.awaitingEvidence(term: 7), .evidenceFound, .startLeading(term: 7), .leading(term: 7)),
         .init(.awaitingEvidence(term: 7), .leadershipLost(.leaseExpired), .none, .follower),
-        .init(.awaitingEvidence(term: 7), .leadershipLost(.sessionLost), .none, .follower),
+        .init(.awaitingEvidence(term: 7), .leadershipLost(.connectionLost), .none, .follower),
         .init(.awaitingEvidence(term: 7), .resign, .endLeadingAndRelease(term: nil), .resigning(wasLeading: false)),
         .init(.awaitingEvidence(term: 7), .released, .none, .awaitingEvidence(term: 7)),
 
@@ -139,7 +139,7 @@ struct ElectionStateMachineTests {
         .init(.leading(term: 7), .termBumped(8, began: false), .none, .leading(term: 7)),
         .init(.leading(term: 7), .evidenceFound, .none, .leading(term: 7)),
         .init(.leading(term: 7), .leadershipLost(.leaseExpired), .endLeading(term: 7, .leaseExpired), .follower),
-        .init(.leading(term: 7), .leadershipLost(.sessionLost), .endLeading(term: 7, .sessionLost), .follower),
+        .init(.leading(term: 7), .leadershipLost(.connectionLost), .endLeading(term: 7, .connectionLost), .follower),
         .init(.leading(term: 7), .resign, .endLeadingAndRelease(term: 7), .resigning(wasLeading: true)),
         .init(.leading(term: 7), .released, .none, .leading(term: 7)),
 
@@ -149,7 +149,7 @@ struct ElectionStateMachineTests {
         .init(.resigning(wasLeading: true), .termBumped(8, began: false), .none, .resigning(wasLeading: true)),
         .init(.resigning(wasLeading: true), .evidenceFound, .none, .resigning(wasLeading: true)),
         .init(.resigning(wasLeading: true), .leadershipLost(.leaseExpired), .finishResignation, .withdrawn),
-        .init(.resigning(wasLeading: true), .leadershipLost(.sessionLost), .finishResignation, .withdrawn),
+        .init(.resigning(wasLeading: true), .leadershipLost(.connectionLost), .finishResignation, .withdrawn),
         .init(.resigning(wasLeading: true), .resign, .none, .resigning(wasLeading: true)),
         .init(.resigning(wasLeading: true), .released, .finishResignation, .withdrawn),
 
@@ -166,7 +166,7 @@ struct ElectionStateMachineTests {
         ),
         .init(.resigning(wasLeading: false), .evidenceFound, .none, .resigning(wasLeading: false)),
         .init(.resigning(wasLeading: false), .leadershipLost(.leaseExpired), .finishResignation, .withdrawn),
-        .init(.resigning(wasLeading: false), .leadershipLost(.sessionLost), .finishResignation, .withdrawn),
+        .init(.resigning(wasLeading: false), .leadershipLost(.connectionLost), .finishResignation, .withdrawn),
         .init(.resigning(wasLeading: false), .resign, .none, .resigning(wasLeading: false)),
         .init(.resigning(wasLeading: false), .released, .finishResignation, .withdrawn),
 
@@ -176,7 +176,7 @@ struct ElectionStateMachineTests {
         .init(.withdrawn, .termBumped(8, began: false), .none, .withdrawn),
         .init(.withdrawn, .evidenceFound, .none, .withdrawn),
         .init(.withdrawn, .leadershipLost(.leaseExpired), .none, .withdrawn),
-        .init(.withdrawn, .leadershipLost(.sessionLost), .none, .withdrawn),
+        .init(.withdrawn, .leadershipLost(.connectionLost), .none, .withdrawn),
         .init(.withdrawn, .resign, .none, .withdrawn),
         .init(.withdrawn, .released, .none, .withdrawn),
     ]
@@ -256,7 +256,7 @@ struct ElectionStateMachineTests {
     @Test("a loss while awaiting evidence makes a candidate again, with no leadership to end")
     func lossWhileAwaitingEvidence() {
         let (actions, machine) = Self.run([
-            .lockWon, .termBumped(8, began: false), .leadershipLost(.sessionLost), .evidenceFound,
+            .lockWon, .termBumped(8, began: false), .leadershipLost(.connectionLost), .evidenceFound,
             .lockWon, .termBumped(9, began: true),
         ])
         #expect(actions == [.bumpTerm, .awaitEvidence(term: 8), .none, .none, .bumpTerm, .startLeading(term: 9)])
@@ -293,7 +293,7 @@ struct ElectionStateMachineTests {
             return .termBumped(nextTerm, began: roll < 45)
         case 60..<70: return .evidenceFound
         case 70..<76: return .leadershipLost(.leaseExpired)
-        case 76..<82: return .leadershipLost(.sessionLost)
+        case 76..<82: return .leadershipLost(.connectionLost)
         case 82..<86: return .resign
         default: return .released
         }

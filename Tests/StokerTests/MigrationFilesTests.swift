@@ -8,7 +8,8 @@ import Testing
     import Darwin
 #endif
 
-/// The copy of sql/ the library runs must be byte-identical to sql/ (DESIGN §3).
+/// The copy of sql/ the library runs must be byte-identical to sql/, the schema's single source of truth (what a DBA
+/// or another migration tool applies).
 @Suite("Embedded migrations")
 struct MigrationFilesTests {
     /// The repository root, from this file's path.

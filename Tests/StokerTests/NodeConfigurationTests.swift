@@ -377,7 +377,7 @@ struct NodeConfigurationTests {
         ])
     func applicationName(_ pair: NamePair) {
         let full = "\(pair.cluster):\(pair.node)"
-        let name = NodeCore.applicationName(cluster: pair.cluster, node: pair.node)
+        let name = NodeDriver.applicationName(cluster: pair.cluster, node: pair.node)
         #expect(name.utf8.count <= 63, "\(name.utf8.count) bytes")
         // A whole-character prefix of "<cluster>:<node>".
         #expect(full.hasPrefix(name))
@@ -395,7 +395,7 @@ struct NodeConfigurationTests {
 
     @Test("application_name of 40 × é is 31 whole é")
     func applicationNameExact() {
-        let name = NodeCore.applicationName(cluster: String(repeating: "é", count: 40), node: "n")
+        let name = NodeDriver.applicationName(cluster: String(repeating: "é", count: 40), node: "n")
         #expect(name == String(repeating: "é", count: 31))
         #expect(name.utf8.count == 62)
     }

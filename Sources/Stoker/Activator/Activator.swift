@@ -2,7 +2,8 @@ import Logging
 import ServiceLifecycle
 import Synchronization
 
-/// Keeps one election's ``StokerBehaviour`` running on this process — the seed's `Stoker.Activator` GenServer.
+/// Keeps one election's ``StokerBehaviour`` running on this process — the `Stoker.Activator` GenServer of the Elixir
+/// library `stoker`.
 ///
 /// Start one per election per process, on the process's ``StokerNode``; across all processes of the cluster exactly
 /// one of them leads. A swift-service-lifecycle `Service`:
@@ -14,7 +15,7 @@ import Synchronization
 /// - **cancellation** is a hard stop: leadership ends at once (leader tasks are cancelled, not awaited), then the
 ///   node releases the lock — one round-trip, which `run()` waits for — and `shutdown` is the last callback.
 ///
-/// The fields of the seed's state, and more, are in ``dump()``.
+/// The fields of that GenServer's state, and more, are in ``dump()``.
 public final class Activator<Behaviour: StokerBehaviour>: Service, Sendable {
     public let election: String
     public let node: StokerNode
@@ -38,7 +39,8 @@ public final class Activator<Behaviour: StokerBehaviour>: Service, Sendable {
                 createdAt: createdAt, activeFrom: nil, leader: nil, term: nil, nextTimer: nil))
     }
 
-    /// What the activator knows now (the seed's `dump/1`): the behaviour's state, the role, the leader, the term.
+    /// What the activator knows now (the Elixir library's `dump/1`): the behaviour's state, the role, the leader, the
+    /// term.
     public func dump() -> ActivatorSnapshot<Behaviour.State> {
         snapshot.withLock { $0 }
     }
@@ -230,7 +232,7 @@ public final class Activator<Behaviour: StokerBehaviour>: Service, Sendable {
     }
 }
 
-/// A `Sendable` picture of an activator (the seed's `dump/1`).
+/// A `Sendable` picture of an activator (the Elixir library's `dump/1`).
 public struct ActivatorSnapshot<State: Sendable>: Sendable {
     /// The behaviour's state after the last callback (`nil` before ``StokerBehaviour/initialState()`` returned).
     public var behaviourState: State?

@@ -26,18 +26,20 @@ public protocol StokerBehaviour: Sendable {
     /// The behaviour's own state, kept per process (another node's leader starts from its own).
     associatedtype State: Sendable
 
-    /// The state before the first event (the seed's `init/0`).
+    /// The state before the first event (`init/0` in the Elixir library `stoker`).
     func initialState() async throws -> State
 
-    /// Called for every event of the election, one at a time, in order (the seed's `event/3`).
+    /// Called for every event of the election, one at a time, in order (`event/3` in the Elixir library `stoker`).
     func handle(_ event: ActivatorEvent, state: inout State, context: ActivatorContext) async throws
 
-    /// How long until the next ``ActivatorEvent/timer`` event, or `nil` for none (the seed's `next_timer_in/1`).
-    /// Asked after ``initialState()`` and after every timer event. Timers run on every node, leader or not.
+    /// How long until the next ``ActivatorEvent/timer`` event, or `nil` for none (`next_timer_in/1` in the Elixir
+    /// library `stoker`). Asked after ``initialState()`` and after every timer event. Timers run on every node,
+    /// leader or not.
     func nextTimer(_ state: State) -> Duration?
 
-    /// Asked on the leader before a ``ActivatorEvent/clusterChange(_:)`` is delivered (the seed's `cluster_valid?/1`):
-    /// `.yes` delivers it, `.clusterSplit` delivers ``ActivatorEvent/clusterSplit(_:)`` instead, `.no` drops it.
+    /// Asked on the leader before a ``ActivatorEvent/clusterChange(_:)`` is delivered (`cluster_valid?/1` in the
+    /// Elixir library `stoker`): `.yes` delivers it, `.clusterSplit` delivers ``ActivatorEvent/clusterSplit(_:)``
+    /// instead, `.no` drops it.
     func clusterValid(_ state: State) -> ClusterValidity
 }
 
@@ -136,7 +138,8 @@ public struct ShutdownReason: Sendable, Hashable, CustomStringConvertible {
     public var description: String { base.rawValue }
 }
 
-/// A node's role in an election, as ``ActivatorSnapshot`` reports it (the seed's `state` field).
+/// A node's role in an election, as ``ActivatorSnapshot`` reports it (the `state` field of the Elixir library
+/// `stoker`).
 public enum ActivatorRole: String, Sendable, Hashable {
     /// Not known yet: the node has not joined, or the activator has not heard from it.
     case unknown

@@ -1,4 +1,4 @@
-/// Fencing (DESIGN §2.3): how a leader's writes refuse to land once a newer term exists.
+/// Fencing: how a leader's writes refuse to land once a newer term exists.
 ///
 /// Every leadership carries its term (``ActivatorEvent/nowLeader(term:)``, ``ActivatorContext/term``). Call the
 /// schema's fence function first in every transaction that writes on the leader's behalf, with that term, on

@@ -1,6 +1,7 @@
 import Synchronization
 
-/// The client side of the lease (DESIGN §3): the instant until which this node may act as a leader.
+/// The client side of the lease (the server enforces its side with its idle and statement timeouts): the instant
+/// until which this node may act as a leader.
 ///
 /// Written by the session thread each time a reply confirms the session (`send time of that query + lease − margin`)
 /// and cleared when the session ends; read lock-free by ``ActivatorContext/isLeader`` and by the watchdog. The

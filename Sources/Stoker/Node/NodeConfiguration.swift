@@ -5,9 +5,9 @@
 #endif
 
 extension StokerNode {
-    /// Everything a node needs: where PostgreSQL is, which cluster it joins under which name, and the timing model of
-    /// DESIGN §5. Checked when the ``StokerNode`` is created; every inconsistency is a
-    /// ``StokerError/Code/invalidConfiguration`` error naming the field.
+    /// Everything a node needs: where PostgreSQL is, which cluster it joins under which name, and the timing settings
+    /// whose defaults and bounds the table below gives. Checked when the ``StokerNode`` is created; every
+    /// inconsistency is a ``StokerError/Code/invalidConfiguration`` error naming the field.
     ///
     /// | setting | default | what it bounds |
     /// | --- | --- | --- |
@@ -77,7 +77,7 @@ extension StokerNode {
 
         /// `<hostname>:<pid>`.
         public static func defaultNodeName() -> String {
-            "\(NodeCore.hostName ?? "localhost"):\(getpid())"
+            "\(NodeDriver.hostName ?? "localhost"):\(getpid())"
         }
 
         var effectiveHeartbeatInterval: Duration { heartbeatInterval ?? lease / 5 }

@@ -3,7 +3,7 @@ import Logging
 import ServiceLifecycle
 
 /// One process's membership of a cluster: the one dedicated PostgreSQL session every ``Activator`` of the process
-/// shares (DESIGN §3). A swift-service-lifecycle `Service`.
+/// shares (besides its idle witness session, which holds the node lock). A swift-service-lifecycle `Service`.
 ///
 /// `run()` connects, applies missing migrations (``Configuration/migrate``), joins the cluster (a node row and its
 /// advisory lock, `LISTEN` on the cluster's channel) and then, on its own thread, renews the lease, tries the locks
@@ -22,7 +22,7 @@ import ServiceLifecycle
 /// hand their elections over first.
 public final class StokerNode: Service, Sendable {
     public let configuration: Configuration
-    let core: NodeCore
+    let core: NodeDriver
 
     /// Checks the configuration (every bad value is a ``StokerError/Code/invalidConfiguration`` or
     /// ``StokerError/Code/invalidConnectionString`` error, naming the field) and prepares the node; connects only in
@@ -40,7 +40,7 @@ public final class StokerNode: Service, Sendable {
         metricsFactory: (any MetricsFactory)? = nil
     ) throws(StokerError) {
         self.configuration = configuration
-        core = try NodeCore(
+        core = try NodeDriver(
             configuration: configuration,
             logger: logger,
             metrics: NodeMetrics(
@@ -118,8 +118,9 @@ extension StokerNode {
         public var term: Int64
     }
 
-    /// The current leader of `election` in `cluster`, from any process (the seed's `whereis/1`): the node holding the
-    /// election's advisory lock while its session also holds its node lock. `nil` when nobody does.
+    /// The current leader of `election` in `cluster`, from any process (`whereis/1` of the Elixir library `stoker`):
+    /// the node holding the election's advisory lock while its session also holds its node lock. `nil` when nobody
+    /// does.
     public static func whereis(
         election: String,
         cluster: String,

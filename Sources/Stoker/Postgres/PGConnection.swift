@@ -61,7 +61,8 @@ final class PGConnection {
         //
         // A FATAL or PANIC arriving outside a statement (libpq hands it to the notice receiver, and the connection
         // stays "OK" until the socket's EOF) means the session is over *now*: PostgreSQL sends it before it releases
-        // the session's locks, so the owner must treat it as the loss at once (DESIGN §2.1), not wait for the EOF.
+        // the session's locks, so the owner must treat it as the loss at once, not wait for the EOF: a successor may
+        // be granted those locks any moment now, and two nodes must never both act as leader.
         PQsetNoticeReceiver(
             connection,
             { context, result in

@@ -137,7 +137,9 @@ private final class SessionCore: Sendable {
     }
 
     private let state = Mutex(State())
-    private let wakeDescriptor: Int32
+    /// Written to when work is queued or the session should close. Closed only with the core: once the thread has
+    /// exited (it holds the core) and no session refers to it, so nobody can write to it any more.
+    private let wakeSignal: WakeSignal
     private let sink: AsyncStream<PostgresNotification>.Continuation
     let notifications: AsyncStream<PostgresNotification>
     /// `poll(2)` calls made by the session thread while idle; lets tests prove waiting does not spin.
@@ -145,19 +147,9 @@ private final class SessionCore: Sendable {
     let connectionDescription: String
 
     init(configuration: ConnectionConfiguration) throws(StokerError) {
-        let descriptor = eventfd(0, Int32(EFD_CLOEXEC | EFD_NONBLOCK))
-        guard descriptor >= 0 else {
-            throw StokerError(.connectionFailed, "eventfd(2) failed with errno \(errno).")
-        }
-        wakeDescriptor = descriptor
+        wakeSignal = try WakeSignal()
         (notifications, sink) = AsyncStream.makeStream(of: PostgresNotification.self, bufferingPolicy: .unbounded)
         connectionDescription = configuration.redactedDescription
-    }
-
-    deinit {
-        // Only reached once the thread has exited (it holds the core) and no session refers to it: nobody can
-        // write to the descriptor any more.
-        closeDescriptor(wakeDescriptor)
     }
 
     func run<T: Sendable>(_ body: @escaping @Sendable (PGConnection) throws -> T) async throws -> T {
@@ -251,8 +243,7 @@ private final class SessionCore: Sendable {
     private static let closedError = StokerError(.sessionClosed, "The session was closed; open a new one.")
 
     private func wake() {
-        var one: UInt64 = 1
-        _ = write(wakeDescriptor, &one, MemoryLayout<UInt64>.size)
+        wakeSignal.signal()
     }
 
     // MARK: - The session thread
@@ -319,7 +310,8 @@ private final class SessionCore: Sendable {
             if closing { return nil }
             do {
                 var calls = 0
-                _ = try connection.waitForNotifications(until: nil, wakeDescriptor: wakeDescriptor, pollCount: &calls)
+                _ = try connection.waitForNotifications(
+                    until: nil, wakeDescriptor: wakeSignal.descriptor, pollCount: &calls)
                 polls.add(calls, ordering: .relaxed)
                 forward(connection.takeNotifications())
             } catch {

@@ -1,4 +1,5 @@
-/// Every statement a node runs on its dedicated session (DESIGN §3), schema-qualified once.
+/// Every statement a node runs on its own two sessions (the main session and the witness, never a pooled or an
+/// application's connection), schema-qualified once.
 ///
 /// Values are always bound parameters; only the schema name (quoted by libpq) and the lock namespace (an integer)
 /// are spliced in. The least-privilege integration test runs each of these as a role holding only what

@@ -1,9 +1,8 @@
 /// The life of one election on one node, as a pure value: `(state, input) → (state, action)`, no I/O, no clock.
 ///
-/// The node's session thread and its lease watchdog feed it what happened (a lock won, a term bumped, the session or
-/// the lease lost, a resignation asked for) under the node's lock; it answers with the one thing to do next, which
-/// the caller performs. Everything that can make this node a leader or stop it being one goes through here, so the
-/// rules of DESIGN §2 live in one place:
+/// The node's state machine (``NodeStateMachine``) feeds it what happened (a lock won, a term bumped, the session or
+/// the lease lost, a resignation asked for) and acts on the one thing it answers. Everything that can make this node a
+/// leader or stop it being one goes through here, so the rules of leadership live in one place:
 ///
 /// - leadership starts only when the term bump succeeded (`acquiring → leading`), never on a bare lock grant — and,
 ///   when the predecessor did not hand over, only on evidence that it stopped acting (`acquiring → awaitingEvidence
@@ -30,14 +29,6 @@ struct ElectionStateMachine: Sendable, Hashable {
         case withdrawn
     }
 
-    /// Why leadership (or the chance of it) ended without a resignation.
-    enum Loss: Sendable, Hashable {
-        /// The client-side lease ran out: no reply confirmed the session in `lease − margin`.
-        case leaseExpired
-        /// The session ended: closed by the server, the network, or cut by this process.
-        case sessionLost
-    }
-
     enum Action: Sendable, Hashable {
         /// Nothing to do.
         case none
@@ -50,7 +41,7 @@ struct ElectionStateMachine: Sendable, Hashable {
         case awaitEvidence(term: Int64)
         /// Leadership is over: flip `isLeader`, cancel leader-scoped work, queue the demotion — at once, before the
         /// session is dropped.
-        case endLeading(term: Int64, Loss)
+        case endLeading(term: Int64, DemotionReason)
         /// Resignation: end leadership locally as for `endLeading` (when `term` is not nil), then clear the leader
         /// and release the lock in one transaction; report ``released()``.
         case endLeadingAndRelease(term: Int64?)
@@ -125,11 +116,11 @@ struct ElectionStateMachine: Sendable, Hashable {
     }
 
     /// The lease ran out or the session ended. Every lock of the session is gone or about to be.
-    mutating func leadershipLost(_ loss: Loss) -> Action {
+    mutating func leadershipLost(_ reason: DemotionReason) -> Action {
         switch state {
         case .leading(let term):
             state = .follower
-            return .endLeading(term: term, loss)
+            return .endLeading(term: term, reason)
         case .acquiring, .awaitingEvidence:
             state = .follower
             return .none

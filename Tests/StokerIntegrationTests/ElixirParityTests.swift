@@ -3,9 +3,10 @@ import Testing
 
 @_spi(Testing) @testable import Stoker
 
-/// The seed's own tests (l3nz/stoker), against real PostgreSQL: what a behaviour sees on one and two nodes.
-@Suite("Seed parity")
-struct SeedParityTests {
+/// Parity with the Elixir library `stoker`: its own tests (l3nz/stoker), against real PostgreSQL — what a behaviour
+/// sees on one and two nodes.
+@Suite("Parity with the Elixir library stoker")
+struct ElixirParityTests {
     @Test("a lone node's behaviour sees [nowLeader], then shutdown appended")
     func loneNode() async throws {
         try await withTestDatabase { database in
@@ -62,7 +63,8 @@ struct SeedParityTests {
             let history = History()
             try await withNodes { nodes in
                 // Both nodes join before either stands for the election, so the leader's first membership event
-                // is the follower leaving (the seed's nodes were connected before the activators started).
+                // is the follower leaving (in the Elixir library's tests the nodes were connected before the
+                // activators started).
                 let a = nodes.add(try TestNode("a", database: database, elections: [], history: history))
                 let b = nodes.add(try TestNode("b", database: database, elections: [], history: history))
                 try await waitForMembers(2, in: database)

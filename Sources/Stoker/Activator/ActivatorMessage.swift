@@ -1,0 +1,33 @@
+/// What the node tells one activator, in the order it happened.
+enum ActivatorMessage: Sendable {
+    /// This node leads (the term bump committed, and its begin).
+    case leader(LeaderScope)
+    /// Leadership ended without a resignation, at `endedAt` (leader work already cancelled).
+    case demoted(DemotionReason, endedAt: ContinuousClock.Instant)
+    /// A member joined or left (sent while this node leads).
+    case member(ClusterChange)
+    /// Another node leads (its name), or the election was released (`nil`).
+    case leaderObserved(String?)
+    /// The node stopped; leadership, if any, ended at `endedAt`. The last message.
+    case stopped(ShutdownReason, endedAt: ContinuousClock.Instant?)
+    /// The activator's own timer (generation).
+    case timerFired(UInt64)
+    /// The activator's graceful shutdown began.
+    case gracefulShutdown
+}
+
+extension ActivatorMessage: Equatable {
+    /// Leaderships compare by identity (one scope per leadership); everything else by value.
+    static func == (lhs: ActivatorMessage, rhs: ActivatorMessage) -> Bool {
+        switch (lhs, rhs) {
+        case (.leader(let left), .leader(let right)): left === right
+        case (.demoted(let left, let leftEnd), .demoted(let right, let rightEnd)): left == right && leftEnd == rightEnd
+        case (.member(let left), .member(let right)): left == right
+        case (.leaderObserved(let left), .leaderObserved(let right)): left == right
+        case (.stopped(let left, let leftEnd), .stopped(let right, let rightEnd)): left == right && leftEnd == rightEnd
+        case (.timerFired(let left), .timerFired(let right)): left == right
+        case (.gracefulShutdown, .gracefulShutdown): true
+        default: false
+        }
+    }
+}

@@ -1,0 +1,121 @@
+#if canImport(Glibc)
+    import Glibc
+#elseif canImport(Darwin)
+    import Darwin
+#endif
+
+/// Joining the cluster on a new session: migrations, both sessions' settings, the cluster row, `LISTEN`, the node row
+/// and its lock on the witness, the members — then the machine is told (``NodeStateMachine/joined(nodeID:members:deadlockTimeout:now:)``).
+extension NodeDriver {
+    func join(_ context: inout SessionContext) throws {
+        let connection = context.connection
+        let configuration = self.configuration
+        let lease = configuration.lease.roundedUpMilliseconds
+        let applicationName = Self.applicationName(cluster: configuration.cluster, node: configuration.nodeName)
+        // Migrations first, under the session's defaults: waiting for another process's migration lock is not a
+        // statement the lease's timeouts should cut. Nothing is held yet.
+        let migrator = Migrator(schema: configuration.schema)
+        let report = try configuration.migrate ? migrator.migrate(on: connection) : migrator.verify(on: connection)
+        if !report.applied.isEmpty {
+            logger.notice("applied Stoker migrations", metadata: ["stoker.migrations": "\(report.applied)"])
+        }
+        try configure(connection, applicationName: applicationName)
+        try configure(
+            context.witness,
+            applicationName: Self.applicationName(cluster: configuration.cluster, node: configuration.nodeName + "/w"))
+        let quoted = try connection.quoteIdentifier(configuration.schema, kind: "schema name")
+        guard
+            let namespace = try connection.execute(ProtocolStatements.lockNamespaceQuery, [configuration.schema]).rows
+                .first
+        else {
+            throw StokerError(.schemaMismatch, "The schema \"\(configuration.schema)\" does not exist.")
+        }
+        let statements = ProtocolStatements(
+            schema: configuration.schema, quotedSchema: quoted, lockNamespace: try namespace.int32(0))
+        context.statements = statements
+        context.clusterID = try statements.ensureCluster(configuration.cluster, on: connection)
+        context.channel = statements.channel(clusterID: context.clusterID)
+        // LISTEN before reading the members: no change can fall between the two.
+        try connection.listen(context.channel)
+        // The server instance, and the term floor (it reads the WAL position: a server that hides it fails here, with
+        // its own message, rather than at the first term bump).
+        let mainInstance = try confirmed(context) {
+            try connection.execute(statements.serverInstance).singleRow().string(0)
+        }
+        // A wait shorter than deadlock_timeout never runs the server's deadlock check (nor, with log_lock_waits,
+        // logs a line).
+        let deadlockTimeout = try connection.execute(ProtocolStatements.deadlockTimeoutQuery).singleRow().int(0)
+        // PL/pgSQL compiles a function, and plans its statements, at its first call in a session: 5-7 ms for the term
+        // bump's functions, measured. Paid here, not in the middle of a failover.
+        try connection.execute(statements.warmUp)
+        let clusterID = context.clusterID
+        let witness = context.witness
+        let mainPID = connection.protocolBackendPID
+        let replaces = context.replaces
+        // The witness inserts the row and takes the node lock in one transaction: the row is visible only once its
+        // lock is held, and the lock lives exactly as long as the witness.
+        let (nodeID, instance): (Int, String) = try confirmed(context, on: .witness) {
+            try witness.transaction {
+                let row = try witness.execute(
+                    statements.insertNode,
+                    [
+                        "\(clusterID)", configuration.nodeName, Self.hostName ?? "", "\(getpid())", "{}", "\(mainPID)",
+                        replaces.map { "\($0)" }, "\(lease)",
+                    ]
+                ).singleRow()
+                let id = try row.int(0)
+                guard try witness.execute(statements.lockNode, ["\(id)"]).singleRow().bool(0) else {
+                    throw StokerError(.unexpectedResult, "The new node row's lock was already taken.")
+                }
+                return (id, try row.string(1))
+            }
+        }
+        guard instance == mainInstance else {
+            // A multi-host connection string can reach two servers: the witness's lock would then prove nothing.
+            throw StokerError(
+                .connectionLost,
+                "The node's two sessions reached different servers (\(mainInstance) and \(instance)); reconnecting.")
+        }
+        context.nodeID = nodeID
+        // Confirmed: the main session's half of the lease starts here, not at its first statement (a join on a busy
+        // server can take a while).
+        let rows = try confirmed(context) { try connection.execute(statements.members, ["\(clusterID)"]).rows }
+        var members: [Int: String] = [:]
+        for row in rows { members[try row.int(0)] = try row.string(1) }
+        let member = ClusterMember(id: nodeID, name: configuration.nodeName)
+        withMachine { locked in
+            locked.member = member
+            locked.machine.joined(
+                nodeID: nodeID, members: members, deadlockTimeout: .milliseconds(deadlockTimeout), now: .now)
+        }
+        watchdogSignal.signal()
+    }
+
+    /// The session settings of both of a node's sessions: the lease's timeouts (the server's idle timer ends a silent
+    /// session), keepalives, read committed, commits at least flushed locally.
+    private func configure(_ connection: PGConnection, applicationName: String) throws {
+        let lease = configuration.lease.roundedUpMilliseconds
+        try connection.execute(
+            """
+            SELECT set_config('application_name', $1, false),
+                   set_config('default_transaction_isolation', 'read committed', false),
+                   set_config('idle_session_timeout', $2, false),
+                   set_config('idle_in_transaction_session_timeout', $2, false),
+                   set_config('statement_timeout', $3, false),
+                   set_config('client_connection_check_interval', $4, false),
+                   set_config('tcp_keepalives_idle', $5, false),
+                   set_config('tcp_keepalives_interval', '1', false),
+                   set_config('tcp_keepalives_count', '3', false),
+                   set_config('tcp_user_timeout', $2, false),
+                   -- What the evidence rule trusts (terms, begins, acknowledgements) must survive a server crash.
+                   set_config('synchronous_commit',
+                              CASE WHEN current_setting('synchronous_commit') = 'off' THEN 'local'
+                                   ELSE current_setting('synchronous_commit') END, false)
+            """,
+            [
+                applicationName, "\(lease)", "\(configuration.effectiveStatementTimeout.roundedUpMilliseconds)",
+                "\(configuration.connectionCheckInterval.roundedUpMilliseconds)", "\(max(1, (lease + 999) / 1000))",
+            ]
+        )
+    }
+}

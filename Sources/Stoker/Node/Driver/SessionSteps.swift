@@ -1,0 +1,232 @@
+/// Serving a joined session: the session thread asks the machine for its next step, performs it on the connections,
+/// and reports the answer — decoded, nothing decided here.
+extension NodeDriver {
+    func serve(_ context: inout SessionContext) throws -> NodeStateMachine.SessionEnd {
+        guard let statements = context.statements else {
+            throw StokerError(.unexpectedResult, "The node's session was not set up.")
+        }
+        let connection = context.connection
+        let nodeID = "\(context.nodeID)"
+        let nodeName = configuration.nodeName
+        while true {
+            try collectWitness(context)
+            let step = withMachine { locked in
+                let step = locked.machine.nextStep(now: .now)
+                if case .hold = step {
+                    locked.holding += 1
+                    locked.sessionHolds += 1
+                }
+                return step
+            }
+            let sent = ContinuousClock.now
+            let reply: NodeStateMachine.Reply
+            var prepared: [LeaderScope] = []
+            /// A scope for a leadership that began in the statement's transaction, counted before anyone can see it
+            /// (so the gauge goes 1, then 0), and outside the lock (a metrics handler is user code).
+            func prepare(_ id: Int, term: Int64, began: Bool) -> LeaderScope? {
+                guard began, let (name, electionMetrics) = withMachine({ $0.machine.election(withID: id) }) else {
+                    return nil
+                }
+                let scope = LeaderScope(
+                    term: term, election: name, incarnation: context.nodeID, metrics: electionMetrics,
+                    lease: context.lease)
+                electionMetrics.leading(true)
+                prepared.append(scope)
+                return scope
+            }
+            func taken(_ rows: [QueryResult.Row], election: Int, from column: Int) throws -> [(
+                election: Int, TakenTerm, scope: LeaderScope?
+            )] {
+                try rows.map { row in
+                    let id = try row.int(election)
+                    let term = try TakenTerm(row, from: column)
+                    return (id, term, prepare(id, term: term.term, began: term.began))
+                }
+            }
+            switch step {
+            case .sendWitnessHeartbeat:
+                do {
+                    try context.witness.send(statements.witnessHeartbeat, [])
+                } catch {
+                    throw Self.witnessLost(error)
+                }
+                withMachine { $0.machine.witnessHeartbeatSent(now: sent) }
+                continue
+            case .leaseExpired:
+                throw LeaseExpired()
+            case .hardStop:
+                return .hardStop
+            case .leave:
+                _ = try connection.execute(statements.leave, [nodeID])
+                reply = .left
+            case .handOver(let id):
+                // Clears the leader (if it is this node) and unlocks, in one statement: its commit sends `released`.
+                let held = try connection.execute(statements.handOver, ["\(id)", nodeID]).singleRow().bool(0)
+                reply = .handedOver(election: id, held: held)
+            case .takeTerm(let id):
+                let row = try connection.execute(statements.takeTerm, ["\(id)", nodeID, nodeName]).singleRow()
+                let term = try TakenTerm(row, from: 0)
+                reply = .termTaken(election: id, term, scope: prepare(id, term: term.term, began: term.began))
+            case .setUpElection(let name):
+                let id = try statements.ensureElection(cluster: context.clusterID, name: name, on: connection)
+                let leader = try connection.execute(statements.whereis, ["\(context.clusterID)", name]).rows.first
+                reply = .electionSetUp(name, id: id, leader: try leader.map { try $0.string(2) })
+            case .releaseWaiterToken(let id):
+                let held = try connection.execute(statements.releaseWaiter, ["\(id)"]).singleRow().bool(0)
+                reply = .waiterTokenReleased(held: held)
+            case .waitAndTake(let id, let others, let wait, let beat):
+                let rows = try connection.execute(
+                    statements.waitAndTake,
+                    [nodeID, "\(id)", "\(wait.roundedUpMilliseconds)", nodeName, beat ? "true" : "false", list(others)]
+                ).rows
+                guard let first = rows.first else {
+                    throw StokerError(.unexpectedResult, "The lock-queue wait returned no row.")
+                }
+                let granted = try first.bool(2)
+                let renewed = beat ? try first.int(0) : 0
+                reply = .waitedAndTook(
+                    election: id, beat: beat, renewed: renewed, granted: granted,
+                    taken: try taken(try rows.filter { try $0.bool(2) }, election: 1, from: 3))
+                if beat { metrics.heartbeatRoundTrip.recordNanoseconds(sent.duration(to: .now).nanoseconds) }
+            case .heartbeatAndTry(let others, let claim):
+                let row = try connection.execute(
+                    statements.heartbeatAndTry, [nodeID, list(others), claim ? "true" : "false"]
+                ).singleRow()
+                reply = .heartbeatAndTried(
+                    renewed: try row.int(0), won: try Self.integers(inArrayLiteral: try row.string(1)),
+                    claimed: claim && !row.isNull(2) ? try row.int(2) : nil)
+                metrics.heartbeatRoundTrip.recordNanoseconds(sent.duration(to: .now).nanoseconds)
+            case .heartbeat:
+                let renewed = try connection.execute(statements.heartbeat, [nodeID]).affectedRows ?? 0
+                reply = .heartbeat(renewed: renewed)
+                metrics.heartbeatRoundTrip.recordNanoseconds(sent.duration(to: .now).nanoseconds)
+            case .claimWaiter(let elections):
+                let row = try connection.execute(statements.claimWaiter, [list(elections)]).singleRow()
+                reply = .claimedWaiter(row.isNull(0) ? nil : try row.int(0))
+            case .tryTake(let elections):
+                let rows = try connection.execute(statements.tryTake, [list(elections), nodeID, nodeName]).rows
+                reply = .triedAndTook(try taken(rows, election: 0, from: 1))
+            case .awaitPredecessor(let id, let name, let predecessor, let wait, let term):
+                let began = try connection.execute(
+                    statements.awaitPredecessor,
+                    ["\(predecessor)", "\(wait.roundedUpMilliseconds)", "\(id)", "\(term)", nodeID, nodeName]
+                ).singleRow().optionalBool(0)
+                reply = .awaitedPredecessor(
+                    name: name, term: term, began: began, scope: prepare(id, term: term, began: began == true))
+            case .checkAcknowledged(let name, let predecessor):
+                let acknowledged = try connection.execute(statements.acknowledged, ["\(predecessor)"]).singleRow()
+                    .bool(0)
+                reply = .acknowledged(name: name, acknowledged)
+            case .beginTerm(let id, let name, let term):
+                let began =
+                    try connection.execute(statements.beginTerm, ["\(id)", "\(term)", nodeID, nodeName]).singleRow()
+                    .optionalBool(0) == true
+                reply = .termBegun(name: name, term: term, began: began, scope: prepare(id, term: term, began: began))
+            case .waitIdle(let until):
+                try waitIdle(until: until, context)
+                takeNotifications(context)
+                continue
+            case .hold(let duration):
+                // Held where the thread would sleep in poll(2), so on resuming it reads the socket first.
+                Self.hold(duration)
+                state.withLock { $0.holding -= 1 }
+                continue
+            }
+            let (outcome, unused) = withMachine { locked in
+                let outcome = locked.machine.replied(reply, sentAt: sent, now: .now)
+                return (outcome, prepared.filter { !locked.machine.holds($0) })
+            }
+            // A leadership prepared that did not begin (a loss, a stop or a resignation came first): uncounted.
+            for scope in unused { scope.metrics.leading(false) }
+            takeNotifications(context)
+            switch outcome {
+            case .proceed:
+                continue
+            case .leaseExpired(let ending):
+                try leaseRanOut(ending, context)
+            case .fail(let error):
+                throw error
+            case .left:
+                logger.info("left the cluster", metadata: metadata)
+                return .stopped
+            }
+        }
+    }
+
+    /// `[1, 2]` → `{1,2}` (an int4 array's text form).
+    private func list(_ elections: [Int]) -> String {
+        "{" + elections.map(String.init).joined(separator: ",") + "}"
+    }
+
+    /// `{1,2}` → `[1, 2]` (an int4 array's text form).
+    static func integers(inArrayLiteral text: String) throws(StokerError) -> [Int] {
+        let inner = text.trimmingPrefix("{").prefix { $0 != "}" }
+        if inner.isEmpty { return [] }
+        var values: [Int] = []
+        for part in inner.split(separator: ",") {
+            guard let value = Int(part) else {
+                throw StokerError(.unexpectedResult, "Expected an integer array, got \"\(text.prefix(40))\".")
+            }
+            values.append(value)
+        }
+        return values
+    }
+
+    /// Hands the cluster channel's notifications to the machine, decoded.
+    private func takeNotifications(_ context: SessionContext) {
+        let events = context.connection.takeNotifications().compactMap { notification in
+            notification.channel == context.channel ? ClusterEvent(payload: notification.payload) : nil
+        }
+        if !events.isEmpty { withMachine { $0.machine.notified(events) } }
+    }
+
+    /// Sleeps until `until`, a notification, a wake-up, or news on the witness session (its heartbeat's answer, or —
+    /// with nothing outstanding — the server ending it, which throws here).
+    private func waitIdle(until: ContinuousClock.Instant, _ context: SessionContext) throws {
+        var polls = 0
+        let outcome = try context.connection.waitForNotifications(
+            until: until, wakeDescriptor: sessionSignal.descriptor, watchDescriptor: context.witness.socket,
+            pollCount: &polls)
+        if outcome == .watched, state.withLock({ $0.machine.witnessQuerySentAt == nil }) {
+            do {
+                try context.witness.consumeInput()
+            } catch {
+                throw Self.witnessLost(error)
+            }
+        }
+    }
+
+    /// The witness session's side, never blocking: collects the answer to its heartbeat if it has arrived (a trusted
+    /// answer renews its half of the lease). The witness runs nothing else: an idle backend sees its client's end at
+    /// once (a crash frees the node lock with the process), where one busy in a statement would notice only at its
+    /// next connection check.
+    private func collectWitness(_ context: SessionContext) throws {
+        guard state.withLock({ $0.machine.witnessQuerySentAt != nil }) else { return }
+        let result: QueryResult?
+        do {
+            result = try context.witness.awaitResult(until: .now)
+        } catch {
+            throw Self.witnessLost(error)
+        }
+        guard result != nil else { return }
+        if case .leaseExpired(let ending) = withMachine({ $0.machine.witnessReplied(now: .now) }) {
+            try leaseRanOut(ending, context)
+        }
+    }
+
+    static func witnessLost(_ error: StokerError) -> StokerError {
+        StokerError(.connectionLost, "The node's witness session ended: \(error.serverMessage ?? error.message)")
+    }
+}
+
+extension TakenTerm {
+    /// What `take_term` answered, read from its five columns starting at `column`.
+    init(_ row: QueryResult.Row, from column: Int) throws(StokerError) {
+        self.init(
+            term: Int64(try row.int(column)),
+            began: try row.bool(column + 1),
+            predecessor: row.isNull(column + 2) ? nil : try row.int(column + 2),
+            sameServer: try row.optionalBool(column + 3) ?? false,
+            leaseMilliseconds: row.isNull(column + 4) ? nil : try row.int(column + 4))
+    }
+}

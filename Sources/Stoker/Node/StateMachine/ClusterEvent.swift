@@ -1,0 +1,39 @@
+/// One notification on the cluster's channel, decoded: what the schema's triggers send (`json_build_object(...)::text`,
+/// see `sql/001_initial.sql` and `sql/003_evidence.sql`), as the node acts on it.
+///
+/// Fields the node does not use (the election's `name`, the `term`) are not kept; extra fields never stop a payload
+/// from decoding, so a later schema may add some.
+enum ClusterEvent: Sendable, Hashable {
+    /// A member joined: `{"event" : "node_up", "node" : <id>, "name" : <name>}` (a row inserted into `nodes`).
+    case nodeUp(ClusterMember)
+    /// A member left, gracefully or deleted by someone else: `node_down`, with the same fields.
+    case nodeDown(ClusterMember)
+    /// A leadership of election `election` began: `node` is its leader's incarnation — nil when the field is null,
+    /// absent or not an integer.
+    case leader(election: Int, node: Int?)
+    /// Election `election`'s leader handed it over gracefully (its leader cleared): a candidate may take it at once.
+    case released(election: Int)
+
+    /// Decodes `payload`; nil for anything else or a malformed payload (the same cases the node skipped with
+    /// `continue`): not a flat JSON object, no string `event`, an unknown event, or a field it needs missing or of the
+    /// wrong type. A payload Stoker did not write is ignored, never an error.
+    init?(payload: String) {
+        guard let fields = FlatJSON.parse(payload), case .string(let event)? = fields["event"] else { return nil }
+        switch event {
+        case "node_up", "node_down":
+            guard case .integer(let id)? = fields["node"], case .string(let name)? = fields["name"] else { return nil }
+            let member = ClusterMember(id: Int(id), name: name)
+            self = event == "node_up" ? .nodeUp(member) : .nodeDown(member)
+        case "leader":
+            guard case .integer(let election)? = fields["election"] else { return nil }
+            var node: Int?
+            if case .integer(let id)? = fields["node"] { node = Int(id) }
+            self = .leader(election: Int(election), node: node)
+        case "released":
+            guard case .integer(let election)? = fields["election"] else { return nil }
+            self = .released(election: Int(election))
+        default:
+            return nil
+        }
+    }
+}

@@ -1,0 +1,456 @@
+/// Serving a joined session: which statement the session thread runs next, and what its answers mean.
+extension NodeStateMachine {
+    /// The session thread's next step. Each statement's answer comes back through ``replied(_:sentAt:now:)``.
+    enum Step: Sendable, Equatable {
+        /// Send the witness's heartbeat (without waiting for it), then report ``witnessHeartbeatSent(now:)``.
+        case sendWitnessHeartbeat
+        /// The lease is over: abandon the session (report ``sessionFailed(_:leaseLost:now:)`` with `leaseLost`).
+        case leaseExpired
+        /// A hard stop: abandon the session without a goodbye.
+        case hardStop
+        /// Every activator has handed its election over: leave the cluster (`node_down`), then end the session.
+        case leave
+        /// Give back a lock this session holds for an election nobody stands for, or a resignation's (`hand_over`).
+        case handOver(election: Int)
+        /// Bump the term of an election whose lock was won without one (`take_term`).
+        case takeTerm(election: Int)
+        /// Look up the row of an election registered since the session began.
+        case setUpElection(String)
+        /// Give back the waiter token of an election.
+        case releaseWaiterToken(election: Int)
+        /// Wait in the lock queue of `election` up to `wait` (with the heartbeat when `beat`); on the grant bump its
+        /// term, try and bump the `others` too.
+        case waitAndTake(election: Int, others: [Int], wait: Duration, beat: Bool)
+        /// The heartbeat with a try (and a bump, in a later step) of `others`; with a claim of a waiter token.
+        case heartbeatAndTry(others: [Int], claim: Bool)
+        case heartbeat
+        /// Try to become the waiter of one of these elections.
+        case claimWaiter([Int])
+        /// Try the locks of these elections, bumping the term of each one won.
+        case tryTake([Int])
+        /// Wait in the queue of `predecessor`'s node lock up to `wait`; on the grant begin the leadership.
+        case awaitPredecessor(election: Int, name: String, predecessor: Int, wait: Duration, term: Int64)
+        /// Did `predecessor`'s next incarnation name it (its acknowledgement)?
+        case checkAcknowledged(name: String, predecessor: Int)
+        /// The evidence is in: begin the leadership of `term`.
+        case beginTerm(election: Int, name: String, term: Int64)
+        /// Sleep until `until`, a notification, a wake-up, or news on the witness session.
+        case waitIdle(until: ContinuousClock.Instant)
+        /// Test hook: hold the thread, touching nothing.
+        case hold(Duration)
+    }
+
+    /// What a statement answered (rows already decoded by the driver).
+    enum Reply: Sendable {
+        case electionSetUp(String, id: Int, leader: String?)
+        case handedOver(election: Int, held: Bool)
+        case termTaken(election: Int, TakenTerm, scope: LeaderScope?)
+        case waiterTokenReleased(held: Bool)
+        /// `renewed`: node rows the heartbeat renewed (when it beat); `granted`: the waited-for lock; `taken`: the
+        /// elections won and bumped in that statement.
+        case waitedAndTook(
+            election: Int, beat: Bool, renewed: Int, granted: Bool,
+            taken: [(election: Int, TakenTerm, scope: LeaderScope?)])
+        case heartbeatAndTried(renewed: Int, won: [Int], claimed: Int?)
+        case heartbeat(renewed: Int)
+        case claimedWaiter(Int?)
+        case triedAndTook([(election: Int, TakenTerm, scope: LeaderScope?)])
+        /// `began`: the leadership began (true), the wait timed out (false), the term moved on (nil).
+        case awaitedPredecessor(name: String, term: Int64, began: Bool?, scope: LeaderScope?)
+        case acknowledged(name: String, Bool)
+        case termBegun(name: String, term: Int64, began: Bool, scope: LeaderScope?)
+        case left
+    }
+
+    /// What to do with a reply.
+    enum Outcome: Sendable {
+        case proceed
+        /// The lease ran out before the reply (see ``Trust/leaseExpired(_:)``).
+        case leaseExpired(Ending?)
+        /// Abandon the session with this error.
+        case fail(StokerError)
+        /// The node left the cluster: end the session.
+        case left
+    }
+
+    // MARK: - The next step
+
+    /// Candidates: followers whose row is set up, not announcing a demotion — none while stopping.
+    private var candidates: [Int] {
+        guard stop == nil, !halting else { return [] }
+        return elections.values.compactMap { election in
+            election.machine.isCandidate && !election.announcing && election.setUp ? election.id : nil
+        }.sorted()
+    }
+
+    /// Whether the session holds (or may hold) an election's lock: then it must never sit in a lock queue.
+    private var holdsElection: Bool {
+        elections.values.contains { $0.releaseReady || $0.announcing || $0.machine.mayHoldLock }
+    }
+
+    /// The session thread's next step, at `now`.
+    mutating func nextStep(now: ContinuousClock.Instant) -> Step {
+        guard var session, session.joined else { return .hardStop }
+        defer { self.session = session }
+        if session.witnessQuery == nil, now >= session.nextWitnessBeat { return .sendWitnessHeartbeat }
+        // Nothing is trusted past the lease: the watchdog may already have ended it.
+        if session.expiredAt != nil || !(session.leaseDeadline.map { now < $0 } ?? false) { return .leaseExpired }
+        switch stop {
+        case .hard?:
+            return .hardStop
+        case .graceful?:
+            // Each activator hands its election over itself (awaiting its leader work); the node leaves last.
+            for name in elections.keys.sorted() where elections[name]?.askedToResign == false {
+                elections[name]?.askedToResign = true
+                if let mailbox = elections[name]?.mailbox { outbox.append(.message(mailbox, .gracefulShutdown)) }
+            }
+            if elections.isEmpty { return .leave }
+        case nil:
+            break
+        }
+        // What is in flight first: locks to give back, bumps of locks won.
+        if let id = session.strayLocks.first { return .handOver(election: id) }
+        if let id = session.bumpsDue.first { return .takeTerm(election: id) }
+        if let name = elections.keys.sorted().first(where: { elections[$0]?.setUp == false }) {
+            return .setUpElection(name)
+        }
+        if let id = elections.keys.sorted().compactMap({ name -> Int? in
+            guard let election = elections[name], election.releaseReady else { return nil }
+            return election.id
+        }).first {
+            return .handOver(election: id)
+        }
+
+        let candidates = self.candidates
+        // One follower per election — the one holding its waiter token, a follower that leads nothing — spends its
+        // time *in* the election's lock queue: the server grants the lock the instant the holder's session ends (a
+        // crash, the server ending it, a hand-over). Every other node keeps its session free for notifications, and
+        // retries on them (`released`, a member gone or come) and at `retryInterval`, when a follower also tries to
+        // become the waiter of an election that has none.
+        let mayWait = !holdsElection && freeze == nil
+        if let token = session.waiterToken, !mayWait || !candidates.contains(token) {
+            return .releaseWaiterToken(election: token)
+        }
+        if let claim = session.pendingClaim {
+            session.pendingClaim = nil
+            let list = claim.filter { candidates.contains($0) }
+            if mayWait, session.waiterToken == nil, !list.isEmpty { return .claimWaiter(list) }
+        }
+        let waitOn = mayWait ? session.waiterToken : nil
+        let others = candidates.filter { $0 != waitOn }
+        if now >= session.nextHeartbeat {
+            // The fallback retry rides on the heartbeat when it would be due before the next one; so does the wait.
+            let retrying = !others.isEmpty && (session.retryNow || session.nextRetry <= now + settings.heartbeat)
+            if let first = waitOn, !retrying {
+                return .waitAndTake(election: first, others: others, wait: queueWait(session), beat: true)
+            }
+            if retrying {
+                session.retryNow = false
+                session.nextRetry = max(session.nextRetry, now) + settings.retryInterval
+                return .heartbeatAndTry(others: others, claim: mayWait && waitOn == nil)
+            }
+            // No election to wait for yet: after the heartbeat, try to become the waiter of one that has none.
+            if mayWait, waitOn == nil, !candidates.isEmpty { session.pendingClaim = candidates }
+            return .heartbeat
+        }
+        if !others.isEmpty, session.retryNow || now >= session.nextRetry {
+            // Told to (a release, a member gone or come, a new election), or the fallback's time.
+            if !session.retryNow { session.nextRetry = now + settings.retryInterval }
+            session.retryNow = false
+            // Something changed (a new leader, a release, a member gone or come): an election may lack a waiter.
+            session.claimIfNoneWon = mayWait && waitOn == nil ? others : nil
+            return .tryTake(others)
+        }
+        session.retryNow = false
+
+        var until = session.nextHeartbeat
+        // The witness's answer wakes the poll; with nothing outstanding, its next heartbeat is due then.
+        if session.witnessQuery == nil { until = min(until, session.nextWitnessBeat) }
+        if let step = evidenceStep(until: until, now: now, &session) { return step }
+        if let first = waitOn {
+            return .waitAndTake(election: first, others: others, wait: queueWait(session), beat: false)
+        }
+        if !others.isEmpty { until = min(until, session.nextRetry) }
+        if let hold = freeze {
+            // Test hook: held where the thread would sleep in poll(2), so on resuming it reads the socket first, as a
+            // thread stopped inside poll would.
+            freeze = nil
+            return .hold(hold)
+        }
+        return .waitIdle(until: until)
+    }
+
+    /// How long a follower's wait in an election's lock queue lasts.
+    private func queueWait(_ session: Session) -> Duration {
+        max(.milliseconds(1), min(session.longestWait, settings.longestQueueWait))
+    }
+
+    /// One step of the wait for evidence that a predecessor stopped acting, for the elections awaiting it in turn: on
+    /// the same server, in the queue of its node lock (granted the instant its witness closes); after a server change,
+    /// its acknowledgement or its lease run out. Nil when no election awaits evidence.
+    private mutating func evidenceStep(
+        until: ContinuousClock.Instant, now: ContinuousClock.Instant, _ session: inout Session
+    ) -> Step? {
+        let waiting = elections.keys.sorted().compactMap { name -> (String, Int, AwaitedEvidence)? in
+            guard let election = elections[name], case .awaitingEvidence = election.machine.state,
+                let evidence = election.evidence, let id = election.id
+            else { return nil }
+            return (name, id, evidence)
+        }
+        let previous = session.lastAwaited
+        guard
+            let (name, id, evidence) = waiting.first(where: { entry in previous.map { entry.0 > $0 } ?? true })
+                ?? waiting.first
+        else { return nil }
+        if evidence.sameServer, let predecessor = evidence.predecessor {
+            session.lastAwaited = name
+            // A wait never longer than half the statement timeout (the server's timeout must never cut it), nor
+            // 250 ms, below the server's `deadlock_timeout`.
+            let left = min(now.duration(to: until), settings.statementTimeout / 2, .milliseconds(250))
+            guard left >= .milliseconds(1) else { return .waitIdle(until: until) }
+            return .awaitPredecessor(
+                election: id, name: name, predecessor: predecessor, wait: left, term: evidence.term)
+        }
+        if session.checkAcknowledgement, let predecessor = evidence.predecessor, !evidence.acknowledged {
+            session.checkAcknowledgement = false
+            return .checkAcknowledged(name: name, predecessor: predecessor)
+        }
+        session.lastAwaited = name
+        if evidence.acknowledged || now >= evidence.leaseRunOut {
+            return .beginTerm(election: id, name: name, term: evidence.term)
+        }
+        // Until a member joins (its row may be the acknowledgement) or the lease has run out.
+        return .waitIdle(until: min(until, evidence.leaseRunOut))
+    }
+
+    // MARK: - Replies
+
+    /// The answer to the statement of a step, sent at `sent`: trusted (it renews the lease) or not, then acted on.
+    mutating func replied(
+        _ reply: Reply, sentAt sent: ContinuousClock.Instant, now: ContinuousClock.Instant
+    ) -> Outcome {
+        if case .leaseExpired(let ending) = replied(on: .main, sentAt: sent, now: now) { return .leaseExpired(ending) }
+        guard var session else { return .proceed }
+        defer { self.session = session }
+        switch reply {
+        case .electionSetUp(let name, let id, let leader):
+            guard var election = elections[name] else { return .proceed }
+            election.id = id
+            election.setUp = true
+            outbox.append(.message(election.mailbox, .leaderObserved(leader)))
+            elections[name] = election
+            session.retryNow = true
+        case .handedOver(let id, let held):
+            if !held { events.append(.strayRelease(election: id)) }
+            if let index = session.strayLocks.firstIndex(of: id) {
+                session.strayLocks.remove(at: index)
+            } else if let name = elections.keys.sorted().first(where: {
+                elections[$0]?.id == id && elections[$0]?.releaseReady == true
+            }) {
+                elections[name]?.releaseReady = false
+                if elections[name]?.machine.released() == .finishResignation {
+                    finishResignation(name, reason: .nodeStopped)
+                }
+            }
+        case .termTaken(let id, let taken, let scope):
+            session.bumpsDue.removeAll { $0 == id }
+            termBumped(election: id, taken, scope: scope, now: now, &session)
+        case .waiterTokenReleased(let held):
+            if !held { events.append(.strayWaiterToken) }
+            session.waiterToken = nil
+        case .waitedAndTook(let id, let beat, let renewed, let granted, let taken):
+            // Granted: the statement gave the waiter token back.
+            if granted, session.waiterToken == id { session.waiterToken = nil }
+            for (election, term, scope) in taken {
+                lockWon(election: election, taken: term, scope: scope, now: now, &session)
+            }
+            // Its holder is gone: whatever else it held is likely free too.
+            if granted { session.retryNow = true }
+            if beat {
+                if renewed == 0 { return .fail(Self.rowDeleted) }
+                session.nextHeartbeat = sent + settings.heartbeat
+            }
+        case .heartbeatAndTried(let renewed, let won, let claimed):
+            if let claimed { session.waiterToken = claimed }
+            if renewed == 0 { return .fail(Self.rowDeleted) }
+            session.nextHeartbeat = sent + settings.heartbeat
+            for id in won { lockWon(election: id, taken: nil, scope: nil, now: now, &session) }
+        case .heartbeat(let renewed):
+            if renewed == 0 { return .fail(Self.rowDeleted) }
+            session.nextHeartbeat = sent + settings.heartbeat
+        case .claimedWaiter(let token):
+            if let token { session.waiterToken = token }
+        case .triedAndTook(let taken):
+            for (id, term, scope) in taken { lockWon(election: id, taken: term, scope: scope, now: now, &session) }
+            if taken.isEmpty, let claim = session.claimIfNoneWon { session.pendingClaim = claim }
+            session.claimIfNoneWon = nil
+        case .awaitedPredecessor(let name, let term, let began, let scope):
+            guard let began else { return .fail(Self.termMovedOn(name)) }
+            if began { evidenceFound(name, term: term, scope: scope) }
+        case .acknowledged(let name, let acknowledged):
+            if acknowledged, case .awaitingEvidence = elections[name]?.machine.state {
+                elections[name]?.evidence?.acknowledged = true
+            }
+        case .termBegun(let name, let term, let began, let scope):
+            guard began else { return .fail(Self.termMovedOn(name)) }
+            evidenceFound(name, term: term, scope: scope)
+        case .left:
+            return .left
+        }
+        return .proceed
+    }
+
+    /// Which election a lock won belongs to, and the metrics a scope of it counts with (for the driver, which
+    /// prepares the scope before it reports a bump that began).
+    func election(withID id: Int) -> (name: String, metrics: ElectionMetrics)? {
+        guard let (name, election) = elections.first(where: { $0.value.id == id }) else { return nil }
+        return (name, election.metrics)
+    }
+
+    /// This session holds the lock of election `id` now — and, when `taken` is given, the same statement already
+    /// bumped its term; otherwise the bump is due.
+    private mutating func lockWon(
+        election id: Int, taken: TakenTerm?, scope: LeaderScope?, now: ContinuousClock.Instant,
+        _ session: inout Session
+    ) {
+        guard let name = elections.keys.sorted().first(where: { elections[$0]?.id == id }),
+            var election = elections[name]
+        else {
+            // The activator went away between the try and now: give the lock back.
+            session.strayLocks.append(id)
+            return
+        }
+        let action = election.machine.lockWon()
+        elections[name] = election
+        switch action {
+        case .bumpTerm:
+            if let taken {
+                termBumped(election: id, taken, scope: scope, now: now, &session)
+            } else {
+                session.bumpsDue.append(id)
+            }
+        case .releaseLock:
+            session.strayLocks.append(id)
+        default:
+            break
+        }
+    }
+
+    /// The term bump of election `id` answered. Without a hand-over or a free node lock of the predecessor, the
+    /// leadership waits for evidence that the predecessor stopped acting: the term is bumped (the fence refuses the
+    /// predecessor already), `isLeader` stays false.
+    private mutating func termBumped(
+        election id: Int, _ taken: TakenTerm, scope: LeaderScope?, now: ContinuousClock.Instant,
+        _ session: inout Session
+    ) {
+        guard let name = elections.keys.sorted().first(where: { elections[$0]?.id == id }),
+            var election = elections[name]
+        else {
+            session.strayLocks.append(id)
+            return
+        }
+        if halting || stop == .hard {
+            // A hard stop began while the bump was in flight: this leadership never starts.
+            _ = election.machine.leadershipLost(.connectionLost)
+            elections[name] = election
+            return
+        }
+        let began = taken.began && scope != nil
+        switch election.machine.termBumped(taken.term, began: began) {
+        case .startLeading(let term):
+            if let scope {
+                election.scope = scope
+                outbox.append(.message(election.mailbox, .leader(scope)))
+                events.append(.becameLeader(election: name, term: term))
+            }
+        case .awaitEvidence(let term):
+            // The longest lease the predecessor (or, not knowing it, any member) may have had, and never less than
+            // this node's own.
+            let lease = max(settings.lease, .milliseconds(taken.leaseMilliseconds ?? 0))
+            let evidence = AwaitedEvidence(
+                term: term, predecessor: taken.predecessor, sameServer: taken.sameServer, leaseRunOut: now + lease)
+            election.evidence = evidence
+            session.checkAcknowledgement = true
+            events.append(.awaitingEvidence(election: name, term: term, evidence))
+        case .endLeadingAndRelease:
+            election.releaseReady = true
+        default:
+            break
+        }
+        elections[name] = election
+    }
+
+    /// Leadership of `name` began on the server (its begin committed): start the scope and tell the activator —
+    /// unless the election's machine says otherwise (a loss or a resignation came first).
+    private mutating func evidenceFound(_ name: String, term: Int64, scope: LeaderScope?) {
+        guard var election = elections[name], !halting, stop != .hard, let scope else { return }
+        let action = election.machine.evidenceFound()
+        election.evidence = nil
+        if case .startLeading = action {
+            election.scope = scope
+            outbox.append(.message(election.mailbox, .leader(scope)))
+            events.append(.becameLeader(election: name, term: term))
+        }
+        elections[name] = election
+    }
+
+    /// Whether the machine kept `scope` (a leadership prepared by the driver that did not begin is uncounted).
+    func holds(_ scope: LeaderScope) -> Bool {
+        elections.values.contains { $0.scope === scope }
+    }
+
+    // MARK: - Notifications
+
+    /// The cluster channel's notifications arrived (decoded; others' channels already filtered out).
+    mutating func notified(_ notifications: [ClusterEvent]) {
+        guard var session else { return }
+        defer { self.session = session }
+        for event in notifications {
+            switch event {
+            case .nodeUp(let member), .nodeDown(let member):
+                guard member.id != session.nodeID else { continue }
+                let change: ClusterChange
+                if case .nodeUp = event {
+                    session.members[member.id] = member.name
+                    // Its row may be the acknowledgement a successor waits for.
+                    session.checkAcknowledgement = true
+                    change = .nodeUp(member)
+                } else {
+                    session.members[member.id] = nil
+                    change = .nodeDown(member)
+                }
+                for name in elections.keys.sorted() where elections[name]?.machine.leadingTerm != nil {
+                    if let mailbox = elections[name]?.mailbox { outbox.append(.message(mailbox, .member(change))) }
+                }
+                // A member gone may have freed locks; one come back may have acknowledged its predecessor.
+                session.retryNow = true
+            case .leader(let election, let node):
+                let leader = node.flatMap { session.members[$0] }
+                for name in elections.keys.sorted() {
+                    guard let entry = elections[name], entry.id == election, entry.machine.leadingTerm == nil else {
+                        continue
+                    }
+                    outbox.append(.message(entry.mailbox, .leaderObserved(leader)))
+                }
+                // A new leader may have been its election's waiter: another follower can take the role now.
+                session.retryNow = true
+            case .released(let election):
+                for name in elections.keys.sorted() {
+                    guard let entry = elections[name], entry.id == election, entry.machine.isCandidate else {
+                        continue
+                    }
+                    outbox.append(.message(entry.mailbox, .leaderObserved(nil)))
+                    session.retryNow = true
+                }
+            }
+        }
+    }
+
+    static let rowDeleted = StokerError(
+        .connectionLost, "This node's row was deleted by someone else; rejoining as a new incarnation.")
+
+    static func termMovedOn(_ name: String) -> StokerError {
+        StokerError(
+            .unexpectedResult, "The term of election \"\(name)\" moved on while this node held its lock; rejoining.")
+    }
+}
