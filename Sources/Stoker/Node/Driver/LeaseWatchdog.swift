@@ -30,10 +30,11 @@ extension NodeDriver {
     /// The lease of session `generation` may have run out (the machine checks again: a reply may just have extended
     /// it). Leadership ended at the deadline, whenever this thread got to run: that is what `isLeader` said already.
     func expireLease(generation: UInt64) {
-        guard let ending = withMachine({ $0.machine.leaseDeadlinePassed(generation: generation, now: .now) }) else {
-            return
+        let (expired, events) = withMachineDeferringEvents {
+            $0.machine.leaseDeadlinePassed(generation: generation, now: .now)
         }
-        lose(ending, reason: .leaseExpired, cut: generation)
+        guard let ending = expired else { return log(events) }
+        lose(ending, reason: .leaseExpired, cut: generation, events: events)
         sessionSignal.signal()
     }
 }

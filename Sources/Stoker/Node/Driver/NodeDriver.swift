@@ -83,17 +83,24 @@ final class NodeDriver: Sendable {
 
     // MARK: - Feeding the machine
 
-    /// Runs `body` on the machine under the lock, performs the deliveries it queued (in order, still under the lock),
-    /// extends the lease clock to the machine's deadline, and logs its events once the lock is released.
+    /// Runs `body` on the machine under the lock, extends the lease clock to the machine's deadline, performs the
+    /// deliveries it queued (in order, still under the lock: a `.leader` must never be seen before the lease that
+    /// makes it valid), and logs its events once the lock is released.
     func withMachine<T>(_ body: (inout Locked) -> T) -> T {
-        let (value, events) = state.withLock { locked in
+        let (value, events) = withMachineDeferringEvents(body)
+        log(events)
+        return value
+    }
+
+    /// ``withMachine(_:)``, but the events are returned rather than logged: for an input that may take leaderships out
+    /// of play, whose scopes must end before any user code (a log handler) runs.
+    func withMachineDeferringEvents<T>(_ body: (inout Locked) -> T) -> (T, [NodeStateMachine.Event]) {
+        state.withLock { locked in
             let value = body(&locked)
-            Self.deliver(locked.machine.takeDeliveries(), in: &locked)
             if let deadline = locked.machine.leaseDeadline { locked.lease.extend(to: deadline) }
+            Self.deliver(locked.machine.takeDeliveries(), in: &locked)
             return (value, locked.machine.takeEvents())
         }
-        for event in events { log(event) }
-        return value
     }
 
     /// Hands deliveries to the activators, in order (under the lock: a yield never blocks nor runs user code).
@@ -113,6 +120,10 @@ final class NodeDriver: Sendable {
                 locked.resignWaiters.removeValue(forKey: election)?.resume()
             }
         }
+    }
+
+    func log(_ events: [NodeStateMachine.Event]) {
+        for event in events { log(event) }
     }
 
     private func log(_ event: NodeStateMachine.Event) {
@@ -162,9 +173,13 @@ final class NodeDriver: Sendable {
                 uniquingKeysWith: { $1 }))
     }
 
-    /// A loss: end every leadership it took out of play, at its instant (cut both sockets first when `cut` and the
-    /// session is still `generation`), then let the machine announce the demotions.
-    func lose(_ ending: NodeStateMachine.Ending, reason: DemotionReason, cut generation: UInt64?) {
+    /// A loss: end every leadership it took out of play, at its instant, then cut both sockets (when `cut` and the
+    /// session is still `generation`), then let the machine announce the demotions, then log `events` (what the
+    /// machine said when it decided the loss).
+    func lose(
+        _ ending: NodeStateMachine.Ending, reason: DemotionReason, cut generation: UInt64?,
+        events: [NodeStateMachine.Event] = []
+    ) {
         for (_, scope) in ending.scopes { endScope(scope, at: ending.at, reason: "\(reason)") }
         if let generation {
             // Only now that no leadership is left: the server frees the locks at once, and the witness's end is the
@@ -175,6 +190,7 @@ final class NodeDriver: Sendable {
             }
         }
         withMachine { $0.machine.leadershipsEnded(ending, reason: reason) }
+        log(events)
     }
 
     static func cut(_ sockets: [Int32]) {

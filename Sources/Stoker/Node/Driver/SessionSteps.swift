@@ -34,14 +34,13 @@ extension NodeDriver {
                 prepared.append(scope)
                 return scope
             }
+            /// The elections won and bumped, each with its scope when it began: every row is decoded before any scope
+            /// is prepared (a bad row then leaves no leadership counted).
             func taken(_ rows: [QueryResult.Row], election: Int, from column: Int) throws -> [(
                 election: Int, TakenTerm, scope: LeaderScope?
             )] {
-                try rows.map { row in
-                    let id = try row.int(election)
-                    let term = try TakenTerm(row, from: column)
-                    return (id, term, prepare(id, term: term.term, began: term.began))
-                }
+                let decoded = try rows.map { row in (try row.int(election), try TakenTerm(row, from: column)) }
+                return decoded.map { id, term in (id, term, prepare(id, term: term.term, began: term.began)) }
             }
             switch step {
             case .sendWitnessHeartbeat:
@@ -132,18 +131,26 @@ extension NodeDriver {
                 state.withLock { $0.holding -= 1 }
                 continue
             }
-            let (outcome, unused) = withMachine { locked in
+            // A leadership that begins after a wait for evidence starts from the members as they were when it began:
+            // what the wait's answer brought is news from before.
+            if step.waitsForEvidence { takeNotifications(context) }
+            let ((outcome, unused), events) = withMachineDeferringEvents { locked in
                 let outcome = locked.machine.replied(reply, sentAt: sent, now: .now)
                 return (outcome, prepared.filter { !locked.machine.holds($0) })
             }
-            // A leadership prepared that did not begin (a loss, a stop or a resignation came first): uncounted.
+            if case .leaseExpired(let ending) = outcome {
+                defer { for scope in unused { scope.metrics.leading(false) } }
+                try leaseRanOut(ending, context, events: events)
+            }
+            log(events)
+            // A leadership prepared that did not begin (a stop or a resignation came first): uncounted.
             for scope in unused { scope.metrics.leading(false) }
             takeNotifications(context)
             switch outcome {
             case .proceed:
                 continue
-            case .leaseExpired(let ending):
-                try leaseRanOut(ending, context)
+            case .leaseExpired:
+                throw LeaseExpired()
             case .fail(let error):
                 throw error
             case .left:
@@ -209,9 +216,9 @@ extension NodeDriver {
             throw Self.witnessLost(error)
         }
         guard result != nil else { return }
-        if case .leaseExpired(let ending) = withMachine({ $0.machine.witnessReplied(now: .now) }) {
-            try leaseRanOut(ending, context)
-        }
+        let (trust, events) = withMachineDeferringEvents { $0.machine.witnessReplied(now: .now) }
+        if case .leaseExpired(let ending) = trust { try leaseRanOut(ending, context, events: events) }
+        log(events)
     }
 
     static func witnessLost(_ error: StokerError) -> StokerError {
@@ -228,5 +235,15 @@ extension TakenTerm {
             predecessor: row.isNull(column + 2) ? nil : try row.int(column + 2),
             sameServer: try row.optionalBool(column + 3) ?? false,
             leaseMilliseconds: row.isNull(column + 4) ? nil : try row.int(column + 4))
+    }
+}
+
+extension NodeStateMachine.Step {
+    /// A step of the wait for evidence: its answer may begin a leadership.
+    var waitsForEvidence: Bool {
+        switch self {
+        case .awaitPredecessor, .checkAcknowledged, .beginTerm: true
+        default: false
+        }
     }
 }

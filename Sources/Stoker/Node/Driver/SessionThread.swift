@@ -140,10 +140,10 @@ extension NodeDriver {
             // the deadline.
             let stokerError =
                 (error as? StokerError) ?? StokerError(.connectionLost, "The node's session failed: \(error)")
-            let failure = withMachine {
+            let (failure, events) = withMachineDeferringEvents {
                 $0.machine.sessionFailed(stokerError, leaseLost: error is LeaseExpired, now: .now)
             }
-            lose(failure.ending, reason: failure.reason, cut: failure.cut ? context.generation : nil)
+            lose(failure.ending, reason: failure.reason, cut: failure.cut ? context.generation : nil, events: events)
             return failure.end
         }
     }
@@ -155,16 +155,22 @@ extension NodeDriver {
     ) throws -> T {
         let sent = ContinuousClock.now
         let value = try body()
-        if case .leaseExpired(let ending) = withMachine({ $0.machine.replied(on: side, sentAt: sent, now: .now) }) {
-            try leaseRanOut(ending, context)
-        }
+        let (trust, events) = withMachineDeferringEvents { $0.machine.replied(on: side, sentAt: sent, now: .now) }
+        if case .leaseExpired(let ending) = trust { try leaseRanOut(ending, context, events: events) }
+        log(events)
         return value
     }
 
     /// The lease ran out before a reply: end what the expiry took out of play (as the watchdog would), then abandon
     /// the session.
-    func leaseRanOut(_ ending: NodeStateMachine.Ending?, _ context: SessionContext) throws -> Never {
-        if let ending { lose(ending, reason: .leaseExpired, cut: context.generation) }
+    func leaseRanOut(
+        _ ending: NodeStateMachine.Ending?, _ context: SessionContext, events: [NodeStateMachine.Event]
+    ) throws -> Never {
+        if let ending {
+            lose(ending, reason: .leaseExpired, cut: context.generation, events: events)
+        } else {
+            log(events)
+        }
         sessionSignal.signal()
         throw LeaseExpired()
     }

@@ -90,11 +90,17 @@ extension NodeStateMachine {
 
     /// The session thread's next step, at `now`.
     mutating func nextStep(now: ContinuousClock.Instant) -> Step {
-        guard var session, session.joined else { return .hardStop }
+        // No joined session: nothing to serve (the driver never asks then); abandon it rather than go on.
+        guard var session, session.joined else { return .leaseExpired }
         defer { self.session = session }
         if session.witnessQuery == nil, now >= session.nextWitnessBeat { return .sendWitnessHeartbeat }
         // Nothing is trusted past the lease: the watchdog may already have ended it.
         if session.expiredAt != nil || !(session.leaseDeadline.map { now < $0 } ?? false) { return .leaseExpired }
+        if stop == .hard { return .hardStop }
+        // What is in flight first: locks to give back, bumps of locks won — also before a graceful leave, so a lock
+        // won for an election withdrawn meanwhile is handed over (`released`), not dropped with the session.
+        if let id = session.strayLocks.first { return .handOver(election: id) }
+        if let id = session.bumpsDue.first { return .takeTerm(election: id) }
         switch stop {
         case .hard?:
             return .hardStop
@@ -108,9 +114,6 @@ extension NodeStateMachine {
         case nil:
             break
         }
-        // What is in flight first: locks to give back, bumps of locks won.
-        if let id = session.strayLocks.first { return .handOver(election: id) }
-        if let id = session.bumpsDue.first { return .takeTerm(election: id) }
         if let name = elections.keys.sorted().first(where: { elections[$0]?.setUp == false }) {
             return .setUpElection(name)
         }

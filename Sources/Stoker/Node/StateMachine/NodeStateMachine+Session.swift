@@ -95,7 +95,10 @@ extension NodeStateMachine {
     ) -> Failure {
         let hard = stop == .hard
         guard let current = session else {
-            return Failure(ending: Ending(at: now, scopes: []), reason: .connectionLost, cut: false, end: .stopped)
+            // No session (the driver never reports a failure then): nothing to end; reconnect.
+            return Failure(
+                ending: Ending(at: now, scopes: []), reason: .connectionLost, cut: false,
+                end: hard ? .hardStop : .connectionLost(error))
         }
         // Past a deadline this session really had (a failure before the first confirmed reply is not a lease expiry).
         let pastDeadline = current.leaseDeadline.map { now >= $0 } ?? false
