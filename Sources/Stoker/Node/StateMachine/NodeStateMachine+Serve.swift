@@ -93,10 +93,10 @@ extension NodeStateMachine {
         // No joined session: nothing to serve (the driver never asks then); abandon it rather than go on.
         guard var session, session.joined else { return .leaseExpired }
         defer { self.session = session }
-        if session.witnessQuery == nil, now >= session.nextWitnessBeat { return .sendWitnessHeartbeat }
         // Nothing is trusted past the lease: the watchdog may already have ended it.
         if session.expiredAt != nil || !(session.leaseDeadline.map { now < $0 } ?? false) { return .leaseExpired }
         if stop == .hard { return .hardStop }
+        if session.witnessQuery == nil, now >= session.nextWitnessBeat { return .sendWitnessHeartbeat }
         // What is in flight first: locks to give back, bumps of locks won — also before a graceful leave, so a lock
         // won for an election withdrawn meanwhile is handed over (`released`), not dropped with the session.
         if let id = session.strayLocks.first { return .handOver(election: id) }
@@ -262,6 +262,8 @@ extension NodeStateMachine {
             if !held { events.append(.strayWaiterToken) }
             session.waiterToken = nil
         case .waitedAndTook(let id, let beat, let renewed, let granted, let taken):
+            // The node's row is gone: no leadership begins on this session (its locks go with it).
+            if beat, renewed == 0 { return .fail(Self.rowDeleted) }
             // Granted: the statement gave the waiter token back.
             if granted, session.waiterToken == id { session.waiterToken = nil }
             for (election, term, scope) in taken {
@@ -269,10 +271,7 @@ extension NodeStateMachine {
             }
             // Its holder is gone: whatever else it held is likely free too.
             if granted { session.retryNow = true }
-            if beat {
-                if renewed == 0 { return .fail(Self.rowDeleted) }
-                session.nextHeartbeat = sent + settings.heartbeat
-            }
+            if beat { session.nextHeartbeat = sent + settings.heartbeat }
         case .heartbeatAndTried(let renewed, let won, let claimed):
             if let claimed { session.waiterToken = claimed }
             if renewed == 0 { return .fail(Self.rowDeleted) }
@@ -353,9 +352,11 @@ extension NodeStateMachine {
             return
         }
         if halting || stop == .hard {
-            // A hard stop began while the bump was in flight: this leadership never starts.
-            _ = election.machine.leadershipLost(.connectionLost)
+            // A hard stop began while the bump was in flight: this leadership never starts; a resignation asked
+            // meanwhile is finished (the lock goes with the session).
+            let action = election.machine.leadershipLost(.connectionLost)
             elections[name] = election
+            if action == .finishResignation { finishResignation(name, reason: .cancelled) }
             return
         }
         let began = taken.began && scope != nil

@@ -12,7 +12,8 @@
 ///
 /// The rules it keeps:
 /// - a leadership begins only when the election's machine says so (its term bump committed, and on evidence that
-///   its predecessor stopped), and never while the node is stopping;
+///   its predecessor stopped), and never during a hard stop (during a graceful stop, one that begins is handed over
+///   by the resignation the stop asks its activator for);
 /// - when the session or the lease is lost, every leadership ends — the driver ends the scopes at the instant given,
 ///   and only then reports ``leadershipsEnded(_:reason:)``, which queues the demotions: no message can overtake the end
 ///   it follows;
@@ -53,8 +54,9 @@ struct NodeStateMachine: Sendable {
         case message(Mailbox, ActivatorMessage)
         /// The leadership `scope` ended (the driver ended it first): `.demoted(reason, endedAt: scope.endedAt)`.
         case demoted(Mailbox, DemotionReason, scope: LeaderScope)
-        /// The activator's last message: `.stopped(reason, endedAt: scope?.endedAt ?? endedAt)` (the scope, if any,
-        /// was ended first), then the stream finishes.
+        /// The activator's last message: `.stopped(reason, endedAt: scope?.endedAt ?? endedAt)`, then the stream
+        /// finishes. The scope, if any, was ended first — or, for a resignation a loss finished, is being ended by the
+        /// resigning activator itself, and `endedAt` is the instant of that resignation.
         case stopped(Mailbox, ShutdownReason, scope: LeaderScope?, endedAt: ContinuousClock.Instant?)
         /// The stream finishes (the activator withdrew).
         case finish(Mailbox)
