@@ -15,7 +15,9 @@ struct ElectionStateMachineTests {
         case termBumped(Int64, began: Bool)
         case evidenceFound
         case leadershipLost(DemotionReason)
+        case leadershipEnded
         case resign
+        case leaderWorkDrained
         case released
 
         func apply(to machine: inout ElectionStateMachine) -> ElectionStateMachine.Action {
@@ -24,7 +26,9 @@ struct ElectionStateMachineTests {
             case .termBumped(let term, let began): machine.termBumped(term, began: began)
             case .evidenceFound: machine.evidenceFound()
             case .leadershipLost(let loss): machine.leadershipLost(loss)
+            case .leadershipEnded: machine.leadershipEnded()
             case .resign: machine.resign()
+            case .leaderWorkDrained: machine.leaderWorkDrained()
             case .released: machine.released()
             }
         }
@@ -35,7 +39,9 @@ struct ElectionStateMachineTests {
             case .termBumped(let term, let began): "termBumped(\(term), began: \(began))"
             case .evidenceFound: "evidenceFound()"
             case .leadershipLost(let loss): "leadershipLost(.\(loss))"
+            case .leadershipEnded: "leadershipEnded()"
             case .resign: "resign()"
+            case .leaderWorkDrained: "leaderWorkDrained()"
             case .released: "released()"
             }
         }
@@ -73,6 +79,7 @@ struct ElectionStateMachineTests {
         case .endLeadingAndRelease(nil): ".endLeadingAndRelease(term: nil)"
         case .finishResignation: ".finishResignation"
         case .releaseLock: ".releaseLock"
+        case .announceDemotion: ".announceDemotion"
         }
     }
 
@@ -81,8 +88,10 @@ struct ElectionStateMachineTests {
         .acquiring,
         .awaitingEvidence(term: 7),
         .leading(term: 7),
+        .ending(term: 7),
         .resigning(wasLeading: true),
         .resigning(wasLeading: false),
+        .releasing,
         .withdrawn,
     ]
 
@@ -93,7 +102,9 @@ struct ElectionStateMachineTests {
         .evidenceFound,
         .leadershipLost(.leaseExpired),
         .leadershipLost(.connectionLost),
+        .leadershipEnded,
         .resign,
+        .leaderWorkDrained,
         .released,
     ]
 
@@ -108,7 +119,9 @@ struct ElectionStateMachineTests {
         .init(.follower, .evidenceFound, .none, .follower),
         .init(.follower, .leadershipLost(.leaseExpired), .none, .follower),
         .init(.follower, .leadershipLost(.connectionLost), .none, .follower),
+        .init(.follower, .leadershipEnded, .none, .follower),
         .init(.follower, .resign, .finishResignation, .withdrawn),
+        .init(.follower, .leaderWorkDrained, .none, .follower),
         .init(.follower, .released, .none, .follower),
 
         // acquiring: the lock is held, the bump in flight, not a leader yet. A bump that found the hand-over (or the
@@ -119,7 +132,9 @@ struct ElectionStateMachineTests {
         .init(.acquiring, .evidenceFound, .none, .acquiring),
         .init(.acquiring, .leadershipLost(.leaseExpired), .none, .follower),
         .init(.acquiring, .leadershipLost(.connectionLost), .none, .follower),
+        .init(.acquiring, .leadershipEnded, .none, .acquiring),
         .init(.acquiring, .resign, .none, .resigning(wasLeading: false)),
+        .init(.acquiring, .leaderWorkDrained, .none, .acquiring),
         .init(.acquiring, .released, .none, .acquiring),
 
         // awaitingEvidence(7): the lock is held and the term bumped, not a leader yet; only evidence begins it, with
@@ -130,7 +145,9 @@ struct ElectionStateMachineTests {
         .init(.awaitingEvidence(term: 7), .evidenceFound, .startLeading(term: 7), .leading(term: 7)),
         .init(.awaitingEvidence(term: 7), .leadershipLost(.leaseExpired), .none, .follower),
         .init(.awaitingEvidence(term: 7), .leadershipLost(.connectionLost), .none, .follower),
-        .init(.awaitingEvidence(term: 7), .resign, .endLeadingAndRelease(term: nil), .resigning(wasLeading: false)),
+        .init(.awaitingEvidence(term: 7), .leadershipEnded, .none, .awaitingEvidence(term: 7)),
+        .init(.awaitingEvidence(term: 7), .resign, .endLeadingAndRelease(term: nil), .releasing),
+        .init(.awaitingEvidence(term: 7), .leaderWorkDrained, .none, .awaitingEvidence(term: 7)),
         .init(.awaitingEvidence(term: 7), .released, .none, .awaitingEvidence(term: 7)),
 
         // leading(7).
@@ -138,37 +155,67 @@ struct ElectionStateMachineTests {
         .init(.leading(term: 7), .termBumped(8, began: true), .none, .leading(term: 7)),
         .init(.leading(term: 7), .termBumped(8, began: false), .none, .leading(term: 7)),
         .init(.leading(term: 7), .evidenceFound, .none, .leading(term: 7)),
-        .init(.leading(term: 7), .leadershipLost(.leaseExpired), .endLeading(term: 7, .leaseExpired), .follower),
-        .init(.leading(term: 7), .leadershipLost(.connectionLost), .endLeading(term: 7, .connectionLost), .follower),
+        .init(
+            .leading(term: 7), .leadershipLost(.leaseExpired), .endLeading(term: 7, .leaseExpired), .ending(term: 7)),
+        .init(
+            .leading(term: 7), .leadershipLost(.connectionLost), .endLeading(term: 7, .connectionLost),
+            .ending(term: 7)),
+        .init(.leading(term: 7), .leadershipEnded, .none, .leading(term: 7)),
         .init(.leading(term: 7), .resign, .endLeadingAndRelease(term: 7), .resigning(wasLeading: true)),
+        .init(.leading(term: 7), .leaderWorkDrained, .none, .leading(term: 7)),
         .init(.leading(term: 7), .released, .none, .leading(term: 7)),
 
-        // resigning after leading: leadership ended locally, the release is in flight.
+        // ending(7): a lost leadership being ended; a candidate again only once its demotion is announced. A
+        // resignation meanwhile withdraws (whoever resigns ends the scope too).
+        .init(.ending(term: 7), .lockWon, .none, .ending(term: 7)),
+        .init(.ending(term: 7), .termBumped(8, began: true), .none, .ending(term: 7)),
+        .init(.ending(term: 7), .termBumped(8, began: false), .none, .ending(term: 7)),
+        .init(.ending(term: 7), .evidenceFound, .none, .ending(term: 7)),
+        .init(.ending(term: 7), .leadershipLost(.leaseExpired), .none, .ending(term: 7)),
+        .init(.ending(term: 7), .leadershipLost(.connectionLost), .none, .ending(term: 7)),
+        .init(.ending(term: 7), .leadershipEnded, .announceDemotion, .follower),
+        .init(.ending(term: 7), .resign, .finishResignation, .withdrawn),
+        .init(.ending(term: 7), .leaderWorkDrained, .none, .ending(term: 7)),
+        .init(.ending(term: 7), .released, .none, .ending(term: 7)),
+
+        // resigning after leading: leadership ended locally, its leader work draining; then the release.
         .init(.resigning(wasLeading: true), .lockWon, .none, .resigning(wasLeading: true)),
         .init(.resigning(wasLeading: true), .termBumped(8, began: true), .none, .resigning(wasLeading: true)),
         .init(.resigning(wasLeading: true), .termBumped(8, began: false), .none, .resigning(wasLeading: true)),
         .init(.resigning(wasLeading: true), .evidenceFound, .none, .resigning(wasLeading: true)),
         .init(.resigning(wasLeading: true), .leadershipLost(.leaseExpired), .finishResignation, .withdrawn),
         .init(.resigning(wasLeading: true), .leadershipLost(.connectionLost), .finishResignation, .withdrawn),
+        .init(.resigning(wasLeading: true), .leadershipEnded, .none, .resigning(wasLeading: true)),
         .init(.resigning(wasLeading: true), .resign, .none, .resigning(wasLeading: true)),
+        .init(.resigning(wasLeading: true), .leaderWorkDrained, .none, .releasing),
         .init(.resigning(wasLeading: true), .released, .finishResignation, .withdrawn),
 
-        // resigning without having led: the bump was in flight (its answer, whichever, triggers the release), or the
-        // machine was awaiting evidence (the release is in flight). Late evidence begins nothing.
+        // resigning without having led: the bump was in flight; its answer, whichever, triggers the release. Late
+        // evidence begins nothing.
         .init(.resigning(wasLeading: false), .lockWon, .none, .resigning(wasLeading: false)),
         .init(
-            .resigning(wasLeading: false), .termBumped(8, began: true), .endLeadingAndRelease(term: nil),
-            .resigning(wasLeading: false)
-        ),
+            .resigning(wasLeading: false), .termBumped(8, began: true), .endLeadingAndRelease(term: nil), .releasing),
         .init(
-            .resigning(wasLeading: false), .termBumped(8, began: false), .endLeadingAndRelease(term: nil),
-            .resigning(wasLeading: false)
-        ),
+            .resigning(wasLeading: false), .termBumped(8, began: false), .endLeadingAndRelease(term: nil), .releasing),
         .init(.resigning(wasLeading: false), .evidenceFound, .none, .resigning(wasLeading: false)),
         .init(.resigning(wasLeading: false), .leadershipLost(.leaseExpired), .finishResignation, .withdrawn),
         .init(.resigning(wasLeading: false), .leadershipLost(.connectionLost), .finishResignation, .withdrawn),
+        .init(.resigning(wasLeading: false), .leadershipEnded, .none, .resigning(wasLeading: false)),
         .init(.resigning(wasLeading: false), .resign, .none, .resigning(wasLeading: false)),
+        .init(.resigning(wasLeading: false), .leaderWorkDrained, .none, .resigning(wasLeading: false)),
         .init(.resigning(wasLeading: false), .released, .finishResignation, .withdrawn),
+
+        // releasing: the hand-over is due or in flight; its commit (or the session's end) finishes the resignation.
+        .init(.releasing, .lockWon, .none, .releasing),
+        .init(.releasing, .termBumped(8, began: true), .none, .releasing),
+        .init(.releasing, .termBumped(8, began: false), .none, .releasing),
+        .init(.releasing, .evidenceFound, .none, .releasing),
+        .init(.releasing, .leadershipLost(.leaseExpired), .finishResignation, .withdrawn),
+        .init(.releasing, .leadershipLost(.connectionLost), .finishResignation, .withdrawn),
+        .init(.releasing, .leadershipEnded, .none, .releasing),
+        .init(.releasing, .resign, .none, .releasing),
+        .init(.releasing, .leaderWorkDrained, .none, .releasing),
+        .init(.releasing, .released, .finishResignation, .withdrawn),
 
         // withdrawn: final; a late lock is given straight back.
         .init(.withdrawn, .lockWon, .releaseLock, .withdrawn),
@@ -177,7 +224,9 @@ struct ElectionStateMachineTests {
         .init(.withdrawn, .evidenceFound, .none, .withdrawn),
         .init(.withdrawn, .leadershipLost(.leaseExpired), .none, .withdrawn),
         .init(.withdrawn, .leadershipLost(.connectionLost), .none, .withdrawn),
+        .init(.withdrawn, .leadershipEnded, .none, .withdrawn),
         .init(.withdrawn, .resign, .none, .withdrawn),
+        .init(.withdrawn, .leaderWorkDrained, .none, .withdrawn),
         .init(.withdrawn, .released, .none, .withdrawn),
     ]
 
@@ -195,14 +244,14 @@ struct ElectionStateMachineTests {
         Self.checkDerivedProperties(machine)
     }
 
-    @Test("the table covers all 56 state × input pairs, each once")
+    @Test("the table covers all 90 state × input pairs, each once")
     func tableIsComplete() {
-        #expect(Self.states.count == 7)
-        #expect(Self.inputs.count == 8)
+        #expect(Self.states.count == 9)
+        #expect(Self.inputs.count == 10)
         let expected = Set(Self.states.flatMap { state in Self.inputs.map { Pair(state: state, input: $0) } })
-        #expect(expected.count == 56)
+        #expect(expected.count == 90)
         let rows = Self.table.map { Pair(state: $0.state, input: $0.input) }
-        #expect(rows.count == 56)
+        #expect(rows.count == 90)
         #expect(Set(rows).count == rows.count, "duplicate rows in the table")
         #expect(Set(rows) == expected)
     }
@@ -268,7 +317,7 @@ struct ElectionStateMachineTests {
     ) {
         #expect(machine.isCandidate == (machine.state == .follower), sourceLocation: sourceLocation)
         switch machine.state {
-        case .acquiring, .awaitingEvidence, .leading, .resigning:
+        case .acquiring, .awaitingEvidence, .leading, .ending, .resigning, .releasing:
             #expect(machine.mayHoldLock, sourceLocation: sourceLocation)
         case .follower, .withdrawn:
             #expect(!machine.mayHoldLock, sourceLocation: sourceLocation)
@@ -291,10 +340,12 @@ struct ElectionStateMachineTests {
         case 30..<60:
             nextTerm += Int64(rng.next(upperBound: UInt64(3))) + 1
             return .termBumped(nextTerm, began: roll < 45)
-        case 60..<70: return .evidenceFound
-        case 70..<76: return .leadershipLost(.leaseExpired)
-        case 76..<82: return .leadershipLost(.connectionLost)
-        case 82..<86: return .resign
+        case 60..<68: return .evidenceFound
+        case 68..<73: return .leadershipLost(.leaseExpired)
+        case 73..<78: return .leadershipLost(.connectionLost)
+        case 78..<85: return .leadershipEnded
+        case 85..<89: return .resign
+        case 89..<94: return .leaderWorkDrained
         default: return .released
         }
     }
@@ -319,6 +370,8 @@ struct ElectionStateMachineTests {
         var startCount = 0
         /// The leaderships begun on evidence (after an `.awaitEvidence`).
         var evidenceStartCount = 0
+        /// The term of the leadership ended by a loss whose demotion is not announced yet.
+        var endingTerm: Int64?
 
         /// Checks one step; returns the invariants it breaks (empty when it keeps them all).
         mutating func check(before: Machine, input: Input, action: Action, after: Machine) -> [String] {
@@ -380,6 +433,12 @@ struct ElectionStateMachineTests {
                 require(ledTerm == term, "endLeading(term: \(term)) but the leadership running is \(running)")
                 require(input == .leadershipLost(loss), "endLeading with a loss other than the one reported")
                 ledTerm = nil
+                endingTerm = term
+            case .announceDemotion:
+                // A demotion is announced once, for a leadership a loss ended, and only once that end is reported.
+                require(endingTerm != nil, "announceDemotion without a leadership ended by a loss")
+                require(input == .leadershipEnded, "announceDemotion for an input other than leadershipEnded")
+                endingTerm = nil
             case .endLeadingAndRelease(let term?):
                 require(ledTerm == term, "endLeadingAndRelease(term: \(term)) but the leadership running is \(running)")
                 require(input == .resign, "endLeadingAndRelease(term:) for an input other than resign")
@@ -413,6 +472,12 @@ struct ElectionStateMachineTests {
                 require(before.state == .withdrawn, "releaseLock outside withdrawn")
             }
 
+            // A lost leadership stays out of the running until its demotion is announced (or it is resigned).
+            var ending: Int64?
+            if case .ending(let term) = after.state { ending = term }
+            if after.state == .withdrawn { endingTerm = nil }
+            require(ending == endingTerm, "ending disagrees with the leadership lost and not yet announced")
+
             // Withdrawn is final.
             if before.state == .withdrawn {
                 require(after.state == .withdrawn, "left withdrawn")
@@ -421,6 +486,10 @@ struct ElectionStateMachineTests {
             // A resignation that may hold the lock gets it released: at once, or by the running bump's answer.
             if case .resigning = after.state {
                 require(releaseRequested || bumpInFlight, "resigning with neither a release nor a bump under way")
+            }
+            if after.state == .releasing {
+                require(releaseRequested, "releasing without a release requested")
+                require(after.isReleasing, "releasing is not isReleasing")
             }
 
             require(after.isCandidate == (after.state == .follower), "isCandidate is not exactly follower")
@@ -497,8 +566,8 @@ struct ElectionStateMachineTests {
         #expect(failedWalks == 0, "\(failedWalks) of \(Self.walkCount) walks broke an invariant")
         // The walks really explore the machine: every state shape meets every input, leaders come and go, by either
         // way in.
-        #expect(covered.count == 56, "pairs reached: \(covered.sorted())")
-        #expect(totalStarts > Self.walkCount)
+        #expect(covered.count == 90, "pairs reached: \(covered.sorted())")
+        #expect(totalStarts > Self.walkCount / 2)
         #expect(evidenceStarts > 0 && evidenceStarts < totalStarts)
         #expect(walksWithdrawn > 0 && walksWithdrawn < Self.walkCount)
     }
@@ -517,14 +586,16 @@ struct ElectionStateMachineTests {
         #expect(run(42) != run(43))
     }
 
-    /// The state with its term forgotten, to count pairs reached in walks against the table's 7 × 8.
+    /// The state with its term forgotten, to count pairs reached in walks against the table's 9 × 10.
     static func shape(_ state: State) -> String {
         switch state {
         case .follower: "follower"
         case .acquiring: "acquiring"
         case .awaitingEvidence: "awaitingEvidence"
         case .leading: "leading"
+        case .ending: "ending"
         case .resigning(let wasLeading): "resigning(\(wasLeading))"
+        case .releasing: "releasing"
         case .withdrawn: "withdrawn"
         }
     }

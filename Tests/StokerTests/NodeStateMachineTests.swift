@@ -664,7 +664,7 @@ struct NodeStateMachineTests {
         #expect(failure.value == expected)
         // Nothing is announced before the driver has ended the scope.
         #expect(f.machine.takeDeliveries().isEmpty)
-        #expect(f.machine.elections["a"]?.announcing == true)
+        #expect(f.machine.elections["a"]?.machine.state == .ending(term: 5))
         #expect(scope.end(at: failure.ending.at))
         f.machine.leadershipsEnded(failure.ending, reason: failure.reason)
         #expect(f.machine.takeDeliveries() == [.demoted(f["a"], .connectionLost, scope: scope)])

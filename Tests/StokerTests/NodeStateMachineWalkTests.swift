@@ -973,7 +973,7 @@ extension NodeWorld {
             if !locks.contains(id) { fail("\(describe(step)) without holding election \(id)'s lock") }
         case .handOver(let id):
             if !locks.contains(id) { fail("\(describe(step)) without holding election \(id)'s lock") }
-            if !machine.elections.values.contains(where: { $0.id == id && $0.releaseReady }) {
+            if !machine.elections.values.contains(where: { $0.id == id && $0.machine.isReleasing }) {
                 coverage.strayLocks += 1
             }
         default:

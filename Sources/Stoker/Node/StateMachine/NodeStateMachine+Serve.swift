@@ -75,18 +75,16 @@ extension NodeStateMachine {
 
     // MARK: - The next step
 
-    /// Candidates: followers whose row is set up, not announcing a demotion — none while stopping.
+    /// Candidates: followers whose row is set up on this session — none while stopping.
     private var candidates: [Int] {
         guard stop == nil, !halting else { return [] }
         return elections.values.compactMap { election in
-            election.machine.isCandidate && !election.announcing && election.setUp ? election.id : nil
+            election.machine.isCandidate && election.setUp ? election.id : nil
         }.sorted()
     }
 
     /// Whether the session holds (or may hold) an election's lock: then it must never sit in a lock queue.
-    private var holdsElection: Bool {
-        elections.values.contains { $0.releaseReady || $0.announcing || $0.machine.mayHoldLock }
-    }
+    private var holdsElection: Bool { elections.values.contains { $0.machine.mayHoldLock } }
 
     /// The session thread's next step, at `now`.
     mutating func nextStep(now: ContinuousClock.Instant) -> Step {
@@ -118,7 +116,7 @@ extension NodeStateMachine {
             return .setUpElection(name)
         }
         if let id = elections.keys.sorted().compactMap({ name -> Int? in
-            guard let election = elections[name], election.releaseReady else { return nil }
+            guard let election = elections[name], election.machine.isReleasing else { return nil }
             return election.id
         }).first {
             return .handOver(election: id)
@@ -248,9 +246,8 @@ extension NodeStateMachine {
             if let index = session.strayLocks.firstIndex(of: id) {
                 session.strayLocks.remove(at: index)
             } else if let name = elections.keys.sorted().first(where: {
-                elections[$0]?.id == id && elections[$0]?.releaseReady == true
+                elections[$0]?.id == id && elections[$0]?.machine.isReleasing == true
             }) {
-                elections[name]?.releaseReady = false
                 if elections[name]?.machine.released() == .finishResignation {
                     finishResignation(name, reason: .nodeStopped)
                 }
@@ -376,8 +373,6 @@ extension NodeStateMachine {
             election.evidence = evidence
             session.checkAcknowledgement = true
             events.append(.awaitingEvidence(election: name, term: term, evidence))
-        case .endLeadingAndRelease:
-            election.releaseReady = true
         default:
             break
         }

@@ -101,10 +101,6 @@ struct NodeStateMachine: Sendable {
         var setUp = false
         /// The current leadership's scope (set when it begins, cleared when its end is announced).
         var scope: LeaderScope?
-        /// A demotion is being announced (between the loss and ``leadershipsEnded(_:reason:)``): not a candidate.
-        var announcing = false
-        /// The resignation's leader work has drained (or it never led): the session may release the lock.
-        var releaseReady = false
         /// Someone waits for this election's resignation to finish.
         var resignWaiting = false
         /// When a resignation ended leadership (for the node-initiated `.stopped`).
@@ -267,8 +263,9 @@ struct NodeStateMachine: Sendable {
             return .done(election.scope)
         case .endLeadingAndRelease:
             guard let scope = election.scope else {
-                // Never began (waiting for evidence): the session thread releases the lock now.
-                election.releaseReady = true
+                // Never began (waiting for evidence, or a bump that answered into a resignation): the session thread
+                // releases the lock now.
+                _ = election.machine.leaderWorkDrained()
                 elections[name] = election
                 return .wait
             }
@@ -285,9 +282,12 @@ struct NodeStateMachine: Sendable {
     /// Someone waits for the resignation of `name` to finish (`leaderWorkDrained`: its leader work has finished, the
     /// lock may be released). False when it has finished already: do not wait.
     mutating func resignationAwaited(_ name: String, leaderWorkDrained: Bool) -> Bool {
-        guard var election = elections[name], case .resigning = election.machine.state else { return false }
+        guard var election = elections[name],
+            election.machine.state == .releasing || election.machine.state == .resigning(wasLeading: true)
+                || election.machine.state == .resigning(wasLeading: false)
+        else { return false }
         election.resignWaiting = true
-        if leaderWorkDrained { election.releaseReady = true }
+        if leaderWorkDrained { _ = election.machine.leaderWorkDrained() }
         elections[name] = election
         return true
     }
@@ -315,9 +315,6 @@ struct NodeStateMachine: Sendable {
             election.evidence = nil
             if let scope = election.scope { scopes.append((name, scope)) }
             switch action {
-            case .endLeading:
-                election.announcing = true
-                elections[name] = election
             case .finishResignation:
                 elections[name] = election
                 finishResignation(name, reason: shutdown)
@@ -333,8 +330,7 @@ struct NodeStateMachine: Sendable {
         for (name, scope) in ending.scopes {
             guard var election = elections[name], election.scope === scope else { continue }
             election.scope = nil
-            election.announcing = false
-            if election.machine.leadingTerm == nil, case .follower = election.machine.state {
+            if election.machine.leadershipEnded() == .announceDemotion {
                 outbox.append(.demoted(election.mailbox, reason, scope: scope))
             }
             elections[name] = election
