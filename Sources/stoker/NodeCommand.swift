@@ -20,7 +20,9 @@ struct Node: AsyncParsableCommand {
             CLOCK_MONOTONIC, comparable across processes on one host), "time" (UTC), "node", "incarnation", \
             "election", "event" (now_leader, now_follower, cluster_change, cluster_split, timer, shutdown), \
             "term", and "ended_at" on every demotion (the monotonic instant leadership ended; for a lost lease, \
-            the lease deadline). SIGTERM or SIGINT hands the elections over and exits 0 after "shutdown". A bad \
+            the lease deadline). now_leader lists "members" (name#incarnation, the cluster as the new leader knows \
+            it); cluster_change has "change" (node_up, node_down), "member", "member_incarnation", and for \
+            node_down a "reason" (left, died, removed). SIGTERM or SIGINT hands the elections over and exits 0 after "shutdown". A bad \
             flag or a connection error prints one line on stderr and exits non-zero. Durations: 250ms, 2s, 1.5s, \
             1m (units ns, us, ms, s, m, h). Connections: two per node whatever the number of elections (the main \
             session and an idle witness that holds the node lock), plus one short-lived check at start — plan \
@@ -195,6 +197,9 @@ struct EventPrinter: StokerBehaviour {
         case .nowLeader(let term):
             object.string("event", "now_leader")
             object.integer("term", term)
+            // The cluster as the new leader knows it: `name#incarnation`, by incarnation.
+            let members = context.members.map { JSONLine.quoted($0.description) }
+            object.raw("members", "[" + members.joined(separator: ",") + "]")
         case .nowFollower(let leader, let reason):
             object.string("event", "now_follower")
             object.integer("term", context.term)
@@ -212,10 +217,11 @@ struct EventPrinter: StokerBehaviour {
                 object.string("change", "node_up")
                 object.string("member", member.name)
                 object.integer("member_incarnation", Int64(member.id))
-            case .nodeDown(let member):
+            case .nodeDown(let member, let reason):
                 object.string("change", "node_down")
                 object.string("member", member.name)
                 object.integer("member_incarnation", Int64(member.id))
+                object.string("reason", "\(reason)")
             }
         case .timer:
             object.string("event", "timer")

@@ -82,11 +82,13 @@ struct ElixirParityTests {
                 }
                 let events = history.entries.filter { $0.node == leaderName }.map(\.event)
                 #expect(events.count == 2)
-                guard case .nowLeader = events.first, case .clusterChange(.nodeDown(let member)) = events.last else {
+                guard case .nowLeader = events.first, case .clusterChange(.nodeDown(let member, let reason)) = events.last
+                else {
                     Issue.record("the leader saw \(events)")
                     return
                 }
                 #expect(member.name == other.name)
+                #expect(reason == .left)
                 // The leader's node stops too: it asks its activator to hand over; both activators' runs end.
                 try await leader.stop()
                 for run in runs { try await run.value }

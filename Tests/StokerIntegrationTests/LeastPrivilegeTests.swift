@@ -62,7 +62,11 @@ struct LeastPrivilegeTests {
                         return nodeID
                     }
                 }
-                #expect(try await node.query(statements.heartbeat, [String(nodeID)]).affectedRows == 1)
+                // The heartbeat, with a try of the cluster's sweeper token (a single-bigint advisory lock): taken.
+                let heartbeat = try await node.query(statements.heartbeat, [String(nodeID), "true", String(cluster)])
+                    .singleRow()
+                #expect(try heartbeat.int(0) == 1)
+                #expect(try heartbeat.bool(1), "the sweeper token")
                 #expect(try await node.query(ProtocolStatements.deadlockTimeoutQuery).singleRow().int(0) > 0)
                 _ = try await node.query(statements.warmUp)
                 #expect(try await node.query(statements.members, [String(cluster)]).rows.count == 1)
@@ -113,8 +117,9 @@ struct LeastPrivilegeTests {
                 #expect(try tried.int(1) == 3)
                 #expect(try tried.bool(2))
                 try await handOver(node, statements, election: election, node: nodeID)
-                let beat = try await node.query(statements.heartbeatAndTry, [String(nodeID), "{\(election)}", "true"])
-                    .singleRow()
+                let beat = try await node.query(
+                    statements.heartbeatAndTry, [String(nodeID), "{\(election)}", "true", "false", String(cluster)]
+                ).singleRow()
                 #expect(try beat.int(0) == 1)
                 #expect(try beat.string(1) == "{\(election)}")
                 #expect(try beat.int(2) == election, "the waiter token of the election")
@@ -141,15 +146,21 @@ struct LeastPrivilegeTests {
                     return pid
                 }
                 #expect(otherPID > 0)
-                let swept = try await node.query(statements.sweep, [String(cluster)]).rows.map { try $0.string(1) }
-                #expect(swept == ["node-b"])
-                #expect(try await node.query(statements.leave, [String(nodeID)]).affectedRows == 1)
+                #expect(try await node.query(statements.sweep, [String(cluster)]).singleRow().int(0) == 1)
+                #expect(try await node.query(statements.sweep, [String(cluster)]).singleRow().int(0) == 0)
+                #expect(try await node.query(statements.leave, [String(nodeID)]).singleRow().bool(0))
 
                 var events: [String] = []
+                var downs: [String] = []
                 for await notification in node.notifications {
                     events.append(Self.event(in: notification.payload))
+                    if events.last == "node_down" { downs.append(notification.payload) }
                     if events.count == 14 { break }
                 }
+                // Swept: died; left: left — each once.
+                #expect(downs.count == 2)
+                #expect(downs.first?.contains(#""name" : "node-b", "reason" : "died""#) == true, "\(downs)")
+                #expect(downs.last?.contains(#""name" : "node-a", "reason" : "left""#) == true, "\(downs)")
                 // Own changes are delivered to the listener too, after each commit, in commit order: a leadership
                 // begins three times above (take_term, await_predecessor, begin_term), each a `leader`, then three
                 // more times, each handed over.

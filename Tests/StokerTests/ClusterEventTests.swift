@@ -19,11 +19,28 @@ struct ClusterEventTests {
             label: "node_up",
             payload: #"{"event" : "node_up", "node" : 5, "name" : "host-1:4242"}"#,
             expected: .nodeUp(ClusterMember(id: 5, name: "host-1:4242"))),
-        // json_build_object('event', 'node_down', 'node', OLD.id, 'name', OLD.name)
+        // 001's json_build_object('event', 'node_down', 'node', OLD.id, 'name', OLD.name): no reason.
         Case(
-            label: "node_down",
+            label: "node_down without a reason",
             payload: #"{"event" : "node_down", "node" : 12, "name" : "b"}"#,
-            expected: .nodeDown(ClusterMember(id: 12, name: "b"))),
+            expected: .nodeDown(ClusterMember(id: 12, name: "b"), reason: .removed)),
+        // 004 adds 'reason', coalesce(nullif(current_setting('stoker.node_down_reason', true), ''), 'removed').
+        Case(
+            label: "node_down, left",
+            payload: #"{"event" : "node_down", "node" : 12, "name" : "b", "reason" : "left"}"#,
+            expected: .nodeDown(ClusterMember(id: 12, name: "b"), reason: .left)),
+        Case(
+            label: "node_down, died",
+            payload: #"{"event" : "node_down", "node" : 12, "name" : "b", "reason" : "died"}"#,
+            expected: .nodeDown(ClusterMember(id: 12, name: "b"), reason: .died)),
+        Case(
+            label: "node_down, removed",
+            payload: #"{"event" : "node_down", "node" : 12, "name" : "b", "reason" : "removed"}"#,
+            expected: .nodeDown(ClusterMember(id: 12, name: "b"), reason: .removed)),
+        Case(
+            label: "node_down with a reason this version does not know",
+            payload: #"{"event" : "node_down", "node" : 12, "name" : "b", "reason" : "evicted"}"#,
+            expected: .nodeDown(ClusterMember(id: 12, name: "b"), reason: .removed)),
         Case(
             label: "node_up with a name JSON escapes",
             payload: #"{"event" : "node_up", "node" : 7, "name" : "a \"quoted\" n\u00e4me\ttab"}"#,
@@ -54,7 +71,7 @@ struct ClusterEventTests {
         Case(
             label: "compact JSON, fields in another order, an extra field",
             payload: #"{"name":"a","node":2,"event":"node_down","extra":null}"#,
-            expected: .nodeDown(ClusterMember(id: 2, name: "a"))),
+            expected: .nodeDown(ClusterMember(id: 2, name: "a"), reason: .removed)),
     ]
 
     static let ignored: [Case] = [

@@ -14,7 +14,7 @@ struct NodeFixture {
     /// 300 ms, statement timeout 1 s (the longest queue wait: min(500 ms, 300 ms) = 300 ms).
     static let settings = Machine.Settings(
         lease: .seconds(2), margin: .milliseconds(200), heartbeat: .milliseconds(300),
-        retryInterval: .milliseconds(300), statementTimeout: .seconds(1))
+        retryInterval: .milliseconds(300), statementTimeout: .seconds(1), sweepInterval: .seconds(1))
     /// This node's incarnation, and the members it reads at join (itself and `n2`).
     static let nodeID = 10
     static let members = [10: "n1", 20: "n2"]
@@ -123,7 +123,7 @@ struct NodeFixture {
                 sourceLocation: sourceLocation)
             guard phase == .acquiring else { return (nil, 13) }
             #expect(
-                machine.nextStep(now: at(302)) == .heartbeatAndTry(others: [1], claim: true),
+                machine.nextStep(now: at(302)) == .heartbeatAndTry(others: [1], claim: true, claimSweeper: true),
                 sourceLocation: sourceLocation)
             let outcome = machine.replied(
                 .heartbeatAndTried(renewed: 1, won: [1], claimed: nil), sentAt: at(302), now: at(305))
@@ -143,7 +143,8 @@ struct NodeFixture {
             let scope = scope("a")
             let outcome = machine.replied(.triedAndTook([(1, Self.began(), scope)]), sentAt: at(10), now: at(12))
             #expect(outcome.value == .proceed, sourceLocation: sourceLocation)
-            #expect(machine.takeDeliveries() == [.message(self["a"], .leader(scope))], sourceLocation: sourceLocation)
+            let leader = NodeStateMachine.Delivery.message(self["a"], .leader(scope, members: machine.memberList))
+            #expect(machine.takeDeliveries() == [leader], sourceLocation: sourceLocation)
             #expect(machine.takeEvents() == [.becameLeader(election: "a", term: 5)], sourceLocation: sourceLocation)
             return (scope, 12)
         }
@@ -371,14 +372,14 @@ struct NodeStateMachineTests {
         f.join([])
         #expect(f.machine.nextStep(now: f.at(10)) == .waitIdle(until: f.at(302)))
         #expect(f.machine.nextStep(now: f.at(301)) == .waitIdle(until: f.at(302)))
-        #expect(f.machine.nextStep(now: f.at(302)) == .heartbeat)
+        #expect(f.machine.nextStep(now: f.at(302)) == .heartbeat(claimSweeper: true))
         #expect(f.machine.replied(.heartbeat(renewed: 1), sentAt: f.at(302), now: f.at(305)).value == .proceed)
         // The next one is due 300 ms after this one was sent, not after its answer.
         #expect(f.machine.nextStep(now: f.at(305)) == .waitIdle(until: f.at(602)))
         #expect(f.machine.witnessReplied(now: f.at(310)).value == .trusted)
         // With the witness answered, its next beat (3 + 600 = 603) bounds the wait too; the heartbeat comes first.
         #expect(f.machine.nextStep(now: f.at(601)) == .waitIdle(until: f.at(602)))
-        #expect(f.machine.nextStep(now: f.at(602)) == .heartbeat)
+        #expect(f.machine.nextStep(now: f.at(602)) == .heartbeat(claimSweeper: true))
         #expect(
             f.machine.replied(.heartbeat(renewed: 0), sentAt: f.at(602), now: f.at(604)).value
                 == .fail(Machine.rowDeleted))
@@ -389,14 +390,14 @@ struct NodeStateMachineTests {
         var f = NodeFixture()
         _ = f.bring(to: .follower)
         #expect(f.machine.nextStep(now: f.at(13)) == .waitIdle(until: f.at(302)))
-        #expect(f.machine.nextStep(now: f.at(302)) == .heartbeatAndTry(others: [1], claim: true))
+        #expect(f.machine.nextStep(now: f.at(302)) == .heartbeatAndTry(others: [1], claim: true, claimSweeper: true))
         let outcome = f.machine.replied(
             .heartbeatAndTried(renewed: 1, won: [], claimed: nil), sentAt: f.at(302), now: f.at(306))
         #expect(outcome.value == .proceed)
         // Neither the heartbeat nor the retry is due before 602 ms.
         #expect(f.machine.nextStep(now: f.at(306)) == .waitIdle(until: f.at(602)))
         #expect(f.machine.nextStep(now: f.at(601)) == .waitIdle(until: f.at(602)))
-        #expect(f.machine.nextStep(now: f.at(602)) == .heartbeatAndTry(others: [1], claim: true))
+        #expect(f.machine.nextStep(now: f.at(602)) == .heartbeatAndTry(others: [1], claim: true, claimSweeper: true))
         #expect(
             f.machine.replied(.heartbeatAndTried(renewed: 0, won: [], claimed: nil), sentAt: f.at(602), now: f.at(603))
                 .value == .fail(Machine.rowDeleted))
@@ -408,7 +409,7 @@ struct NodeStateMachineTests {
         settings.retryInterval = .seconds(5)
         var f = NodeFixture(settings: settings)
         _ = f.bring(to: .follower)
-        #expect(f.machine.nextStep(now: f.at(302)) == .heartbeat)
+        #expect(f.machine.nextStep(now: f.at(302)) == .heartbeat(claimSweeper: true))
         #expect(f.machine.replied(.heartbeat(renewed: 1), sentAt: f.at(302), now: f.at(304)).value == .proceed)
         #expect(f.machine.nextStep(now: f.at(304)) == .claimWaiter([1]))
         #expect(f.machine.replied(.claimedWaiter(nil), sentAt: f.at(304), now: f.at(305)).value == .proceed)
@@ -533,7 +534,7 @@ struct NodeStateMachineTests {
         #expect(f.machine.elections["a"]?.machine.state == .leading(term: 5))
         // Leading, not a candidate: the heartbeat is plain.
         #expect(f.machine.nextStep(now: f.at(12)) == .waitIdle(until: f.at(302)))
-        #expect(f.machine.nextStep(now: f.at(302)) == .heartbeat)
+        #expect(f.machine.nextStep(now: f.at(302)) == .heartbeat(claimSweeper: true))
     }
 
     @Test("a lock won by the heartbeat's try is bumped at the next step; a bump that began makes the leader")
@@ -547,7 +548,7 @@ struct NodeStateMachineTests {
                 .termTaken(election: 1, NodeFixture.began(), scope: scope), sentAt: f.at(305), now: f.at(307)
             )
             .value == .proceed)
-        #expect(f.machine.takeDeliveries() == [.message(f["a"], .leader(scope))])
+        #expect(f.machine.takeDeliveries() == [.message(f["a"], .leader(scope, members: f.machine.memberList))])
         #expect(f.machine.takeEvents() == [.becameLeader(election: "a", term: 5)])
         #expect(f.machine.nextStep(now: f.at(307)) == .waitIdle(until: f.at(602)))
     }
@@ -571,7 +572,7 @@ struct NodeStateMachineTests {
         let scope = f.scope("a")
         let granted = Machine.Reply.awaitedPredecessor(name: "a", term: 5, began: true, scope: scope)
         #expect(f.machine.replied(granted, sentAt: f.at(262), now: f.at(280)).value == .proceed)
-        #expect(f.machine.takeDeliveries() == [.message(f["a"], .leader(scope))])
+        #expect(f.machine.takeDeliveries() == [.message(f["a"], .leader(scope, members: f.machine.memberList))])
         #expect(f.machine.takeEvents() == [.becameLeader(election: "a", term: 5)])
         #expect(f.machine.holds(scope))
         #expect(f.machine.elections["a"]?.evidence == nil)
@@ -614,7 +615,7 @@ struct NodeStateMachineTests {
         let scope = f.scope("a")
         let begun = Machine.Reply.termBegun(name: "a", term: 5, began: true, scope: scope)
         #expect(f.machine.replied(begun, sentAt: f.at(14), now: f.at(16)).value == .proceed)
-        #expect(f.machine.takeDeliveries() == [.message(f["a"], .leader(scope))])
+        #expect(f.machine.takeDeliveries() == [.message(f["a"], .leader(scope, members: f.machine.memberList))])
         #expect(f.machine.holds(scope))
     }
 
@@ -980,7 +981,7 @@ struct NodeStateMachineTests {
         _ = f.machine.nextStep(now: f.at(22))
         #expect(f.machine.takeDeliveries().isEmpty)
         // Still leading, still heartbeating, never trying again.
-        #expect(f.machine.nextStep(now: f.at(302)) == .heartbeat)
+        #expect(f.machine.nextStep(now: f.at(302)) == .heartbeat(claimSweeper: true))
     }
 
     @Test("a hard stop before the join: every activator is stopped, no session opens")
@@ -1051,7 +1052,7 @@ struct NodeStateMachineTests {
         #expect(f.machine.takeDeliveries().isEmpty)
         #expect(f.machine.takeEvents().isEmpty)
         // And no new try while halting.
-        #expect(f.machine.nextStep(now: f.at(602)) == .heartbeat)
+        #expect(f.machine.nextStep(now: f.at(602)) == .heartbeat(claimSweeper: true))
         let (scopes, stopped) = f.machine.hardStopContinued(now: f.at(306))
         #expect(scopes.isEmpty)
         #expect(stopped == [.stopped(f["a"], .cancelled, scope: nil, endedAt: nil)])
@@ -1112,10 +1113,42 @@ struct NodeStateMachineTests {
         let granted = Machine.Reply.waitedAndTook(
             election: 7, beat: true, renewed: 1, granted: true, taken: [(7, NodeFixture.began(), scope)])
         #expect(f.machine.replied(granted, sentAt: f.at(313), now: f.at(400)).value == .proceed)
-        #expect(f.machine.takeDeliveries() == [.message(f["a"], .leader(scope))])
-        // The grant gave the token back: nothing to release; the heartbeat is due at 313 + 300.
+        #expect(f.machine.takeDeliveries() == [.message(f["a"], .leader(scope, members: f.machine.memberList))])
+        // The grant gave the token back: nothing to release. Its holder may have died: one sweep reports it at once
+        // (node_down), whoever holds the sweeper token. Then the heartbeat is due at 313 + 300.
         #expect(f.machine.session?.waiterToken == nil)
-        #expect(f.machine.nextStep(now: f.at(400)) == .waitIdle(until: f.at(613)))
+        #expect(f.machine.nextStep(now: f.at(400)) == .sweep)
+        #expect(f.machine.replied(.swept(1), sentAt: f.at(400), now: f.at(402)).value == .proceed)
+        #expect(f.machine.nextStep(now: f.at(402)) == .waitIdle(until: f.at(613)))
+    }
+
+    @Test("the heartbeat claims the sweeper token: its holder sweeps at once, then every sweepInterval; others don't")
+    func sweeper() {
+        var f = NodeFixture()
+        f.join([("a", 7)])
+        #expect(f.machine.nextStep(now: f.at(10)) == .tryTake([7]))
+        let scope = f.scope("a")
+        #expect(
+            f.machine.replied(.triedAndTook([(7, NodeFixture.began(), scope)]), sentAt: f.at(10), now: f.at(12)).value
+                == .proceed)
+        // Leading, nothing else to try: the heartbeat at 302, with a try of the sweeper token.
+        #expect(f.machine.nextStep(now: f.at(302)) == .heartbeat(claimSweeper: true))
+        #expect(f.machine.replied(.heartbeat(renewed: 1), sentAt: f.at(302), now: f.at(304)).value == .proceed)
+        // Not taken (another member sweeps): no sweep, and the next heartbeat tries again.
+        #expect(f.machine.nextStep(now: f.at(304)) == .waitIdle(until: f.at(602)))
+        #expect(f.machine.nextStep(now: f.at(602)) == .heartbeat(claimSweeper: true))
+        #expect(
+            f.machine.replied(.heartbeat(renewed: 1, sweeper: true), sentAt: f.at(602), now: f.at(604)).value
+                == .proceed)
+        // Taken: sweep at once (the previous sweeper may have died unreported), then every second; never try again.
+        #expect(f.machine.nextStep(now: f.at(604)) == .sweep)
+        #expect(f.machine.replied(.swept(0), sentAt: f.at(604), now: f.at(606)).value == .proceed)
+        #expect(f.machine.nextStep(now: f.at(606)) == .waitIdle(until: f.at(902)))
+        #expect(f.machine.nextStep(now: f.at(902)) == .heartbeat(claimSweeper: false))
+        #expect(f.machine.replied(.heartbeat(renewed: 1), sentAt: f.at(902), now: f.at(904)).value == .proceed)
+        #expect(f.machine.nextStep(now: f.at(1500)) == .heartbeat(claimSweeper: false))
+        #expect(f.machine.replied(.heartbeat(renewed: 1), sentAt: f.at(1500), now: f.at(1502)).value == .proceed)
+        #expect(f.machine.nextStep(now: f.at(1604)) == .sweep)
     }
 
     @Test("the heartbeat's try can claim a waiter token: the follower then waits in that election's queue")
@@ -1126,7 +1159,8 @@ struct NodeStateMachineTests {
         #expect(f.machine.replied(.triedAndTook([]), sentAt: f.at(10), now: f.at(12)).value == .proceed)
         #expect(f.machine.nextStep(now: f.at(12)) == .claimWaiter([7, 8]))
         #expect(f.machine.replied(.claimedWaiter(nil), sentAt: f.at(12), now: f.at(13)).value == .proceed)
-        #expect(f.machine.nextStep(now: f.at(302)) == .heartbeatAndTry(others: [7, 8], claim: true))
+        #expect(
+            f.machine.nextStep(now: f.at(302)) == .heartbeatAndTry(others: [7, 8], claim: true, claimSweeper: true))
         let tried = Machine.Reply.heartbeatAndTried(renewed: 1, won: [], claimed: 8)
         #expect(f.machine.replied(tried, sentAt: f.at(302), now: f.at(304)).value == .proceed)
         #expect(
@@ -1149,13 +1183,13 @@ struct NodeStateMachineTests {
         let took = Machine.Reply.waitedAndTook(
             election: 7, beat: false, renewed: 0, granted: false, taken: [(8, NodeFixture.began(), scope)])
         #expect(f.machine.replied(took, sentAt: f.at(13), now: f.at(100)).value == .proceed)
-        #expect(f.machine.takeDeliveries() == [.message(f["b"], .leader(scope))])
+        #expect(f.machine.takeDeliveries() == [.message(f["b"], .leader(scope, members: f.machine.memberList))])
         #expect(f.machine.nextStep(now: f.at(100)) == .releaseWaiterToken(election: 7))
         #expect(
             f.machine.replied(.waiterTokenReleased(held: true), sentAt: f.at(100), now: f.at(101)).value == .proceed)
         // No token, and none claimed while leading: `a` is tried with the fallback retry only.
         #expect(f.machine.nextStep(now: f.at(101)) == .waitIdle(until: f.at(302)))
-        #expect(f.machine.nextStep(now: f.at(302)) == .heartbeatAndTry(others: [7], claim: false))
+        #expect(f.machine.nextStep(now: f.at(302)) == .heartbeatAndTry(others: [7], claim: false, claimSweeper: true))
         #expect(f.machine.takeEvents() == [.becameLeader(election: "b", term: 5)])
     }
 
@@ -1204,17 +1238,20 @@ struct NodeStateMachineTests {
         #expect(
             f.machine.replied(.triedAndTook([(1, NodeFixture.began(), scope)]), sentAt: f.at(10), now: f.at(12)).value
                 == .proceed)
-        #expect(f.machine.takeDeliveries() == [.message(f["a"], .leader(scope))])
+        #expect(f.machine.takeDeliveries() == [.message(f["a"], .leader(scope, members: f.machine.memberList))])
         let n3 = ClusterMember(id: 30, name: "n3")
         let n2 = ClusterMember(id: 20, name: "n2")
         let me = ClusterMember(id: 10, name: "n1")
 
         f.machine.notified([.nodeUp(n3)])
         #expect(f.machine.takeDeliveries() == [.message(f["a"], .member(.nodeUp(n3)))])
-        f.machine.notified([.nodeDown(n2)])
-        #expect(f.machine.takeDeliveries() == [.message(f["a"], .member(.nodeDown(n2)))])
+        f.machine.notified([.nodeDown(n2, reason: .died)])
+        #expect(f.machine.takeDeliveries() == [.message(f["a"], .member(.nodeDown(n2, reason: .died)))])
+        // Once each: a member the list already shows (read at the join, its notification after), or already gone.
+        f.machine.notified([.nodeUp(n3), .nodeDown(n2, reason: .left)])
+        #expect(f.machine.takeDeliveries().isEmpty)
         // This node's own row.
-        f.machine.notified([.nodeUp(me), .nodeDown(me)])
+        f.machine.notified([.nodeUp(me), .nodeDown(me, reason: .left)])
         #expect(f.machine.takeDeliveries().isEmpty)
         #expect(f.machine.session?.members[10] == "n1")
 
@@ -1316,7 +1353,7 @@ struct NodeStateMachineTests {
         // Walk seed 0x4e0d0094, reduced.
         var f = NodeFixture()
         _ = f.bring(to: .follower)
-        #expect(f.machine.nextStep(now: f.at(302)) == .heartbeatAndTry(others: [1], claim: true))
+        #expect(f.machine.nextStep(now: f.at(302)) == .heartbeatAndTry(others: [1], claim: true, claimSweeper: true))
         // The hard stop begins while the heartbeat's try runs; the try wins `a`'s lock: its bump is due, and runs.
         #expect(f.machine.hardStopRequested(now: f.at(303)).value == EndingValue(at: f.at(303)))
         let won = Machine.Reply.heartbeatAndTried(renewed: 1, won: [1], claimed: nil)
@@ -1349,7 +1386,7 @@ struct NodeStateMachineTests {
         let granted = Machine.Reply.awaitedPredecessor(name: "a", term: 5, began: true, scope: scope)
         #expect(f.machine.replied(granted, sentAt: f.at(20), now: f.at(30)).value == .proceed)
         // Only a hard stop refuses it: the activator, asked to hand over, resigns and the lock is handed over.
-        #expect(f.machine.takeDeliveries() == [.message(f["a"], .leader(scope))])
+        #expect(f.machine.takeDeliveries() == [.message(f["a"], .leader(scope, members: f.machine.memberList))])
         #expect(f.machine.resignRequested("a", now: f.at(31)).value == .release(scope, endedAt: f.at(31)))
     }
 }

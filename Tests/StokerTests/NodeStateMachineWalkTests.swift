@@ -187,6 +187,8 @@ struct NodeWorld {
     /// What the server knows of the current session: the election locks it holds, the waiter token it holds.
     var locks: Set<Int> = []
     var token: Int?
+    /// The session holds the cluster's sweeper token (the simulated server's view).
+    var sweeper = false
     var witnessAnswerAt: Instant?
     /// The latest sends of the current session trusted on each side.
     var trustedMain: Instant?
@@ -346,6 +348,7 @@ struct NodeWorld {
             cut = false
             locks = []
             token = nil
+            sweeper = false
             witnessAnswerAt = nil
             trustedMain = nil
             trustedWitness = nil
@@ -442,6 +445,14 @@ struct NodeWorld {
     /// The simulated server answers `step`, sent at `sent`; the driver reports the answer.
     mutating func answer(_ step: Machine.Step, sent: Instant) {
         var prepared: [LeaderScope] = []
+        /// The try of the sweeper token: never while the session holds it (advisory locks stack); granted at times.
+        func trySweeper(_ claim: Bool) -> Bool {
+            guard claim else { return false }
+            if sweeper { fail("the sweeper token was tried while this session held it: it stacked") }
+            guard chance(30) else { return false }
+            sweeper = true
+            return true
+        }
         func take(_ id: Int) -> (election: Int, TakenTerm, scope: LeaderScope?) {
             if locks.contains(id) { fail("the server granted election \(id)'s lock twice: it stacked") }
             locks.insert(id)
@@ -475,7 +486,8 @@ struct NodeWorld {
             for other in others where chance(20) { taken.append(take(other)) }
             reply = .waitedAndTook(
                 election: id, beat: beat, renewed: beat ? renewed() : 0, granted: granted, taken: taken)
-        case .heartbeatAndTry(let others, let claim):
+        case .heartbeatAndTry(let others, let claim, let claimSweeper):
+            let tookSweeper = trySweeper(claimSweeper)
             let won = others.filter { _ in chance(25) }
             for id in won {
                 if locks.contains(id) { fail("the server granted election \(id)'s lock twice: it stacked") }
@@ -488,9 +500,12 @@ struct NodeWorld {
                 token = pick
                 claimed = pick
             }
-            reply = .heartbeatAndTried(renewed: renewed(), won: won, claimed: claimed)
-        case .heartbeat:
-            reply = .heartbeat(renewed: renewed())
+            reply = .heartbeatAndTried(renewed: renewed(), won: won, claimed: claimed, sweeper: tookSweeper)
+        case .heartbeat(let claimSweeper):
+            reply = .heartbeat(renewed: renewed(), sweeper: trySweeper(claimSweeper))
+        case .sweep:
+            coverage.sweeps += 1
+            reply = .swept(Int(rng.next(upperBound: UInt64(3))))
         case .claimWaiter(let ids):
             var claimed: Int?
             if chance(50), let pick = ids.randomElement(using: &rng) {
@@ -534,7 +549,7 @@ struct NodeWorld {
         // A prepared leadership is kept exactly when its `.leader` went out.
         for scope in prepared {
             let announced = delivered.contains { delivery in
-                if case .message(_, .leader(let leader)) = delivery { return leader === scope }
+                if case .message(_, .leader(let leader, _)) = delivery { return leader === scope }
                 return false
             }
             if machine.holds(scope) != announced {
@@ -704,7 +719,7 @@ struct NodeWorld {
             let election = Int(rng.next(upperBound: UInt64(4))) + 1
             switch rng.next(upperBound: UInt64(4)) {
             case 0: events.append(.nodeUp(ClusterMember(id: id, name: "n\(id)")))
-            case 1: events.append(.nodeDown(ClusterMember(id: id, name: "n\(id)")))
+            case 1: events.append(.nodeDown(ClusterMember(id: id, name: "n\(id)"), reason: .died))
             case 2: events.append(.leader(election: election, node: chance(20) ? nil : id))
             default: events.append(.released(election: election))
             }
@@ -753,6 +768,7 @@ struct NodeWorld {
             lease.revoke()
             locks = []
             token = nil
+            sweeper = false
             cut = false
             switch end {
             case .stopped, .hardStop:
@@ -867,7 +883,7 @@ extension NodeWorld {
         case .message(let mailbox, let message):
             guard let activator = open(mailbox) else { return }
             switch message {
-            case .leader(let scope):
+            case .leader(let scope, _):
                 if halting || stoppedForGood { fail("a .leader after the hard stop began") }
                 if leaderships[ObjectIdentifier(scope)] != nil { fail("a .leader delivered twice") }
                 if scope.endedAt != nil { fail("a .leader for an ended scope") }
@@ -965,7 +981,7 @@ extension NodeWorld {
         var requested: [Int] = []
         switch step {
         case .tryTake(let ids), .claimWaiter(let ids): requested = ids
-        case .heartbeatAndTry(let others, _): requested = others
+        case .heartbeatAndTry(let others, _, _): requested = others
         case .waitAndTake(let id, let others, _, _):
             requested = [id] + others
             if token != id { fail("waits in election \(id)'s queue without its waiter token") }
@@ -1097,7 +1113,7 @@ extension NodeWorld {
 
     func describe(_ delivery: Machine.Delivery) -> String {
         switch delivery {
-        case .message(let mailbox, .leader(let scope)):
+        case .message(let mailbox, .leader(let scope, _)):
             ".leader(\(scope.election) term \(scope.term)) → #\(mailbox.number)"
         case .message(let mailbox, let message): "\(message) → #\(mailbox.number)"
         case .demoted(let mailbox, let reason, let scope):
@@ -1123,7 +1139,7 @@ extension NodeWorld {
         static let allSteps: Set<String> = [
             "sendWitnessHeartbeat", "leaseExpired", "hardStop", "leave", "handOver", "takeTerm", "setUpElection",
             "releaseWaiterToken", "waitAndTake", "heartbeatAndTry", "heartbeat", "claimWaiter", "tryTake",
-            "awaitPredecessor", "checkAcknowledged", "beginTerm", "waitIdle", "hold",
+            "awaitPredecessor", "checkAcknowledged", "beginTerm", "waitIdle", "hold", "sweep",
         ]
 
         var steps: Set<String> = []
@@ -1137,6 +1153,7 @@ extension NodeWorld {
         var leaves = 0
         var grants = 0
         var claims = 0
+        var sweeps = 0
         var strayLocks = 0
         var sessions = 0
 
@@ -1156,6 +1173,7 @@ extension NodeWorld {
             leaves += other.leaves
             grants += other.grants
             claims += other.claims
+            sweeps += other.sweeps
             strayLocks += other.strayLocks
             sessions += other.sessions
         }

@@ -102,6 +102,8 @@ public final class Activator<Behaviour: StokerBehaviour>: Service, Sendable {
         var state: Behaviour.State
         var role = ActivatorRole.unknown
         var scope: LeaderScope?
+        /// While leading: the members, from the list at `nowLeader` and every change since.
+        var members: [ClusterMember] = []
         var leader: String?
         var activeFrom: ContinuousClock.Instant?
         var timerGeneration: UInt64 = 0
@@ -120,11 +122,12 @@ public final class Activator<Behaviour: StokerBehaviour>: Service, Sendable {
     ) async -> Bool {
         defer { publish(run) }
         switch message {
-        case .leader(let scope):
+        case .leader(let scope, let members):
             // Already over (lost, or its lease ran out, while earlier callbacks ran): never start work for it. Its
             // demotion, next in the mailbox, is skipped too.
             guard scope.isLeader else { return false }
             run.scope = scope
+            run.members = members
             run.role = .leader
             run.leader = node.configuration.nodeName
             run.activeFrom = .now
@@ -136,8 +139,18 @@ public final class Activator<Behaviour: StokerBehaviour>: Service, Sendable {
             run.activeFrom = nil
             await deliver(.nowFollower(leader: nil, reason: reason), &run, endedAt: endedAt)
             run.scope = nil
+            run.members = []
         case .member(let change):
             guard let scope = run.scope, scope.endedAt == nil else { return false }
+            // The list changes whatever clusterValid answers: it is what the cluster is.
+            switch change {
+            case .nodeUp(let member):
+                run.members.removeAll { $0.id == member.id }
+                run.members.append(member)
+                run.members.sort { $0.id < $1.id }
+            case .nodeDown(let member, _):
+                run.members.removeAll { $0.id == member.id }
+            }
             switch behaviour.clusterValid(run.state) {
             case .yes:
                 run.role = .leader
@@ -187,8 +200,10 @@ public final class Activator<Behaviour: StokerBehaviour>: Service, Sendable {
         // The role, leader and term are visible in dump() while the callback runs; its state once it returned.
         publish(run)
         let context = ActivatorContext(
+            cluster: node.configuration.cluster,
             election: election,
             node: node.configuration.nodeName,
+            members: run.members,
             incarnation: run.scope?.incarnation ?? node.member?.id,
             scope: run.scope,
             leadershipEndedAt: endedAt,
@@ -254,9 +269,15 @@ public struct ActivatorSnapshot<State: Sendable>: Sendable {
 
 /// What a callback may know and do besides its event.
 public struct ActivatorContext: Sendable {
+    /// The cluster (``StokerNode/Configuration/cluster``): what the fence needs besides the election and the term.
+    public let cluster: String
     public let election: String
     /// This node's name.
     public let node: String
+    /// While this node leads: the cluster's members (this node included), by incarnation — the list when the
+    /// leadership began, changed by every ``ActivatorEvent/clusterChange(_:)`` or ``ActivatorEvent/clusterSplit(_:)``
+    /// since (already applied when that event is handled). Empty when this node does not lead.
+    public let members: [ClusterMember]
     /// The node's incarnation (its row id in the nodes table; a reconnect is a new one) this event belongs to: on
     /// ``ActivatorEvent/nowLeader(term:)`` and on the demotion that ends it, the incarnation that led; on other
     /// events the node's current one (`nil` while it is not joined).
@@ -269,15 +290,19 @@ public struct ActivatorContext: Sendable {
     public let logger: Logger
 
     init(
+        cluster: String,
         election: String,
         node: String,
+        members: [ClusterMember],
         incarnation: Int?,
         scope: LeaderScope?,
         leadershipEndedAt: ContinuousClock.Instant?,
         logger: Logger
     ) {
+        self.cluster = cluster
         self.election = election
         self.node = node
+        self.members = members
         self.incarnation = incarnation
         self.scope = scope
         self.leadershipEndedAt = leadershipEndedAt

@@ -1,7 +1,8 @@
 /// What the node tells one activator, in the order it happened.
 enum ActivatorMessage: Sendable {
-    /// This node leads (the term bump committed, and its begin).
-    case leader(LeaderScope)
+    /// This node leads (the term bump committed, and its begin); `members`: the cluster as the node knows it at that
+    /// instant (this node included), which the `member` messages that follow change.
+    case leader(LeaderScope, members: [ClusterMember])
     /// Leadership ended without a resignation, at `endedAt` (leader work already cancelled).
     case demoted(DemotionReason, endedAt: ContinuousClock.Instant)
     /// A member joined or left (sent while this node leads).
@@ -20,7 +21,8 @@ extension ActivatorMessage: Equatable {
     /// Leaderships compare by identity (one scope per leadership); everything else by value.
     static func == (lhs: ActivatorMessage, rhs: ActivatorMessage) -> Bool {
         switch (lhs, rhs) {
-        case (.leader(let left), .leader(let right)): left === right
+        case (.leader(let left, let leftMembers), .leader(let right, let rightMembers)):
+            left === right && leftMembers == rightMembers
         case (.demoted(let left, let leftEnd), .demoted(let right, let rightEnd)): left == right && leftEnd == rightEnd
         case (.member(let left), .member(let right)): left == right
         case (.leaderObserved(let left), .leaderObserved(let right)): left == right

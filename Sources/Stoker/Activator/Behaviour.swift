@@ -79,8 +79,49 @@ public enum ActivatorEvent: Sendable, Hashable {
 
 /// A change in the cluster's membership.
 public enum ClusterChange: Sendable, Hashable {
+    /// A node joined (every incarnation: a node that reconnects, or comes back from a freeze, is a new one).
     case nodeUp(ClusterMember)
-    case nodeDown(ClusterMember)
+    /// A node left the cluster, and why: it left gracefully, or it died (its process ended, it froze or was cut off
+    /// past its lease, or its session was killed), or its row was removed by hand.
+    case nodeDown(ClusterMember, reason: NodeDownReason)
+
+    /// The member that joined or left.
+    public var member: ClusterMember {
+        switch self {
+        case .nodeUp(let member), .nodeDown(let member, _): member
+        }
+    }
+}
+
+/// Why a node left the cluster (``ClusterChange/nodeDown(_:reason:)``).
+public struct NodeDownReason: Sendable, Hashable, CustomStringConvertible {
+    private enum Base: String, Sendable, Hashable {
+        case left
+        case died
+        case removed
+    }
+
+    private let base: Base
+    private init(_ base: Base) { self.base = base }
+
+    /// The node stopped gracefully: it handed its elections over, then deleted its row.
+    public static let left = NodeDownReason(.left)
+    /// The node's node lock was gone — its witness session ended: the process died, it froze or was cut off from
+    /// PostgreSQL past its lease, or an administrator ended its session — and a sweep removed its row. A node that
+    /// comes back from a freeze joins again as a new incarnation (``ClusterChange/nodeUp(_:)``).
+    public static let died = NodeDownReason(.died)
+    /// The node's row was deleted by something other than Stoker (an administrator's `DELETE`), or a server whose
+    /// schema predates the reason sent the change.
+    public static let removed = NodeDownReason(.removed)
+
+    /// `left`, `died` or `removed`.
+    public var description: String { base.rawValue }
+
+    /// The reason a notification names (`nil` for a name this version does not know).
+    init?(name: String) {
+        guard let base = Base(rawValue: name) else { return nil }
+        self.base = base
+    }
 }
 
 /// One node of a cluster: one incarnation of a process (a reconnect is a new `id`, same `name`).

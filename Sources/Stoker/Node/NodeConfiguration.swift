@@ -17,6 +17,8 @@ extension StokerNode {
     ///   event-driven and do not wait for it |
     /// | ``margin`` | lease / 10 | how much earlier than the server the node gives leadership up |
     /// | ``statementTimeout`` | lease / 2 | the longest a statement of the node's session may run |
+    /// | ``sweepInterval`` | the heartbeat, at most 1 s | a dead member's `node_down` (≤ sweep + a round-trip; when the
+    ///   sweeper itself died, ≤ heartbeat + a round-trip) |
     public struct Configuration: Sendable, CustomStringConvertible, CustomDebugStringConvertible, CustomReflectable {
         /// A libpq connection string: a `postgresql://` URL or `key=value` pairs; empty means libpq's `PG*`
         /// environment variables. Must reach a read-write primary directly or through a session-mode pooler.
@@ -49,6 +51,12 @@ extension StokerNode {
         public var margin: Duration?
         /// `statement_timeout` of the node's session; `nil` means `lease / 2`. Must be below `lease`.
         public var statementTimeout: Duration?
+        /// How often the cluster looks for dead members; `nil` means the heartbeat interval, at most 1 s. One member
+        /// — the holder of the cluster's sweeper token, which the others try to take with their heartbeats — deletes
+        /// the rows whose node lock is gone (each such row's `node_down` goes out once, reason `died`). Reading
+        /// `pg_locks` takes every lock-partition lock of the server, so the cluster does it once per interval whatever
+        /// its size. At most a minute.
+        public var sweepInterval: Duration?
         /// The first wait before reconnecting after the session was lost; doubled (with jitter) after every failed
         /// attempt, up to ``maximumReconnectDelay``.
         public var reconnectDelay: Duration = .milliseconds(100)
@@ -66,8 +74,8 @@ extension StokerNode {
             return "StokerNode.Configuration(connection: \(shown), cluster: \(cluster), nodeName: \(nodeName), "
                 + "schema: \(schema), migrate: \(migrate), lease: \(lease), heartbeatInterval: "
                 + "\(effectiveHeartbeatInterval), retryInterval: \(effectiveRetryInterval), margin: \(effectiveMargin), "
-                + "statementTimeout: \(effectiveStatementTimeout), reconnectDelay: \(reconnectDelay)..."
-                + "\(maximumReconnectDelay))"
+                + "statementTimeout: \(effectiveStatementTimeout), sweepInterval: \(effectiveSweepInterval), "
+                + "reconnectDelay: \(reconnectDelay)...\(maximumReconnectDelay))"
         }
 
         public var debugDescription: String { description }
@@ -84,6 +92,7 @@ extension StokerNode {
         var effectiveMargin: Duration { margin ?? lease / 10 }
         var effectiveRetryInterval: Duration { retryInterval ?? effectiveHeartbeatInterval }
         var effectiveStatementTimeout: Duration { statementTimeout ?? lease / 2 }
+        var effectiveSweepInterval: Duration { sweepInterval ?? min(effectiveHeartbeatInterval, .seconds(1)) }
         /// `client_connection_check_interval`: how soon a backend busy with a statement notices its client is gone.
         var connectionCheckInterval: Duration { min(.seconds(1), lease / 5) }
 
@@ -102,6 +111,10 @@ extension StokerNode {
             try Self.positive(effectiveRetryInterval, "retryInterval")
             try Self.positive(effectiveMargin, "margin")
             try Self.positive(effectiveStatementTimeout, "statementTimeout")
+            try Self.positive(effectiveSweepInterval, "sweepInterval")
+            if effectiveSweepInterval > .seconds(60) {
+                throw invalid("sweepInterval is \(effectiveSweepInterval); it must be at most a minute (default 1 s).")
+            }
             try Self.positive(reconnectDelay, "reconnectDelay")
             try Self.positive(maximumReconnectDelay, "maximumReconnectDelay")
             if effectiveMargin >= lease / 2 {

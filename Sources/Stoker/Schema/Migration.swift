@@ -141,6 +141,9 @@ enum SchemaManifest {
             name: "hand_over",
             securityDefiner: false
         ),
+        ExpectedFunction(signature: "leave_node(p_node integer)", name: "leave_node", securityDefiner: false),
+        ExpectedFunction(
+            signature: "sweep(p_namespace integer, p_cluster integer)", name: "sweep", securityDefiner: false),
     ]
 
     struct ExpectedTrigger: Sendable {

@@ -384,6 +384,7 @@ extension NodeStateMachine.Settings {
         self.init(
             lease: configuration.lease, margin: configuration.effectiveMargin,
             heartbeat: configuration.effectiveHeartbeatInterval, retryInterval: configuration.effectiveRetryInterval,
-            statementTimeout: configuration.effectiveStatementTimeout)
+            statementTimeout: configuration.effectiveStatementTimeout,
+            sweepInterval: configuration.effectiveSweepInterval)
     }
 }

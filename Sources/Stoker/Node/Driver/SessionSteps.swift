@@ -7,6 +7,7 @@ extension NodeDriver {
         }
         let connection = context.connection
         let nodeID = "\(context.nodeID)"
+        let cluster = "\(context.clusterID)"
         let nodeName = configuration.nodeName
         while true {
             try collectWitness(context)
@@ -58,6 +59,9 @@ extension NodeDriver {
             case .leave:
                 _ = try connection.execute(statements.leave, [nodeID])
                 reply = .left
+            case .sweep:
+                let swept = try connection.execute(statements.sweep, [cluster]).singleRow().int(0)
+                reply = .swept(swept)
             case .handOver(let id):
                 // Clears the leader (if it is this node) and unlocks, in one statement: its commit sends `released`.
                 let held = try connection.execute(statements.handOver, ["\(id)", nodeID]).singleRow().bool(0)
@@ -87,17 +91,21 @@ extension NodeDriver {
                     election: id, beat: beat, renewed: renewed, granted: granted,
                     taken: try taken(try rows.filter { try $0.bool(2) }, election: 1, from: 3))
                 if beat { metrics.heartbeatRoundTrip.recordNanoseconds(sent.duration(to: .now).nanoseconds) }
-            case .heartbeatAndTry(let others, let claim):
+            case .heartbeatAndTry(let others, let claim, let claimSweeper):
                 let row = try connection.execute(
-                    statements.heartbeatAndTry, [nodeID, list(others), claim ? "true" : "false"]
+                    statements.heartbeatAndTry,
+                    [nodeID, list(others), claim ? "true" : "false", claimSweeper ? "true" : "false", cluster]
                 ).singleRow()
                 reply = .heartbeatAndTried(
                     renewed: try row.int(0), won: try Self.integers(inArrayLiteral: try row.string(1)),
-                    claimed: claim && !row.isNull(2) ? try row.int(2) : nil)
+                    claimed: claim && !row.isNull(2) ? try row.int(2) : nil,
+                    sweeper: try row.optionalBool(3) == true)
                 metrics.heartbeatRoundTrip.recordNanoseconds(sent.duration(to: .now).nanoseconds)
-            case .heartbeat:
-                let renewed = try connection.execute(statements.heartbeat, [nodeID]).affectedRows ?? 0
-                reply = .heartbeat(renewed: renewed)
+            case .heartbeat(let claimSweeper):
+                let row = try connection.execute(
+                    statements.heartbeat, [nodeID, claimSweeper ? "true" : "false", cluster]
+                ).singleRow()
+                reply = .heartbeat(renewed: try row.int(0), sweeper: try row.optionalBool(1) == true)
                 metrics.heartbeatRoundTrip.recordNanoseconds(sent.duration(to: .now).nanoseconds)
             case .claimWaiter(let elections):
                 let row = try connection.execute(statements.claimWaiter, [list(elections)]).singleRow()

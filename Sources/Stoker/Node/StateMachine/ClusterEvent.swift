@@ -1,13 +1,14 @@
 /// One notification on the cluster's channel, decoded: what the schema's triggers send (`json_build_object(...)::text`,
-/// see `sql/001_initial.sql` and `sql/003_evidence.sql`), as the node acts on it.
+/// see `sql/001_initial.sql`, `sql/003_evidence.sql` and `sql/004_membership.sql`), as the node acts on it.
 ///
 /// Fields the node does not use (the election's `name`, the `term`) are not kept; extra fields never stop a payload
 /// from decoding, so a later schema may add some.
 enum ClusterEvent: Sendable, Hashable {
     /// A member joined: `{"event" : "node_up", "node" : <id>, "name" : <name>}` (a row inserted into `nodes`).
     case nodeUp(ClusterMember)
-    /// A member left, gracefully or deleted by someone else: `node_down`, with the same fields.
-    case nodeDown(ClusterMember)
+    /// A member left: `node_down`, with the same fields and its `reason` (`left`, `died`, `removed`; a missing or
+    /// unknown one reads as `removed`).
+    case nodeDown(ClusterMember, reason: NodeDownReason)
     /// A leadership of election `election` began: `node` is its leader's incarnation — nil when the field is null,
     /// absent or not an integer.
     case leader(election: Int, node: Int?)
@@ -23,7 +24,13 @@ enum ClusterEvent: Sendable, Hashable {
         case "node_up", "node_down":
             guard case .integer(let id)? = fields["node"], case .string(let name)? = fields["name"] else { return nil }
             let member = ClusterMember(id: Int(id), name: name)
-            self = event == "node_up" ? .nodeUp(member) : .nodeDown(member)
+            if event == "node_up" {
+                self = .nodeUp(member)
+            } else {
+                var reason = NodeDownReason.removed
+                if case .string(let name)? = fields["reason"], let named = NodeDownReason(name: name) { reason = named }
+                self = .nodeDown(member, reason: reason)
+            }
         case "leader":
             guard case .integer(let election)? = fields["election"] else { return nil }
             var node: Int?

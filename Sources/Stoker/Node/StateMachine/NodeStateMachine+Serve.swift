@@ -21,9 +21,14 @@ extension NodeStateMachine {
         /// Wait in the lock queue of `election` up to `wait` (with the heartbeat when `beat`); on the grant bump its
         /// term, try and bump the `others` too.
         case waitAndTake(election: Int, others: [Int], wait: Duration, beat: Bool)
-        /// The heartbeat with a try (and a bump, in a later step) of `others`; with a claim of a waiter token.
-        case heartbeatAndTry(others: [Int], claim: Bool)
-        case heartbeat
+        /// The heartbeat with a try (and a bump, in a later step) of `others`; with a claim of a waiter token; with a try
+        /// of the cluster's sweeper token, when `claimSweeper`.
+        case heartbeatAndTry(others: [Int], claim: Bool, claimSweeper: Bool)
+        /// The heartbeat; with a try of the cluster's sweeper token, when `claimSweeper`.
+        case heartbeat(claimSweeper: Bool)
+        /// Delete the rows of members whose node lock is gone (`node_down`, reason died) — the sweeper's every
+        /// `sweepInterval`, and anyone's after a lock-queue grant (its holder may just have died).
+        case sweep
         /// Try to become the waiter of one of these elections.
         case claimWaiter([Int])
         /// Try the locks of these elections, bumping the term of each one won.
@@ -51,8 +56,11 @@ extension NodeStateMachine {
         case waitedAndTook(
             election: Int, beat: Bool, renewed: Int, granted: Bool,
             taken: [(election: Int, TakenTerm, scope: LeaderScope?)])
-        case heartbeatAndTried(renewed: Int, won: [Int], claimed: Int?)
-        case heartbeat(renewed: Int)
+        /// `sweeper`: the sweeper token was claimed.
+        case heartbeatAndTried(renewed: Int, won: [Int], claimed: Int?, sweeper: Bool = false)
+        case heartbeat(renewed: Int, sweeper: Bool = false)
+        /// How many dead members' rows the sweep deleted.
+        case swept(Int)
         case claimedWaiter(Int?)
         case triedAndTook([(election: Int, TakenTerm, scope: LeaderScope?)])
         /// `began`: the leadership began (true), the wait timed out (false), the term moved on (nil).
@@ -139,20 +147,29 @@ extension NodeStateMachine {
         }
         let waitOn = mayWait ? session.waiterToken : nil
         let others = candidates.filter { $0 != waitOn }
+        // Death detection: one member — the holder of the cluster's sweeper token, claimed with the heartbeat by whoever
+        // does not hold it — sweeps every `sweepInterval`; a dead sweeper's token is free at once, and the next
+        // heartbeat of another member claims it and sweeps.
+        if session.sweepNow || (session.sweeper && now >= session.nextSweep) {
+            session.sweepNow = false
+            session.nextSweep = now + settings.sweepInterval
+            return .sweep
+        }
+        let claimSweeper = !session.sweeper
         if now >= session.nextHeartbeat {
             // The fallback retry rides on the heartbeat when it would be due before the next one; so does the wait.
             let retrying = !others.isEmpty && (session.retryNow || session.nextRetry <= now + settings.heartbeat)
             if let first = waitOn, !retrying {
-                return .waitAndTake(election: first, others: others, wait: queueWait(session), beat: true)
+                return .waitAndTake(election: first, others: others, wait: queueWait(session, now: now), beat: true)
             }
             if retrying {
                 session.retryNow = false
                 session.nextRetry = max(session.nextRetry, now) + settings.retryInterval
-                return .heartbeatAndTry(others: others, claim: mayWait && waitOn == nil)
+                return .heartbeatAndTry(others: others, claim: mayWait && waitOn == nil, claimSweeper: claimSweeper)
             }
             // No election to wait for yet: after the heartbeat, try to become the waiter of one that has none.
             if mayWait, waitOn == nil, !candidates.isEmpty { session.pendingClaim = candidates }
-            return .heartbeat
+            return .heartbeat(claimSweeper: claimSweeper)
         }
         if !others.isEmpty, session.retryNow || now >= session.nextRetry {
             // Told to (a release, a member gone or come, a new election), or the fallback's time.
@@ -169,9 +186,10 @@ extension NodeStateMachine {
         if session.witnessQuery == nil { until = min(until, session.nextWitnessBeat) }
         if let step = evidenceStep(until: until, now: now, &session) { return step }
         if let first = waitOn {
-            return .waitAndTake(election: first, others: others, wait: queueWait(session), beat: false)
+            return .waitAndTake(election: first, others: others, wait: queueWait(session, now: now), beat: false)
         }
         if !others.isEmpty { until = min(until, session.nextRetry) }
+        if session.sweeper { until = min(until, session.nextSweep) }
         if let hold = freeze {
             // Test hook: held where the thread would sleep in poll(2), so on resuming it reads the socket first, as a
             // thread stopped inside poll would.
@@ -181,9 +199,11 @@ extension NodeStateMachine {
         return .waitIdle(until: until)
     }
 
-    /// How long a follower's wait in an election's lock queue lasts.
-    private func queueWait(_ session: Session) -> Duration {
-        max(.milliseconds(1), min(session.longestWait, settings.longestQueueWait))
+    /// How long a follower's wait in an election's lock queue lasts (the sweeper's ends by its next sweep).
+    private func queueWait(_ session: Session, now: ContinuousClock.Instant) -> Duration {
+        var wait = min(session.longestWait, settings.longestQueueWait)
+        if session.sweeper { wait = min(wait, now.duration(to: session.nextSweep)) }
+        return max(.milliseconds(1), wait)
     }
 
     /// One step of the wait for evidence that a predecessor stopped acting, for the elections awaiting it in turn: on
@@ -266,17 +286,25 @@ extension NodeStateMachine {
             for (election, term, scope) in taken {
                 lockWon(election: election, taken: term, scope: scope, now: now, &session)
             }
-            // Its holder is gone: whatever else it held is likely free too.
-            if granted { session.retryNow = true }
+            // Its holder is gone: whatever else it held is likely free too; and if it died, a sweep now reports it.
+            if granted {
+                session.retryNow = true
+                session.sweepNow = true
+            }
             if beat { session.nextHeartbeat = sent + settings.heartbeat }
-        case .heartbeatAndTried(let renewed, let won, let claimed):
+        case .heartbeatAndTried(let renewed, let won, let claimed, let sweeper):
             if let claimed { session.waiterToken = claimed }
             if renewed == 0 { return .fail(Self.rowDeleted) }
+            if sweeper { Self.becomeSweeper(&session) }
             session.nextHeartbeat = sent + settings.heartbeat
             for id in won { lockWon(election: id, taken: nil, scope: nil, now: now, &session) }
-        case .heartbeat(let renewed):
+        case .heartbeat(let renewed, let sweeper):
             if renewed == 0 { return .fail(Self.rowDeleted) }
             session.nextHeartbeat = sent + settings.heartbeat
+            if sweeper { Self.becomeSweeper(&session) }
+        case .swept:
+            // Each row deleted sends its node_down; nothing else to do.
+            break
         case .claimedWaiter(let token):
             if let token { session.waiterToken = token }
         case .triedAndTook(let taken):
@@ -297,6 +325,13 @@ extension NodeStateMachine {
             return .left
         }
         return .proceed
+    }
+
+    /// This session holds the cluster's sweeper token now: it sweeps at once (the previous sweeper may have died
+    /// unreported), then every `sweepInterval`.
+    private static func becomeSweeper(_ session: inout Session) {
+        session.sweeper = true
+        session.sweepNow = true
     }
 
     /// Which election a lock won belongs to, and the metrics a scope of it counts with (for the driver, which
@@ -361,7 +396,7 @@ extension NodeStateMachine {
         case .startLeading(let term):
             if let scope {
                 election.scope = scope
-                outbox.append(.message(election.mailbox, .leader(scope)))
+                outbox.append(.message(election.mailbox, .leader(scope, members: memberList)))
                 events.append(.becameLeader(election: name, term: term))
             }
         case .awaitEvidence(let term):
@@ -387,10 +422,15 @@ extension NodeStateMachine {
         election.evidence = nil
         if case .startLeading = action {
             election.scope = scope
-            outbox.append(.message(election.mailbox, .leader(scope)))
+            outbox.append(.message(election.mailbox, .leader(scope, members: memberList)))
             events.append(.becameLeader(election: name, term: term))
         }
         elections[name] = election
+    }
+
+    /// The members of the current session's cluster (this node included), by incarnation.
+    var memberList: [ClusterMember] {
+        (session?.members ?? [:]).map { ClusterMember(id: $0.key, name: $0.value) }.sorted { $0.id < $1.id }
     }
 
     /// Whether the machine kept `scope` (a leadership prepared by the driver that did not begin is uncounted).
@@ -406,17 +446,20 @@ extension NodeStateMachine {
         defer { self.session = session }
         for event in notifications {
             switch event {
-            case .nodeUp(let member), .nodeDown(let member):
+            case .nodeUp(let member), .nodeDown(let member, _):
                 guard member.id != session.nodeID else { continue }
                 let change: ClusterChange
-                if case .nodeUp = event {
-                    session.members[member.id] = member.name
+                if case .nodeDown(_, let reason) = event {
+                    // Once per member: a change the member list already shows (a row read at the join, whose
+                    // notification came after) is not news.
+                    guard session.members.removeValue(forKey: member.id) != nil else { continue }
+                    change = .nodeDown(member, reason: reason)
+                } else {
                     // Its row may be the acknowledgement a successor waits for.
                     session.checkAcknowledgement = true
+                    session.retryNow = true
+                    guard session.members.updateValue(member.name, forKey: member.id) == nil else { continue }
                     change = .nodeUp(member)
-                } else {
-                    session.members[member.id] = nil
-                    change = .nodeDown(member)
                 }
                 for name in elections.keys.sorted() where elections[name]?.machine.leadingTerm != nil {
                     if let mailbox = elections[name]?.mailbox { outbox.append(.message(mailbox, .member(change))) }

@@ -40,6 +40,11 @@ extension NodeStateMachine {
         var bumpsDue: [Int] = []
         /// The election whose evidence was awaited last (several take turns).
         var lastAwaited: String?
+        /// This session holds the cluster's sweeper token: it sweeps every `sweepInterval`.
+        var sweeper = false
+        var nextSweep: ContinuousClock.Instant
+        /// Sweep at the next turn (after a lock-queue grant, or on becoming the sweeper).
+        var sweepNow = false
     }
 
     /// A session was opened: both connections are up. Returns its generation — or nil when the node is stopping (the
@@ -49,7 +54,7 @@ extension NodeStateMachine {
         generation += 1
         session = Session(
             generation: generation, nextWitnessBeat: now, nextHeartbeat: now + settings.heartbeat,
-            nextRetry: now + settings.retryInterval)
+            nextRetry: now + settings.retryInterval, nextSweep: now + settings.sweepInterval)
         for name in elections.keys { elections[name]?.setUp = false }
         return generation
     }
