@@ -42,25 +42,23 @@ BEGIN
 END
 $$;
 
--- sweep(namespace, cluster): deletes the rows of the cluster whose node lock — advisory lock (namespace, id), held by
--- the node's witness session — is no longer granted (node_down, reason died, once: the DELETE decides who saw it), and
--- returns how many. pg_locks is read once (it takes every lock-partition lock of the server: the cluster sweeps a
--- bounded number of times per interval, not once per node). A row is visible only once its witness holds its lock (the
--- join inserts it and takes the lock in one transaction), so a joining node is never swept.
---
--- A swept node that joined this very server instance stops being named leader of the elections it led (leader_node
--- cleared, which sends released): its node lock gone is the evidence that it stopped acting (it ends its leaderships
--- before it lets its witness go; a crash ends both), as take_term() would find it, and the next leader begins without
--- waiting — at once, on the notification, also where no follower was waiting in the election's queue. One that joined
--- another instance (before a restart or a failover) keeps being named: its successor waits for its acknowledgement or
--- its lease, as before.
-CREATE OR REPLACE FUNCTION sweep(p_namespace integer, p_cluster integer) RETURNS integer
+-- sweep(): deletes the rows, of every cluster of the schema, whose node lock — advisory lock (namespace, id), held by
+-- the node's witness session — is no longer granted (node_down, reason died, on each cluster's channel; once: the
+-- DELETE decides who saw it), and returns how many. The namespace is this schema's (the lock keys' first half), never
+-- the caller's word. pg_locks is read once (it takes every lock-partition lock of the server): one node of the schema
+-- sweeps — the holder of the sweeper token, advisory lock (namespace, -2^31), apart from node locks (+id), election
+-- locks (-id) and waiter tokens (-2^30 - id) — so the schema sweeps a bounded number of times per interval however many
+-- nodes and clusters it has. A row is visible only once its witness holds its lock (the join inserts it and takes the
+-- lock in one transaction, and the statement's snapshot is taken before pg_locks is read), so a joining node is never
+-- swept. The sweep touches no election: a successor holding a swept leader's election lock begins on the same evidence
+-- as always (take_term, below).
+CREATE OR REPLACE FUNCTION sweep() RETURNS integer
     LANGUAGE plpgsql
     SET search_path FROM CURRENT
 AS $$
 DECLARE
-    v_here  text := server_instance();
-    v_count integer;
+    v_namespace oid := current_schema()::regnamespace::oid;
+    v_count     integer;
 BEGIN
     PERFORM set_config('stoker.node_down_reason', 'died', true);
     WITH held AS MATERIALIZED (
@@ -68,19 +66,87 @@ BEGIN
           FROM pg_locks l
          WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2
            AND l.database = (SELECT d.oid FROM pg_database d WHERE d.datname = current_database())
-           AND l.classid = p_namespace::oid
+           AND l.classid = v_namespace
     ), dead AS (
         DELETE FROM nodes n
-         WHERE n.cluster_id = p_cluster AND n.id::bigint NOT IN (SELECT h.id FROM held h)
-        RETURNING n.id, n.server_instance
-    ), cleared AS (
-        UPDATE elections e
-           SET leader_node = NULL, leader_name = NULL, leader_since = NULL
-          FROM dead d
-         WHERE e.leader_node = d.id AND e.cluster_id = p_cluster AND d.server_instance = v_here
-        RETURNING e.id
+         WHERE n.id::bigint NOT IN (SELECT h.id FROM held h)
+        RETURNING n.id
     )
     SELECT count(*) INTO v_count FROM dead;
     RETURN v_count;
+END
+$$;
+
+-- take_term, as in 003, with one change: whether the previous leader joined this server instance is read from where
+-- its leadership was written (written_on, all four parts), not from its row — which a sweep deletes once its node lock
+-- is gone. A successor of a swept leader thus still begins on its free node lock, at once, instead of waiting for an
+-- acknowledgement or a lease.
+CREATE OR REPLACE FUNCTION take_term(
+    p_namespace integer, p_election integer, p_node integer, p_name text, p_wait_ms integer)
+    RETURNS TABLE (term bigint, began boolean, previous_node integer, previous_same_server boolean,
+                   previous_lease_ms integer)
+    LANGUAGE plpgsql
+    SET search_path FROM CURRENT
+AS $$
+DECLARE
+    v_here     text := server_instance();
+    v_election elections%ROWTYPE;
+    v_durable  boolean;
+    v_previous integer;
+    v_same     boolean := false;
+    v_free     boolean := false;
+    v_began    boolean := false;
+    v_lease    integer;
+    v_term     bigint;
+BEGIN
+    -- A term must survive a crash of the server: never commit it asynchronously.
+    IF current_setting('synchronous_commit') = 'off' THEN
+        PERFORM set_config('synchronous_commit', 'local', true);
+    END IF;
+    SELECT * INTO v_election FROM elections e WHERE e.id = p_election FOR UPDATE;
+    v_durable := v_election.term = 0
+        OR (split_part(v_election.written_on, '/', 1) = split_part(v_here, '/', 1)
+            AND split_part(v_election.written_on, '/', 2) = split_part(v_here, '/', 2));
+    IF coalesce(v_durable, false) THEN
+        v_previous := v_election.leader_node;
+        IF v_previous IS NULL OR v_previous = p_node THEN
+            v_began := true;
+        ELSE
+            -- Its leadership began on this very server instance (written_on is written by the main session that
+            -- began it) — whether or not its row is still there: a sweep deletes the row of a node whose node lock is
+            -- gone, which is the evidence itself.
+            v_same := v_election.written_on = v_here;
+            -- Never a lock this session holds (advisory locks stack): another node's lock is held by its witness.
+            IF coalesce(v_same, false) THEN
+                IF p_wait_ms > 0 THEN
+                    v_free := wait_for_lock(p_namespace, v_previous, p_wait_ms);
+                ELSE
+                    v_free := pg_try_advisory_lock(p_namespace, v_previous);
+                END IF;
+                IF v_free THEN
+                    PERFORM pg_advisory_unlock(p_namespace, v_previous);
+                    v_began := true;
+                END IF;
+            END IF;
+        END IF;
+    END IF;
+    IF NOT v_began THEN
+        SELECT greatest(v_election.leader_lease_ms, max(n.lease_ms)) INTO v_lease
+          FROM nodes n WHERE n.cluster_id = v_election.cluster_id;
+    END IF;
+    -- The bump, and when the evidence is in, the begin (as begin_term does) in the same row update.
+    UPDATE elections e
+       SET term = greatest(e.term + 1, term_floor()),
+           leader_node = CASE WHEN v_began THEN p_node ELSE e.leader_node END,
+           leader_name = CASE WHEN v_began THEN p_name ELSE e.leader_name END,
+           leader_since = CASE WHEN v_began THEN now() ELSE e.leader_since END,
+           written_on = CASE WHEN v_began THEN v_here ELSE e.written_on END,
+           leader_lease_ms = CASE WHEN v_began THEN (SELECT n.lease_ms FROM nodes n WHERE n.id = p_node)
+                                  ELSE e.leader_lease_ms END
+     WHERE e.id = p_election
+    RETURNING e.term INTO v_term;
+    RETURN QUERY SELECT v_term, v_began, CASE WHEN v_began THEN NULL ELSE v_previous END,
+                        CASE WHEN v_began THEN NULL ELSE coalesce(v_same, false) END,
+                        CASE WHEN v_began THEN NULL ELSE v_lease END;
 END
 $$;

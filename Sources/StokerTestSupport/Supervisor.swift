@@ -53,7 +53,7 @@ let supervisorScript = #"""
     # PID 1) and waits until its postmaster.pid (a new one: not the previous postmaster's) says ready (or, for a hot
     # standby, standby: accepting read-only connections).
     launch() {
-      set -- -D "$root/data" -k "$root" -p "$port" -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200
+      set -- -D "$root/data" -k "$root" -p "$port" -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=400
       if [ "$tls" = 1 ]; then
         set -- "$@" -c ssl=on -c "ssl_cert_file=$root/server.crt" -c "ssl_key_file=$root/server.key"
       fi

@@ -74,7 +74,7 @@ public final class TestPostgres: Sendable {
     ///
     /// A detached supervisor (`setsid -f /bin/sh -c …`) runs `initdb` (`-U postgres --auth-local=trust
     /// --auth-host=scram-sha-256`) and `pg_ctl start` (`fsync=off`, `listen_addresses=127.0.0.1`,
-    /// `max_connections=200`, unix socket in the root directory) — as the `postgres` user via `runuser`
+    /// `max_connections=400`, unix socket in the root directory) — as the `postgres` user via `runuser`
     /// when this process is root. It stops the cluster and deletes the directory after ``stop()``, at
     /// process exit, or as soon as this process is gone (also after SIGKILL). `initdb`/`pg_ctl` are taken
     /// from `$PATH` (symlinks resolved) or the newest `/usr/lib/postgresql/*/bin`.

@@ -39,6 +39,19 @@ struct EvidenceTests {
         entries.first { $0.kind == .nowLeader && $0.election == "e" && $0.at > instant && $0.node != node }
     }
 
+    /// As after a restart of the server (same system and timeline, another instance): node `incarnation` joined, and
+    /// began what it leads, on an instance that is not this one.
+    private static func joinedAnotherInstance(_ incarnation: Int, in database: TestDatabase) async throws {
+        _ = try await database.admin(
+            """
+            UPDATE stoker.nodes SET server_instance = 'another server' WHERE id = \(incarnation);
+            UPDATE stoker.elections
+               SET written_on = split_part(written_on, '/', 1) || '/' || split_part(written_on, '/', 2)
+                                || '/another start/another token'
+             WHERE leader_node = \(incarnation)
+            """)
+    }
+
     /// Waits (bounded, fails loudly) until election "e" has a term above `term`; returns it.
     private static func bumpedTerm(in database: TestDatabase, above term: Int) async throws -> Int {
         for _ in 0..<3000 {
@@ -167,8 +180,7 @@ struct EvidenceTests {
             try await withThreeNodes(database, lease: lease) { history, all, leader in
                 // As after a failover: the leader's row says it joined a server that is not this one.
                 let incarnation = try #require(leader.node.member?.id)
-                _ = try await database.admin(
-                    "UPDATE stoker.nodes SET server_instance = 'another server' WHERE id = \(incarnation)")
+                try await Self.joinedAnotherInstance(incarnation, in: database)
                 // It stops for good without handing over (its tasks cancelled, its sessions cut): no acknowledgement.
                 let crashed = ContinuousClock.now
                 await leader.crash()
@@ -188,8 +200,7 @@ struct EvidenceTests {
         try await withTestDatabase { database in
             try await withThreeNodes(database) { history, all, leader in
                 let incarnation = try #require(leader.node.member?.id)
-                _ = try await database.admin(
-                    "UPDATE stoker.nodes SET server_instance = 'another server' WHERE id = \(incarnation)")
+                try await Self.joinedAnotherInstance(incarnation, in: database)
                 let killed = ContinuousClock.now
                 try await database.terminateSession(of: leader.node)
                 try await history.wait("a new leadership") { entries in

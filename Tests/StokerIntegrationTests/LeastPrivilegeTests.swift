@@ -62,8 +62,8 @@ struct LeastPrivilegeTests {
                         return nodeID
                     }
                 }
-                // The heartbeat, with a try of the cluster's sweeper token (a single-bigint advisory lock): taken.
-                let heartbeat = try await node.query(statements.heartbeat, [String(nodeID), "true", String(cluster)])
+                // The heartbeat, with a try of the schema's sweeper token: taken.
+                let heartbeat = try await node.query(statements.heartbeat, [String(nodeID), "true"])
                     .singleRow()
                 #expect(try heartbeat.int(0) == 1)
                 #expect(try heartbeat.bool(1), "the sweeper token")
@@ -118,7 +118,7 @@ struct LeastPrivilegeTests {
                 #expect(try tried.bool(2))
                 try await handOver(node, statements, election: election, node: nodeID)
                 let beat = try await node.query(
-                    statements.heartbeatAndTry, [String(nodeID), "{\(election)}", "true", "false", String(cluster)]
+                    statements.heartbeatAndTry, [String(nodeID), "{\(election)}", "true", "false"]
                 ).singleRow()
                 #expect(try beat.int(0) == 1)
                 #expect(try beat.string(1) == "{\(election)}")
@@ -146,8 +146,8 @@ struct LeastPrivilegeTests {
                     return pid
                 }
                 #expect(otherPID > 0)
-                #expect(try await node.query(statements.sweep, [String(cluster)]).singleRow().int(0) == 1)
-                #expect(try await node.query(statements.sweep, [String(cluster)]).singleRow().int(0) == 0)
+                #expect(try await node.query(statements.sweep).singleRow().int(0) == 1)
+                #expect(try await node.query(statements.sweep).singleRow().int(0) == 0)
                 #expect(try await node.query(statements.leave, [String(nodeID)]).singleRow().bool(0))
 
                 var events: [String] = []

@@ -9,7 +9,7 @@ import Testing
 /// Membership, judged as `stoker node` prints it: every death and every leave reaches the leader of every election as
 /// exactly one `node_down` (with its reason), every join as one `node_up`, and a new leader starts from the member
 /// list as it was when it began.
-@Suite("Membership (real processes)", .timeLimit(.minutes(3)))
+@Suite("Membership (real processes)", .serialized, .timeLimit(.minutes(3)))
 struct MembershipTests {
     enum Departure: String, CaseIterable, CustomTestStringConvertible {
         /// SIGKILL: the process is gone; a sweep finds its node lock free.

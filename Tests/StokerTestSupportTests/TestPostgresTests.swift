@@ -14,7 +14,7 @@ struct TestPostgresTests {
             #expect(root.hasPrefix("/tmp/stoker-pg-"))
             #expect(try await postgres.admin("SELECT 1") == [["1"]])
             #expect(try await postgres.admin("SHOW ssl") == [["on"]])
-            #expect(try await postgres.admin("SHOW max_connections") == [["200"]])
+            #expect(try await postgres.admin("SHOW max_connections") == [["400"]])
 
             let tls = try #require(postgres.tls)
             #expect(tls.serverName == "localhost")

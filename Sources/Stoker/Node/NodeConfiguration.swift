@@ -51,11 +51,11 @@ extension StokerNode {
         public var margin: Duration?
         /// `statement_timeout` of the node's session; `nil` means `lease / 2`. Must be below `lease`.
         public var statementTimeout: Duration?
-        /// How often the cluster looks for dead members; `nil` means the heartbeat interval, at most 1 s. One member
-        /// — the holder of the cluster's sweeper token, which the others try to take with their heartbeats — deletes
-        /// the rows whose node lock is gone (each such row's `node_down` goes out once, reason `died`). Reading
-        /// `pg_locks` takes every lock-partition lock of the server, so the cluster does it once per interval whatever
-        /// its size. At most a minute.
+        /// How often dead nodes are looked for; `nil` means the heartbeat interval, at most 1 s. One node of the schema
+        /// — the holder of its sweeper token, which the others try to take with their heartbeats — deletes the rows
+        /// whose node lock is gone, in every cluster (each such row's `node_down` goes out once, reason `died`).
+        /// Reading `pg_locks` takes every lock-partition lock of the server, so it happens once per interval however
+        /// many nodes there are. At most a minute.
         public var sweepInterval: Duration?
         /// The first wait before reconnecting after the session was lost; doubled (with jitter) after every failed
         /// attempt, up to ``maximumReconnectDelay``.

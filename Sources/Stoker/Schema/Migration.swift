@@ -142,8 +142,7 @@ enum SchemaManifest {
             securityDefiner: false
         ),
         ExpectedFunction(signature: "leave_node(p_node integer)", name: "leave_node", securityDefiner: false),
-        ExpectedFunction(
-            signature: "sweep(p_namespace integer, p_cluster integer)", name: "sweep", securityDefiner: false),
+        ExpectedFunction(signature: "sweep()", name: "sweep", securityDefiner: false),
     ]
 
     struct ExpectedTrigger: Sendable {

@@ -102,7 +102,7 @@ public enum StokerSchema {
         GRANT EXECUTE ON FUNCTION \(schema).claim_waiter(integer, integer[]) TO \(role);
         GRANT EXECUTE ON FUNCTION \(schema).wait_and_take(integer, integer, integer, integer, text, integer[]) TO \(role);
         GRANT EXECUTE ON FUNCTION \(schema).leave_node(integer) TO \(role);
-        GRANT EXECUTE ON FUNCTION \(schema).sweep(integer, integer) TO \(role);
+        GRANT EXECUTE ON FUNCTION \(schema).sweep() TO \(role);
         """
     }
 

@@ -35,14 +35,14 @@ struct ProtocolStatements: Sendable {
     static let deadlockTimeoutQuery =
         "SELECT (extract(epoch FROM current_setting('deadlock_timeout')::interval) * 1000)::int"
     /// `$1` node id, `$2` election ids as an int4 array literal, `$3` whether to claim a waiter token, `$4` whether to
-    /// try the sweeper token, `$5` cluster id: the heartbeat, the follower's retry and the claims in one statement →
+    /// try the sweeper token: the heartbeat, the follower's retry and the claims in one statement →
     /// rows renewed (0: the row is gone), the ids whose lock this session just won (an int4 array literal), the
     /// election whose waiter token it took (or NULL), whether it took the sweeper token (or NULL).
     let heartbeatAndTry: String
     /// `$1` node id → whether the node lock was taken (session level: it outlives the transaction).
     let lockNode: String
-    /// `$1` node id, `$2` whether to try the sweeper token, `$3` cluster id: the heartbeat that renews the lease → rows
-    /// renewed (0: the row is gone), whether it took the sweeper token (or NULL).
+    /// `$1` node id, `$2` whether to try the sweeper token: the heartbeat that renews the lease → rows renewed (0: the
+    /// row is gone), whether it took the sweeper token (or NULL).
     let heartbeat: String
     /// `$1` cluster id → `id`, `name`, `host`, `pid`, `draining` of every member.
     let members: String
@@ -82,8 +82,8 @@ struct ProtocolStatements: Sendable {
     /// `$1` election id, `$2` node id: the graceful release in one round trip — clears the leader if it is this node
     /// (→ `released`), then unlocks → whether the lock was held (`hand_over`, migration 003).
     let handOver: String
-    /// `$1` cluster id → how many members' rows the sweep deleted: those whose node lock is gone (`node_down`, reason
-    /// `died`; `sweep`, migration 004).
+    /// → how many nodes' rows the sweep deleted, in every cluster of the schema: those whose node lock is gone
+    /// (`node_down`, reason `died`; `sweep`, migration 004).
     let sweep: String
     /// `$1` cluster id, `$2` election name → `term`, node `id`, node `name` of the node whose main session holds the
     /// election lock, counted only while its node lock is held (by its witness) and the row names it leader — its
@@ -130,21 +130,19 @@ struct ProtocolStatements: Sendable {
             """
         serverInstance = "SELECT \(s).server_instance(), \(s).term_floor()"
         lockNode = "SELECT pg_try_advisory_lock(\(ns), $1::int4)"
-        // The cluster's sweeper token: the single-bigint advisory lock (schema oid << 32 | cluster id) — pg_locks shows
-        // it with objsubid 1, apart from the two-int4 node and election locks. Tried only by a session without it.
-        let sweeperToken = { (cluster: String) in
-            "pg_try_advisory_lock(((\(ns))::int8 << 32) | (\(cluster))::int8)"
-        }
+        // The schema's sweeper token, (namespace, -2^31): below every waiter token (-2^30 - id, id < 2^30 - 1), election
+        // lock (-id) and node lock (+id). Tried only by a session without it (advisory locks stack).
+        let sweeperToken = "pg_try_advisory_lock(\(ns), -2147483648)"
         heartbeat = """
             WITH beat AS (UPDATE \(s).nodes SET heartbeat_at = now() WHERE id = $1 RETURNING 1)
-            SELECT (SELECT count(*) FROM beat)::int, CASE WHEN $2::boolean THEN \(sweeperToken("$3")) END
+            SELECT (SELECT count(*) FROM beat)::int, CASE WHEN $2::boolean THEN \(sweeperToken) END
             """
         heartbeatAndTry = """
             WITH beat AS (UPDATE \(s).nodes SET heartbeat_at = now() WHERE id = $1 RETURNING 1),
                  won AS MATERIALIZED (\(tryLocks("$2")))
             SELECT (SELECT count(*) FROM beat)::int, ARRAY(SELECT id FROM won)::text,
                    CASE WHEN $3::boolean THEN \(s).claim_waiter(\(ns), $2::int4[]) END,
-                   CASE WHEN $4::boolean THEN \(sweeperToken("$5")) END
+                   CASE WHEN $4::boolean THEN \(sweeperToken) END
             """
         members = "SELECT id, name, host, pid, draining FROM \(s).nodes WHERE cluster_id = $1 ORDER BY id"
         ensureElection = """
@@ -180,7 +178,7 @@ struct ProtocolStatements: Sendable {
                    \(s).await_predecessor(\(ns), 0, 1, 0, 0, 0, '')
             """
         handOver = "SELECT \(s).hand_over(\(ns), $1, $2)"
-        sweep = "SELECT \(s).sweep(\(ns), $1)"
+        sweep = "SELECT \(s).sweep()"
         whereis = """
             SELECT e.term, n.id, n.name
               FROM \(s).elections e

@@ -7,7 +7,6 @@ extension NodeDriver {
         }
         let connection = context.connection
         let nodeID = "\(context.nodeID)"
-        let cluster = "\(context.clusterID)"
         let nodeName = configuration.nodeName
         while true {
             try collectWitness(context)
@@ -60,8 +59,7 @@ extension NodeDriver {
                 _ = try connection.execute(statements.leave, [nodeID])
                 reply = .left
             case .sweep:
-                let swept = try connection.execute(statements.sweep, [cluster]).singleRow().int(0)
-                reply = .swept(swept)
+                reply = .swept(try sweep(connection, statements))
             case .handOver(let id):
                 // Clears the leader (if it is this node) and unlocks, in one statement: its commit sends `released`.
                 let held = try connection.execute(statements.handOver, ["\(id)", nodeID]).singleRow().bool(0)
@@ -94,7 +92,7 @@ extension NodeDriver {
             case .heartbeatAndTry(let others, let claim, let claimSweeper):
                 let row = try connection.execute(
                     statements.heartbeatAndTry,
-                    [nodeID, list(others), claim ? "true" : "false", claimSweeper ? "true" : "false", cluster]
+                    [nodeID, list(others), claim ? "true" : "false", claimSweeper ? "true" : "false"]
                 ).singleRow()
                 reply = .heartbeatAndTried(
                     renewed: try row.int(0), won: try Self.integers(inArrayLiteral: try row.string(1)),
@@ -103,7 +101,7 @@ extension NodeDriver {
                 metrics.heartbeatRoundTrip.recordNanoseconds(sent.duration(to: .now).nanoseconds)
             case .heartbeat(let claimSweeper):
                 let row = try connection.execute(
-                    statements.heartbeat, [nodeID, claimSweeper ? "true" : "false", cluster]
+                    statements.heartbeat, [nodeID, claimSweeper ? "true" : "false"]
                 ).singleRow()
                 reply = .heartbeat(renewed: try row.int(0), sweeper: try row.optionalBool(1) == true)
                 metrics.heartbeatRoundTrip.recordNanoseconds(sent.duration(to: .now).nanoseconds)
@@ -165,6 +163,25 @@ extension NodeDriver {
                 logger.info("left the cluster", metadata: metadata)
                 return .stopped
             }
+        }
+    }
+
+    /// Runs the sweep → how many rows it deleted. A sweep the server refused (a lock timeout, a conflict) leaves the
+    /// session fine and counts as none: the next interval sweeps again — losing the session over it would end every
+    /// leadership of a healthy node. Any other failure (the session is gone) is thrown.
+    private func sweep(_ connection: PGConnection, _ statements: ProtocolStatements) throws(StokerError) -> Int {
+        let result: Result<Int, StokerError> = Result { () throws(StokerError) -> Int in
+            try connection.execute(statements.sweep).singleRow().int(0)
+        }
+        switch result {
+        case .success(let swept):
+            return swept
+        case .failure(let error):
+            guard error.code == .queryFailed else { throw error }
+            logger.warning(
+                "a sweep for dead nodes failed; sweeping again at the next interval",
+                metadata: metadata.merging(["stoker.error": "\(error)"], uniquingKeysWith: { $1 }))
+            return 0
         }
     }
 

@@ -22,9 +22,9 @@ extension NodeStateMachine {
         /// term, try and bump the `others` too.
         case waitAndTake(election: Int, others: [Int], wait: Duration, beat: Bool)
         /// The heartbeat with a try (and a bump, in a later step) of `others`; with a claim of a waiter token; with a try
-        /// of the cluster's sweeper token, when `claimSweeper`.
+        /// of the schema's sweeper token, when `claimSweeper`.
         case heartbeatAndTry(others: [Int], claim: Bool, claimSweeper: Bool)
-        /// The heartbeat; with a try of the cluster's sweeper token, when `claimSweeper`.
+        /// The heartbeat; with a try of the schema's sweeper token, when `claimSweeper`.
         case heartbeat(claimSweeper: Bool)
         /// Delete the rows of members whose node lock is gone (`node_down`, reason died) — the sweeper's every
         /// `sweepInterval`, and anyone's after a lock-queue grant (its holder may just have died).
@@ -147,9 +147,9 @@ extension NodeStateMachine {
         }
         let waitOn = mayWait ? session.waiterToken : nil
         let others = candidates.filter { $0 != waitOn }
-        // Death detection: one member — the holder of the cluster's sweeper token, claimed with the heartbeat by whoever
-        // does not hold it — sweeps every `sweepInterval`; a dead sweeper's token is free at once, and the next
-        // heartbeat of another member claims it and sweeps.
+        // Death detection: one node of the schema — the holder of its sweeper token, claimed with the heartbeat by
+        // whoever does not hold it — sweeps every `sweepInterval`; a dead sweeper's token is free at once, and the next
+        // heartbeat of another node claims it and sweeps.
         if session.sweepNow || (session.sweeper && now >= session.nextSweep) {
             session.sweepNow = false
             session.nextSweep = now + settings.sweepInterval
@@ -327,7 +327,7 @@ extension NodeStateMachine {
         return .proceed
     }
 
-    /// This session holds the cluster's sweeper token now: it sweeps at once (the previous sweeper may have died
+    /// This session holds the schema's sweeper token now: it sweeps at once (the previous sweeper may have died
     /// unreported), then every `sweepInterval`.
     private static func becomeSweeper(_ session: inout Session) {
         session.sweeper = true

@@ -40,7 +40,7 @@ extension NodeStateMachine {
         var bumpsDue: [Int] = []
         /// The election whose evidence was awaited last (several take turns).
         var lastAwaited: String?
-        /// This session holds the cluster's sweeper token: it sweeps every `sweepInterval`.
+        /// This session holds the schema's sweeper token: it sweeps every `sweepInterval`.
         var sweeper = false
         var nextSweep: ContinuousClock.Instant
         /// Sweep at the next turn (after a lock-queue grant, or on becoming the sweeper).

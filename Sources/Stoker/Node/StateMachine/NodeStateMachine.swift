@@ -29,7 +29,7 @@ struct NodeStateMachine: Sendable {
         var heartbeat: Duration
         var retryInterval: Duration
         var statementTimeout: Duration
-        /// How often the cluster's sweeper looks for dead members.
+        /// How often the schema's sweeper looks for dead nodes.
         var sweepInterval: Duration
 
         /// A reply to a request sent longer ago than this is not trusted; a trusted one extends the lease by this.
