@@ -72,6 +72,13 @@ struct Node: AsyncParsableCommand {
     var statementTimeout: DurationArgument?
 
     @Option(
+        name: .customLong("sweep-interval"),
+        help: ArgumentHelp(
+            "How often dead nodes are looked for, by one node of the schema (default: the heartbeat, at most 1s).",
+            valueName: "duration"))
+    var sweepInterval: DurationArgument?
+
+    @Option(
         name: .customLong("reconnect-delay"),
         help: ArgumentHelp(
             "First delay before reconnecting after a lost session (default: 100ms).", valueName: "duration"))
@@ -109,6 +116,7 @@ struct Node: AsyncParsableCommand {
         if let lease { configuration.lease = lease.duration }
         configuration.heartbeatInterval = heartbeat?.duration
         if let retry { configuration.retryInterval = retry.duration }
+        if let sweepInterval { configuration.sweepInterval = sweepInterval.duration }
         configuration.margin = margin?.duration
         configuration.statementTimeout = statementTimeout?.duration
         if let reconnectDelay { configuration.reconnectDelay = reconnectDelay.duration }
