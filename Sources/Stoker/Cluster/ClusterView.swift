@@ -17,15 +17,10 @@ public enum StokerCluster {
         try StokerSchema.validate(schema: schema)
         return try await PostgresSession.with(connection) { session in
             try await session.run { connection in
-                guard
-                    let namespace = try connection.execute(ProtocolStatements.lockNamespaceQuery, [schema]).rows.first
-                else {
-                    throw StokerError(
-                        .schemaMismatch, "The schema \"\(schema)\" does not exist; run `stoker migrate` first.")
-                }
+                let statements = try ProtocolStatements.of(schema: schema, on: connection)
                 let quoted = try connection.quoteIdentifier(schema, kind: "schema name")
                 let rows = try connection.execute(
-                    Self.snapshotQuery(schema: quoted, namespace: try namespace.int32(0)), [cluster]
+                    Self.snapshotQuery(schema: quoted, namespace: statements.lockNamespace), [cluster]
                 ).rows
                 var snapshot = ClusterSnapshot(cluster: cluster, members: [], elections: [])
                 for row in rows {

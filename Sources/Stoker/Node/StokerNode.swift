@@ -132,17 +132,7 @@ extension StokerNode {
         try StokerSchema.validate(schema: schema)
         return try await PostgresSession.with(connection) { session in
             try await session.run { connection in
-                guard
-                    let namespace = try connection.execute(ProtocolStatements.lockNamespaceQuery, [schema]).rows.first
-                else {
-                    throw StokerError(
-                        .schemaMismatch, "The schema \"\(schema)\" does not exist; run `stoker migrate` first.")
-                }
-                let statements = ProtocolStatements(
-                    schema: schema,
-                    quotedSchema: try connection.quoteIdentifier(schema, kind: "schema name"),
-                    lockNamespace: try namespace.int32(0)
-                )
+                let statements = try ProtocolStatements.of(schema: schema, on: connection)
                 guard
                     let cluster = try connection.execute(
                         "SELECT id FROM \(try connection.quoteIdentifier(schema)).clusters WHERE name = $1", [cluster]

@@ -194,6 +194,17 @@ struct ProtocolStatements: Sendable {
         fence = "SELECT \(s).fence($1, $2, $3)"
     }
 
+    /// The statements of `schema`, as `connection` finds it (its lock namespace); a schema that does not exist is a
+    /// `.schemaMismatch` error that says to migrate.
+    static func of(schema: String, on connection: PGConnection) throws(StokerError) -> ProtocolStatements {
+        guard let namespace = try connection.execute(lockNamespaceQuery, [schema]).rows.first else {
+            throw StokerError(.schemaMismatch, "The schema \"\(schema)\" does not exist; run `stoker migrate` first.")
+        }
+        return ProtocolStatements(
+            schema: schema, quotedSchema: try connection.quoteIdentifier(schema, kind: "schema name"),
+            lockNamespace: try namespace.int32(0))
+    }
+
     /// The channel a cluster's notifications go to (`<schema>:<cluster id>`, at most 63 bytes).
     func channel(clusterID: Int) -> String { "\(schema):\(clusterID)" }
 

@@ -337,8 +337,13 @@ extension NodeStateMachine {
     /// Which election a lock won belongs to, and the metrics a scope of it counts with (for the driver, which
     /// prepares the scope before it reports a bump that began).
     func election(withID id: Int) -> (name: String, metrics: ElectionMetrics)? {
-        guard let (name, election) = elections.first(where: { $0.value.id == id }) else { return nil }
+        guard let name = electionName(withID: id), let election = elections[name] else { return nil }
         return (name, election.metrics)
+    }
+
+    /// The registered election whose row is `id` (its name), if any.
+    private func electionName(withID id: Int) -> String? {
+        elections.keys.sorted().first { elections[$0]?.id == id }
     }
 
     /// This session holds the lock of election `id` now — and, when `taken` is given, the same statement already
@@ -347,12 +352,9 @@ extension NodeStateMachine {
         election id: Int, taken: TakenTerm?, scope: LeaderScope?, now: ContinuousClock.Instant,
         _ session: inout Session
     ) {
-        guard let name = elections.keys.sorted().first(where: { elections[$0]?.id == id }),
-            var election = elections[name]
-        else {
-            // The activator went away between the try and now: give the lock back.
-            session.strayLocks.append(id)
-            return
+        // The activator went away between the try and now: give the lock back.
+        guard let name = electionName(withID: id), var election = elections[name] else {
+            return session.strayLocks.append(id)
         }
         let action = election.machine.lockWon()
         elections[name] = election
@@ -377,11 +379,8 @@ extension NodeStateMachine {
         election id: Int, _ taken: TakenTerm, scope: LeaderScope?, now: ContinuousClock.Instant,
         _ session: inout Session
     ) {
-        guard let name = elections.keys.sorted().first(where: { elections[$0]?.id == id }),
-            var election = elections[name]
-        else {
-            session.strayLocks.append(id)
-            return
+        guard let name = electionName(withID: id), var election = elections[name] else {
+            return session.strayLocks.append(id)
         }
         if halting || stop == .hard {
             // A hard stop began while the bump was in flight: this leadership never starts; a resignation asked
