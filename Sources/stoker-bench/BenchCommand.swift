@@ -7,7 +7,7 @@ struct StokerBench: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "stoker-bench",
         abstract: "Benchmarks of Stoker against what bare PostgreSQL allows.",
-        subcommands: [Failover.self, Idle.self, FloorClient.self]
+        subcommands: [Failover.self, NodeDown.self, Idle.self, FloorClient.self]
     )
 }
 

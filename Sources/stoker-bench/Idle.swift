@@ -6,15 +6,19 @@ import StokerTestSupport
 /// `stoker-bench idle`: what idle `stoker node` participants cost the server.
 struct Idle: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "Server load of idle `stoker node` participants: transactions per second and postgres CPU.",
+        abstract:
+            "Server load of idle `stoker node` participants: transactions and pg_locks reads per second, postgres CPU.",
         discussion: """
             Starts a private PostgreSQL and --nodes `stoker node` processes, each standing in the same --elections \
             elections of one cluster; waits until every node has joined and each election has one leader (by the \
             lines), waits --settle, then measures over --measure: the server's transactions per second \
-            (pg_stat_database, every database, sampled once at each end of the window), the CPU of the postgres \
-            processes (the postmaster and its children, /proc/<pid>/stat), and the client connections. Then stops \
-            every node with SIGTERM (each must exit 0) and checks every line (per election, leaderships never \
-            overlap and terms increase). Prints a markdown report; exits 1 on any correctness problem.
+            (pg_stat_database, every database, sampled once at each end of the window), the cluster's sweeps per \
+            second (calls of stoker.sweep in pg_stat_user_functions, counted by the node sessions because the \
+            bench database is set to track_functions = 'pl' before they start; each sweep reads pg_locks once), the \
+            CPU of the postgres processes (the postmaster and its children, /proc/<pid>/stat), and the client \
+            connections. Then stops every node with SIGTERM (each must exit 0) and checks every line (per election, \
+            leaderships never overlap and terms increase). Prints a markdown report; exits 1 on any correctness \
+            problem.
             """
     )
 
@@ -74,6 +78,8 @@ struct IdleSettings: Sendable {
 private enum IdleTarget {
     static let transactionsPerNode = 3.0
     static let cpuPercent = 5.0
+    /// pg_locks reads (sweeps) per second, for the whole cluster.
+    static let sweepsPerSecond = 2.0
 }
 
 /// Starts a private PostgreSQL, runs the idle nodes on it, measures, stops them; returns the report.
@@ -109,6 +115,13 @@ struct IdleMeasurement: Sendable {
     var transactions = 0
     /// The same over the bench's database alone (where every node connects).
     var benchDatabaseTransactions = 0
+    /// `track_functions` as a fresh session of the bench's database sees it after `ALTER DATABASE … SET`.
+    var trackFunctions = "unknown"
+    /// Calls of `stoker.sweep` counted before any node started (0 expected).
+    var sweepsBeforeNodes = 0
+    /// Calls of `stoker.sweep` at the two ends of the window (the transaction readings).
+    var sweepsAtStart = 0
+    var sweepsAtEnd = 0
     /// The measuring window of the CPU readings, in seconds.
     var cpuWindow = 0.0
     /// CPU seconds of the postmaster and its children over the window.
@@ -158,13 +171,18 @@ struct IdleRun {
                     + "use --nodes \((measured.maxConnections - 2) / 2) or fewer")
         }
         let postmaster = try await postmasterPID()
+        // Node sessions count the calls of PL/pgSQL functions (sweep among them); set before any node connects.
+        try await database.admin("ALTER DATABASE \"\(database.name)\" SET track_functions = 'pl'")
+        measured.trackFunctions = try await database.admin("SHOW track_functions").first?.first.flatMap { $0 } ?? "?"
         let migrated = try await runProcess([settings.stokerPath, "migrate", "--url", database.conninfo])
         guard migrated.status == 0 else {
             throw BenchError("`stoker migrate` exited \(migrated.status): \(migrated.standardError)")
         }
         let before = try await transactionCounters()
         try await Task.sleep(for: .seconds(1))
-        measured.samplingCheck = try await transactionCounters().all - before.all
+        let sampled = try await transactionCounters()
+        measured.samplingCheck = sampled.all - before.all
+        measured.sweepsBeforeNodes = sampled.sweeps
 
         do {
             try await measure(postmaster: postmaster)
@@ -230,6 +248,8 @@ struct IdleRun {
         measured.transactionWindow = lastCounters.at - firstCounters.at
         measured.transactions = lastCounters.all - firstCounters.all - 2
         measured.benchDatabaseTransactions = lastCounters.benchDatabase - firstCounters.benchDatabase - 2
+        measured.sweepsAtStart = firstCounters.sweeps
+        measured.sweepsAtEnd = lastCounters.sweeps
         measured.cpuWindow = lastCPU.at - firstCPU.at
         measured.postgresCPU = lastCPU.seconds(since: firstCPU)
         measured.postgresProcesses = lastCPU.ticks.count
@@ -247,21 +267,23 @@ struct IdleRun {
         }
     }
 
-    /// `sum(xact_commit + xact_rollback)` over every database and over the bench's own, from a fresh admin session;
-    /// `at` is the middle of the call.
-    private func transactionCounters() async throws -> (all: Int, benchDatabase: Int, at: Double) {
+    /// `sum(xact_commit + xact_rollback)` over every database and over the bench's own, and the calls of
+    /// `stoker.sweep` in the bench's database, in one statement from a fresh admin session; `at` is the middle of the
+    /// call.
+    private func transactionCounters() async throws -> (all: Int, benchDatabase: Int, sweeps: Int, at: Double) {
         let start = monotonicSeconds()
         let rows = try await database.admin(
             """
             SELECT sum(xact_commit + xact_rollback),
-                   sum(xact_commit + xact_rollback) FILTER (WHERE datname = current_database())
+                   sum(xact_commit + xact_rollback) FILTER (WHERE datname = current_database()),
+                   (SELECT coalesce(sum(calls), 0) FROM pg_stat_user_functions WHERE funcname = 'sweep')
               FROM pg_stat_database
             """)
         let end = monotonicSeconds()
-        guard let row = rows.first, row.count == 2, let all = row[0].flatMap({ Int($0) }),
-            let bench = row[1].flatMap({ Int($0) })
-        else { throw BenchError("unexpected pg_stat_database sums: \(rows)") }
-        return (all, bench, (start + end) / 2)
+        guard let row = rows.first, row.count == 3, let all = row[0].flatMap({ Int($0) }),
+            let bench = row[1].flatMap({ Int($0) }), let sweeps = row[2].flatMap({ Int($0) })
+        else { throw BenchError("unexpected pg_stat_database sums or sweep calls: \(rows)") }
+        return (all, bench, sweeps, (start + end) / 2)
     }
 
     /// The postmaster's pid: the first line of `<data directory>/postmaster.pid`, else the parent of the
@@ -390,6 +412,12 @@ struct IdleReport {
             ? Double(measured.transactions) / measured.transactionWindow : nil
     }
 
+    /// Calls of `stoker.sweep` per second over the transaction window: the cluster's pg_locks reads per second.
+    private var sweepsPerSecond: Double? {
+        measured.complete && measured.transactionWindow > 0
+            ? Double(measured.sweepsAtEnd - measured.sweepsAtStart) / measured.transactionWindow : nil
+    }
+
     private var cpuPercent: Double? {
         measured.complete && measured.cpuWindow > 0 ? measured.postgresCPU / measured.cpuWindow * 100 : nil
     }
@@ -421,6 +449,23 @@ struct IdleReport {
                 + rate(Double(measured.benchDatabaseTransactions), per: measured.transactionWindow)
                 + ". A backend publishes its counts at most once a second, so either end may be off by up to a "
                 + "second of traffic")
+        let sweeps = measured.sweepsAtEnd - measured.sweepsAtStart
+        let sweepError = measured.transactionWindow > 0 ? (sweepsPerSecond ?? 0) / measured.transactionWindow : 0
+        out.append(
+            "- pg_locks reads: calls of `stoker.sweep` (each reads pg_locks once) from `pg_stat_user_functions`, the "
+                + "bench's database set to `track_functions = 'pl'` (`ALTER DATABASE`, as the superuser) before any "
+                + "node connected (a fresh session shows `\(measured.trackFunctions)`; \(measured.sweepsBeforeNodes) "
+                + "calls before any node started), read in the same statements as the transactions: "
+                + (measured.complete
+                    ? "\(measured.sweepsAtStart) at the start of the window, \(measured.sweepsAtEnd) at its end, "
+                        + "\(sweeps) in \(String(format: "%.3f s", measured.transactionWindow))" : "–")
+                + ". A backend flushes its function counts up to ~1 s after the calls: the window opens "
+                + "\(settings.settle.text) after every election had its leader (the start-up sweeps long counted), and "
+                + "both ends lag alike, so the rate is off by at most a second of sweeps over the window ("
+                + String(format: "±%.2f /s", sweepError)
+                + "). The nodes' other statements read pg_locks only where an idle cluster does not go: `whereis` "
+                + "when a node sets an election up (once per election at its join) and `wait_for_lock` when the lock "
+                + "it waited for came free in the very instant its wait timed out (a leader gone)")
         out.append(
             "- postgres CPU: utime + stime (`/proc/<pid>/stat` fields 14 and 15, \(sysconf(Int32(_SC_CLK_TCK))) "
                 + "ticks/s) of the postmaster and every process whose parent it is (\(measured.postgresProcesses) "
@@ -445,10 +490,12 @@ struct IdleReport {
         let perNode = transactionsPerSecond.map { $0 / nodes }
         let transactionsMet = perNode.map { $0 <= IdleTarget.transactionsPerNode }
         let cpuMet = cpuPercent.map { $0 <= IdleTarget.cpuPercent }
+        let sweepsMet = sweepsPerSecond.map { $0 <= IdleTarget.sweepsPerSecond }
         out.append(
             "| nodes | elections | client connections | transactions/s | transactions/s per node | target "
-                + "| verdict | postgres CPU (% of a core) | target | verdict |")
-        out.append("|--:|--:|--:|--:|--:|---|---|--:|---|---|")
+                + "| verdict | pg_locks reads (sweeps)/s, whole cluster | target | verdict "
+                + "| postgres CPU (% of a core) | target | verdict |")
+        out.append("|--:|--:|--:|--:|--:|---|---|--:|---|---|--:|---|---|")
         let connectionsPerNode = String(format: "%.2f", Double(measured.connections) / nodes)
         let perNodeText: String? = perNode.map { String(format: "%.3f", $0) }
         let cpuText: String? = cpuPercent.map { String(format: "%.2f %%", $0) }
@@ -458,6 +505,10 @@ struct IdleReport {
         cells.append(perNodeText ?? "–")
         cells.append(String(format: "≤ %g transactions/s per node", IdleTarget.transactionsPerNode))
         cells.append(verdict(transactionsMet, perNodeText.map { $0 + "/s" }, IdleTarget.transactionsPerNode))
+        let sweepsText: String? = sweepsPerSecond.map { String(format: "%.2f", $0) }
+        cells.append(sweepsText ?? "–")
+        cells.append(String(format: "≤ %g /s for the whole cluster", IdleTarget.sweepsPerSecond))
+        cells.append(verdict(sweepsMet, sweepsText.map { $0 + "/s" }, IdleTarget.sweepsPerSecond))
         cells.append(cpuText ?? "–")
         cells.append(String(format: "≤ %g %% of a core", IdleTarget.cpuPercent))
         cells.append(verdict(cpuMet, cpuText, IdleTarget.cpuPercent))
@@ -469,7 +520,7 @@ struct IdleReport {
         }
         out.append(
             contentsOf: resultFooter(
-                problems: measured.findings.problems, passed: passed, targets: [transactionsMet, cpuMet]))
+                problems: measured.findings.problems, passed: passed, targets: [transactionsMet, sweepsMet, cpuMet]))
         return out.joined(separator: "\n")
     }
 
