@@ -991,7 +991,7 @@ struct NodeStateMachineTests {
         #expect(f.register("a") == .registered)
         #expect(f.machine.sessionOpened(now: f.at(0)) == 1)
         #expect(f.machine.hardStopRequested(now: f.at(5)).value == EndingValue(at: f.at(5)))
-        let (scopes, stopped) = f.machine.hardStopContinued(now: f.at(5))
+        let (scopes, stopped) = f.machine.hardStopContinued()
         #expect(scopes.isEmpty)
         #expect(stopped == [.stopped(f["a"], .cancelled, scope: nil, endedAt: nil)])
         // Not joined: the driver never asks for a step then; the machine says to abandon the session.
@@ -1012,7 +1012,7 @@ struct NodeStateMachineTests {
         #expect(ending.value == EndingValue(at: f.at(t), scope.map { [("a", $0)] } ?? []))
         #expect(f.machine.takeDeliveries().isEmpty)
         if let scope { #expect(scope.end(at: ending.at)) }
-        let (scopes, stopped) = f.machine.hardStopContinued(now: ending.at)
+        let (scopes, stopped) = f.machine.hardStopContinued()
         #expect(identities(scopes) == identities(scope.map { [$0] } ?? []))
         #expect(stopped == [.stopped(f["a"], .cancelled, scope: scope, endedAt: nil)])
         #expect(f.machine.elections.isEmpty)
@@ -1053,7 +1053,7 @@ struct NodeStateMachineTests {
         #expect(f.machine.takeEvents().isEmpty)
         // And no new try while halting.
         #expect(f.machine.nextStep(now: f.at(602)) == .heartbeat(claimSweeper: true))
-        let (scopes, stopped) = f.machine.hardStopContinued(now: f.at(306))
+        let (scopes, stopped) = f.machine.hardStopContinued()
         #expect(scopes.isEmpty)
         #expect(stopped == [.stopped(f["a"], .cancelled, scope: nil, endedAt: nil)])
     }
@@ -1069,7 +1069,7 @@ struct NodeStateMachineTests {
         let ending = f.machine.hardStopRequested(now: f.at(30))
         #expect(ending.value == EndingValue(at: f.at(30), [("a", scope)]))
         #expect(f.machine.takeDeliveries() == [.resumeResignation("a"), .finish(f["a"])])
-        let (scopes, stopped) = f.machine.hardStopContinued(now: f.at(30))
+        let (scopes, stopped) = f.machine.hardStopContinued()
         #expect(identities(scopes) == [ObjectIdentifier(scope)])
         #expect(stopped.isEmpty)
     }
@@ -1327,7 +1327,7 @@ struct NodeStateMachineTests {
         f.join([("a", 1)])
         #expect(f.machine.witnessReplied(now: f.at(10)).value == .trusted)
         _ = f.machine.hardStopRequested(now: f.at(700))
-        _ = f.machine.hardStopContinued(now: f.at(700))
+        _ = f.machine.hardStopContinued()
         // The witness's next beat was due at 3 + 600: the stop (and the lease) come first.
         #expect(f.machine.nextStep(now: f.at(701)) == .hardStop)
     }
@@ -1369,7 +1369,7 @@ struct NodeStateMachineTests {
         let awaited = f.machine.resignationAwaited("a", leaderWorkDrained: false)
         #expect(!awaited)
         #expect(f.machine.takeDeliveries() == [.stopped(f["a"], .cancelled, scope: nil, endedAt: nil)])
-        let (_, stopped) = f.machine.hardStopContinued(now: f.at(303))
+        let (_, stopped) = f.machine.hardStopContinued()
         #expect(stopped.isEmpty)
     }
 

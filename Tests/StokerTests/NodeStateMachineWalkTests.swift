@@ -784,7 +784,7 @@ struct NodeWorld {
             afterCall()
             sessionOps.insert(contentsOf: [.end(scopes, at: now), .deliver(stopped)], at: 0)
         case .hardStopContinued(let at):
-            let (scopes, stopped) = machine.hardStopContinued(now: at)
+            let (scopes, stopped) = machine.hardStopContinued()
             stoppedForGood = true
             note(thread, "hardStopContinued → \(scopes.count) scope(s), \(describe(stopped))")
             afterCall()

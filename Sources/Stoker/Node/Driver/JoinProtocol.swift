@@ -23,15 +23,7 @@ extension NodeDriver {
         try configure(
             context.witness,
             applicationName: Self.applicationName(cluster: configuration.cluster, node: configuration.nodeName + "/w"))
-        let quoted = try connection.quoteIdentifier(configuration.schema, kind: "schema name")
-        guard
-            let namespace = try connection.execute(ProtocolStatements.lockNamespaceQuery, [configuration.schema]).rows
-                .first
-        else {
-            throw StokerError(.schemaMismatch, "The schema \"\(configuration.schema)\" does not exist.")
-        }
-        let statements = ProtocolStatements(
-            schema: configuration.schema, quotedSchema: quoted, lockNamespace: try namespace.int32(0))
+        let statements = try ProtocolStatements.of(schema: configuration.schema, on: connection)
         context.statements = statements
         context.clusterID = try statements.ensureCluster(configuration.cluster, on: connection)
         context.channel = statements.channel(clusterID: context.clusterID)

@@ -241,7 +241,7 @@ final class NodeDriver: Sendable {
         let ending = withMachine { $0.machine.hardStopRequested(now: .now) }
         for (_, scope) in ending.scopes { endScope(scope, at: ending.at, reason: "the node was cancelled") }
         // 2. Stop; every scope still around ends (the machine starts none while halting).
-        let (scopes, stopped) = withMachine { $0.machine.hardStopContinued(now: ending.at) }
+        let (scopes, stopped) = withMachine { $0.machine.hardStopContinued() }
         for scope in scopes { endScope(scope, at: ending.at, reason: "the node was cancelled") }
         // 3. Only now that no leadership is left: cut both sessions (the server then frees their locks at once), and
         //    tell the activators.

@@ -176,7 +176,7 @@ struct NodeStateMachine: Sendable {
     }
 
     /// A hard stop's first step: no new leadership from here on, and every current one ends at `now` (the driver ends
-    /// the scopes, then calls ``hardStopContinued(now:)``).
+    /// the scopes, then calls ``hardStopContinued()``).
     mutating func hardStopRequested(now: ContinuousClock.Instant) -> Ending {
         halting = true
         return beginLoss(.connectionLost, at: now, finishing: .cancelled)
@@ -184,7 +184,7 @@ struct NodeStateMachine: Sendable {
 
     /// A hard stop's second step: stop; every election is withdrawn. The driver ends the scopes returned, then cuts
     /// both sockets, then performs `stopped` (the activators' last messages) — in that order.
-    mutating func hardStopContinued(now: ContinuousClock.Instant) -> (scopes: [LeaderScope], stopped: [Delivery]) {
+    mutating func hardStopContinued() -> (scopes: [LeaderScope], stopped: [Delivery]) {
         stop = .hard
         var scopes = Array(ending.values)
         var stopped: [Delivery] = []
