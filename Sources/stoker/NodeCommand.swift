@@ -18,12 +18,13 @@ struct Node: AsyncParsableCommand {
         discussion: """
             Prints one JSON object per line on stdout, flushed per line, for every callback: "at" (seconds of \
             CLOCK_MONOTONIC, comparable across processes on one host), "time" (UTC), "node", "incarnation", \
-            "election", "event" (now_leader, now_follower, cluster_change, cluster_split, timer, shutdown), \
-            "term", and "ended_at" on every demotion (the monotonic instant leadership ended; for a lost lease, \
+            "election", "event" (now_leader, now_follower, cluster_change, cluster_split, timer, trigger, \
+            shutdown), "term", and "ended_at" on every demotion (the monotonic instant leadership ended; for a lost lease, \
             the lease deadline). now_leader lists "members" (name#incarnation, the cluster as the new leader knows \
             it); cluster_change has "change" (node_up, node_down), "member", "member_incarnation", and for \
-            node_down a "reason" (left, died, removed). SIGTERM or SIGINT hands the elections over and exits 0 after "shutdown". A bad \
-            flag or a connection error prints one line on stderr and exits non-zero. Durations: 250ms, 2s, 1.5s, \
+            node_down a "reason" (left, died, removed); trigger has the "payload" and its "sequence" (the \
+            election's triggers are numbered in the order sent; at least once, in order). SIGTERM or SIGINT hands the \
+            elections over and exits 0 after "shutdown". A bad flag or a connection error prints one line on stderr and exits non-zero. Durations: 250ms, 2s, 1.5s, \
             1m (units ns, us, ms, s, m, h). Connections: two per node whatever the number of elections (the main \
             session and an idle witness that holds the node lock), plus one short-lived check at start — plan \
             max_connections for two per process.
@@ -234,6 +235,11 @@ struct EventPrinter: StokerBehaviour {
         case .timer:
             object.string("event", "timer")
             object.integer("term", context.term)
+        case .trigger(let payload, let sequence):
+            object.string("event", "trigger")
+            object.integer("term", context.term)
+            object.integer("sequence", sequence)
+            object.string("payload", payload)
         case .shutdown(let reason):
             object.string("event", "shutdown")
             object.integer("term", context.term)

@@ -15,7 +15,7 @@ import Testing
 /// One callback as a behaviour saw it.
 struct HistoryEntry: Sendable, CustomStringConvertible {
     enum Kind: String, Sendable {
-        case nowLeader, nowFollower, clusterChange, clusterSplit, timer, shutdown
+        case nowLeader, nowFollower, clusterChange, clusterSplit, timer, trigger, shutdown
     }
 
     /// When the callback started (monotonic).
@@ -211,6 +211,7 @@ struct RecordingBehaviour: StokerBehaviour {
         case .clusterChange: kind = .clusterChange
         case .clusterSplit: kind = .clusterSplit
         case .timer: kind = .timer
+        case .trigger: kind = .trigger
         case .shutdown: kind = .shutdown
         }
         history.record(

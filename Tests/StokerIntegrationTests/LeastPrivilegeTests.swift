@@ -130,6 +130,15 @@ struct LeastPrivilegeTests {
                 #expect(try bumped.singleRow().int(0) == 4)
                 try await handOver(node, statements, election: election, node: nodeID)
 
+                // A trigger: sent (the node's role may send too), read by the leader, deleted once handled.
+                let sent = try await node.query(statements.sendTrigger, ["billing", "importer", "now"])
+                #expect(try sent.singleRow().int(0) == 1)
+                let read = try await node.query(statements.readTriggers, [String(election), "0", "100"])
+                #expect(read.rows.count == 1)
+                #expect(try read.singleRow().string(1) == "now")
+                _ = try await node.query(statements.deleteTriggers, [String(election), "1"])
+                #expect(try await node.query(statements.readTriggers, [String(election), "0", "100"]).rows.isEmpty)
+
                 // A second node dies without a goodbye; the sweep removes it and node_down is sent.
                 let otherPID = try await withSession(appConnection) { other in
                     try await other.run { connection in
@@ -155,7 +164,7 @@ struct LeastPrivilegeTests {
                 for await notification in node.notifications {
                     events.append(Self.event(in: notification.payload))
                     if events.last == "node_down" { downs.append(notification.payload) }
-                    if events.count == 14 { break }
+                    if events.count == 15 { break }
                 }
                 // Swept: died; left: left — each once.
                 #expect(downs.count == 2)
@@ -167,8 +176,32 @@ struct LeastPrivilegeTests {
                 #expect(
                     events == [
                         "node_up", "leader", "leader", "leader", "released", "leader", "released", "leader", "released",
-                        "leader", "released", "node_up", "node_down", "node_down",
+                        "leader", "released", "trigger", "node_up", "node_down", "node_down",
                     ])
+            }
+
+            // A role that only sends triggers (a web handler) needs USAGE and EXECUTE on send_trigger, nothing else.
+            let sender = try await database.createRole(prefix: "stk_sender", password: "sender-pw-1")
+            let senderConnection = database.tcpConninfo(user: sender, password: "sender-pw-1")
+            let refused = await #expect(throws: StokerError.self) {
+                try await StokerCluster.trigger(
+                    election: "importer", payload: "x", cluster: "billing", connection: senderConnection)
+            }
+            #expect(refused?.sqlState == "42501", "without the grants: \(String(describing: refused))")
+            try await database.admin(
+                """
+                GRANT USAGE ON SCHEMA stoker TO \(sender);
+                GRANT EXECUTE ON FUNCTION stoker.send_trigger(text, text, text) TO \(sender);
+                """)
+            let number = try await StokerCluster.trigger(
+                election: "importer", payload: "from a handler", cluster: "billing", connection: senderConnection)
+            #expect(number == 2)
+            // It cannot read them, nor anything else of the schema.
+            try await withSession(senderConnection) { session in
+                let denied = await #expect(throws: StokerError.self) {
+                    _ = try await session.query("SELECT count(*) FROM stoker.triggers")
+                }
+                #expect(denied?.sqlState == "42501")
             }
         }
     }

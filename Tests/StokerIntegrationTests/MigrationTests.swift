@@ -46,7 +46,9 @@ struct MigrationTests {
             let tables = try await database.admin(
                 "SELECT count(*) FROM pg_tables WHERE schemaname = 'Odd \"Schema\"; DROP'"
             )
-            #expect(tables.first?[0] == "6", "migrations, clusters, nodes, elections, server_epoch, term_band")
+            #expect(
+                tables.first?[0] == "8",
+                "migrations, clusters, nodes, elections, server_epoch, term_band, trigger_queues, triggers")
         }
     }
 

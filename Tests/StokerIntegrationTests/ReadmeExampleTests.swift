@@ -32,6 +32,8 @@ struct Importer: StokerBehaviour {
             context.logger.warning("stopped importing", metadata: ["reason": "\(reason)"])
         case .timer:
             state += 1  // timers fire on every process, leader or not
+        case .trigger(let payload, _):
+            context.logger.notice("asked to import now", metadata: ["file": "\(payload)"])
         case .clusterChange, .clusterSplit, .shutdown:
             break
         }

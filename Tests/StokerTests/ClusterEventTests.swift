@@ -68,6 +68,11 @@ struct ClusterEventTests {
             label: "released, with the largest bigint term",
             payload: #"{"event" : "released", "election" : 9, "name" : "e", "term" : 9223372036854775807}"#,
             expected: .released(election: 9)),
+        // json_build_object('event', 'trigger', 'election', v_election, 'name', p_election, 'sequence', v_sequence)
+        Case(
+            label: "trigger",
+            payload: #"{"event" : "trigger", "election" : 4, "name" : "e", "sequence" : 12}"#,
+            expected: .trigger(election: 4)),
         Case(
             label: "compact JSON, fields in another order, an extra field",
             payload: #"{"name":"a","node":2,"event":"node_down","extra":null}"#,
@@ -108,6 +113,7 @@ struct ClusterEventTests {
         Case(
             label: "released with a string election", payload: #"{"event" : "released", "election" : "3"}"#,
             expected: nil),
+        Case(label: "trigger without an election", payload: #"{"event" : "trigger", "sequence" : 1}"#, expected: nil),
         Case(label: "a fractional number", payload: #"{"event" : "released", "election" : 3.5}"#, expected: nil),
         Case(label: "trailing garbage", payload: #"{"event" : "released", "election" : 3} x"#, expected: nil),
     ]

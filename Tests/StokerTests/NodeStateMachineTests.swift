@@ -146,8 +146,20 @@ struct NodeFixture {
             let leader = NodeStateMachine.Delivery.message(self["a"], .leader(scope, members: machine.memberList))
             #expect(machine.takeDeliveries() == [leader], sourceLocation: sourceLocation)
             #expect(machine.takeEvents() == [.becameLeader(election: "a", term: 5)], sourceLocation: sourceLocation)
+            readsNoTriggers(1, at: 12, sourceLocation: sourceLocation)
             return (scope, 12)
         }
+    }
+
+    /// A leadership of election `id` began: its first step reads the election's triggers; the table has none.
+    mutating func readsNoTriggers(_ id: Int, at milliseconds: Int, sourceLocation: SourceLocation = #_sourceLocation) {
+        #expect(
+            machine.nextStep(now: at(milliseconds)) == .readTriggers(election: id, after: 0),
+            sourceLocation: sourceLocation)
+        let outcome = machine.replied(
+            .triggersRead(election: id, [], complete: true), sentAt: at(milliseconds), now: at(milliseconds))
+        #expect(outcome.value == .proceed, sourceLocation: sourceLocation)
+        #expect(machine.takeDeliveries().isEmpty, sourceLocation: sourceLocation)
     }
 
     /// Serves the routine steps from `start` to `end`, as the session thread would with nothing else to do: collects
@@ -550,6 +562,7 @@ struct NodeStateMachineTests {
             .value == .proceed)
         #expect(f.machine.takeDeliveries() == [.message(f["a"], .leader(scope, members: f.machine.memberList))])
         #expect(f.machine.takeEvents() == [.becameLeader(election: "a", term: 5)])
+        f.readsNoTriggers(1, at: 307)
         #expect(f.machine.nextStep(now: f.at(307)) == .waitIdle(until: f.at(602)))
     }
 
@@ -1114,6 +1127,7 @@ struct NodeStateMachineTests {
             election: 7, beat: true, renewed: 1, granted: true, taken: [(7, NodeFixture.began(), scope)])
         #expect(f.machine.replied(granted, sentAt: f.at(313), now: f.at(400)).value == .proceed)
         #expect(f.machine.takeDeliveries() == [.message(f["a"], .leader(scope, members: f.machine.memberList))])
+        f.readsNoTriggers(7, at: 400)
         // The grant gave the token back: nothing to release. Its holder may have died: one sweep reports it at once
         // (node_down), whoever holds the sweeper token. Then the heartbeat is due at 313 + 300.
         #expect(f.machine.session?.waiterToken == nil)
@@ -1131,6 +1145,8 @@ struct NodeStateMachineTests {
         #expect(
             f.machine.replied(.triedAndTook([(7, NodeFixture.began(), scope)]), sentAt: f.at(10), now: f.at(12)).value
                 == .proceed)
+        #expect(f.machine.takeDeliveries() == [.message(f["a"], .leader(scope, members: f.machine.memberList))])
+        f.readsNoTriggers(7, at: 12)
         // Leading, nothing else to try: the heartbeat at 302, with a try of the sweeper token.
         #expect(f.machine.nextStep(now: f.at(302)) == .heartbeat(claimSweeper: true))
         #expect(f.machine.replied(.heartbeat(renewed: 1), sentAt: f.at(302), now: f.at(304)).value == .proceed)
@@ -1184,6 +1200,7 @@ struct NodeStateMachineTests {
             election: 7, beat: false, renewed: 0, granted: false, taken: [(8, NodeFixture.began(), scope)])
         #expect(f.machine.replied(took, sentAt: f.at(13), now: f.at(100)).value == .proceed)
         #expect(f.machine.takeDeliveries() == [.message(f["b"], .leader(scope, members: f.machine.memberList))])
+        f.readsNoTriggers(8, at: 100)
         #expect(f.machine.nextStep(now: f.at(100)) == .releaseWaiterToken(election: 7))
         #expect(
             f.machine.replied(.waiterTokenReleased(held: true), sentAt: f.at(100), now: f.at(101)).value == .proceed)
@@ -1239,6 +1256,7 @@ struct NodeStateMachineTests {
             f.machine.replied(.triedAndTook([(1, NodeFixture.began(), scope)]), sentAt: f.at(10), now: f.at(12)).value
                 == .proceed)
         #expect(f.machine.takeDeliveries() == [.message(f["a"], .leader(scope, members: f.machine.memberList))])
+        f.readsNoTriggers(1, at: 12)
         let n3 = ClusterMember(id: 30, name: "n3")
         let n2 = ClusterMember(id: 20, name: "n2")
         let me = ClusterMember(id: 10, name: "n1")
@@ -1265,6 +1283,9 @@ struct NodeStateMachineTests {
                 .message(f["b"], .leaderObserved(nil)),
             ])
         f.machine.notified([.leader(election: 1, node: 30), .leader(election: 9, node: 30)])
+        #expect(f.machine.takeDeliveries().isEmpty)
+        // This node's own bump, notified before its answer is read: not news for the follower it still is.
+        f.machine.notified([.leader(election: 2, node: 10)])
         #expect(f.machine.takeDeliveries().isEmpty)
 
         f.machine.notified([.released(election: 2), .released(election: 1), .released(election: 9)])
@@ -1388,5 +1409,120 @@ struct NodeStateMachineTests {
         // Only a hard stop refuses it: the activator, asked to hand over, resigns and the lock is handed over.
         #expect(f.machine.takeDeliveries() == [.message(f["a"], .leader(scope, members: f.machine.memberList))])
         #expect(f.machine.resignRequested("a", now: f.at(31)).value == .release(scope, endedAt: f.at(31)))
+    }
+
+    // MARK: Triggers
+
+    /// A leader of `a` (id 1), its leadership's first read answered with `triggers`.
+    private func leaderReading(
+        _ f: inout NodeFixture, _ triggers: [Int64], complete: Bool = true
+    ) -> LeaderScope? {
+        let scope = f.scope("a")
+        f.join([("a", 1)])
+        _ = f.machine.nextStep(now: f.at(10))
+        _ = f.machine.replied(.triedAndTook([(1, NodeFixture.began(), scope)]), sentAt: f.at(10), now: f.at(12))
+        #expect(f.machine.takeDeliveries() == [.message(f["a"], .leader(scope, members: f.machine.memberList))])
+        #expect(f.machine.nextStep(now: f.at(12)) == .readTriggers(election: 1, after: 0))
+        let read = triggers.map { Machine.PendingTrigger(sequence: $0, payload: "p\($0)") }
+        #expect(
+            f.machine.replied(.triggersRead(election: 1, read, complete: complete), sentAt: f.at(12), now: f.at(13))
+                .value == .proceed)
+        return scope
+    }
+
+    @Test("a new leader reads its election's triggers and hands each to its activator, in order")
+    func triggersAtLeadership() throws {
+        var f = NodeFixture()
+        let scope = try #require(leaderReading(&f, [3, 4]))
+        #expect(
+            f.machine.takeDeliveries() == [
+                .message(f["a"], .trigger(scope, payload: "p3", sequence: 3)),
+                .message(f["a"], .trigger(scope, payload: "p4", sequence: 4)),
+            ])
+        // All read (less than a page): nothing more until a notification.
+        #expect(f.machine.nextStep(now: f.at(13)) == .waitIdle(until: f.at(302)))
+        f.machine.notified([.trigger(election: 1)])
+        #expect(f.machine.nextStep(now: f.at(14)) == .readTriggers(election: 1, after: 4))
+        // A re-read that returns what was handed out already (it was not deleted yet) hands out only what is new.
+        let again = [4, 5].map { Machine.PendingTrigger(sequence: $0, payload: "p\($0)") }
+        _ = f.machine.replied(.triggersRead(election: 1, again, complete: true), sentAt: f.at(14), now: f.at(15))
+        #expect(f.machine.takeDeliveries() == [.message(f["a"], .trigger(scope, payload: "p5", sequence: 5))])
+    }
+
+    @Test("a full page of triggers reads the next page at once")
+    func triggersPaged() throws {
+        var f = NodeFixture()
+        _ = try #require(leaderReading(&f, [1, 2], complete: false))
+        #expect(f.machine.takeDeliveries().count == 2)
+        #expect(f.machine.nextStep(now: f.at(13)) == .readTriggers(election: 1, after: 2))
+    }
+
+    @Test("a follower does not read triggers; a notification for another election reads nothing")
+    func triggersOnlyForLeaders() {
+        var f = NodeFixture()
+        _ = f.bring(to: .follower)
+        f.machine.notified([.trigger(election: 1), .trigger(election: 9)])
+        #expect(f.machine.takeDeliveries().isEmpty)
+        let step = f.machine.nextStep(now: f.at(14))
+        if case .readTriggers = step { Issue.record("a follower read triggers: \(step)") }
+    }
+
+    @Test("a handled trigger is deleted; one handed out but not handled stays for the next leader")
+    func triggersDeletedWhenHandled() throws {
+        var f = NodeFixture()
+        _ = try #require(leaderReading(&f, [1, 2, 3]))
+        _ = f.machine.takeDeliveries()
+        let handled1 = f.machine.triggerHandled("a", sequence: 1)
+        #expect(handled1)
+        let handled2 = f.machine.triggerHandled("a", sequence: 2)
+        #expect(handled2)
+        #expect(f.machine.nextStep(now: f.at(14)) == .deleteTriggers(election: 1, through: 2))
+        _ = f.machine.replied(.triggersDeleted(election: 1, through: 2), sentAt: f.at(14), now: f.at(15))
+        #expect(f.machine.nextStep(now: f.at(15)) == .waitIdle(until: f.at(302)))
+        // An unknown election's acknowledgement is no deletion.
+        let unknown = f.machine.triggerHandled("zz", sequence: 9)
+        #expect(!unknown)
+    }
+
+    @Test("a read answered after the leadership ended hands nothing out; the next leadership reads after the handled")
+    func triggersAfterLoss() throws {
+        var f = NodeFixture()
+        let scope = try #require(leaderReading(&f, [1]))
+        _ = f.machine.takeDeliveries()
+        let handled1 = f.machine.triggerHandled("a", sequence: 1)
+        #expect(handled1)
+        f.machine.notified([.trigger(election: 1)])
+        #expect(f.machine.nextStep(now: f.at(14)) == .readTriggers(election: 1, after: 1))
+        // The lease ran out while the read was in flight: the leadership is being ended.
+        let ending = f.machine.beginLoss(.leaseExpired, at: f.at(15), finishing: .nodeStopped)
+        #expect(scope.end(at: f.at(15)))
+        let late = [Machine.PendingTrigger(sequence: 2, payload: "p2")]
+        _ = f.machine.replied(.triggersRead(election: 1, late, complete: true), sentAt: f.at(14), now: f.at(15))
+        f.machine.leadershipsEnded(ending, reason: .leaseExpired)
+        #expect(f.machine.takeDeliveries() == [.demoted(f["a"], .leaseExpired, scope: scope)])
+        // A later leadership of this node starts after what it handled (1), so 2 comes again, 1 does not.
+        #expect(f.machine.elections["a"]?.triggers.handled == 1)
+    }
+
+    @Test("a graceful stop deletes the handled triggers before the node leaves")
+    func triggersDeletedBeforeLeave() throws {
+        var f = NodeFixture()
+        let scope = try #require(leaderReading(&f, [1]))
+        _ = f.machine.takeDeliveries()
+        let handled1 = f.machine.triggerHandled("a", sequence: 1)
+        #expect(handled1)
+        f.machine.gracefulStopRequested()
+        _ = f.machine.resignRequested("a", now: f.at(14))
+        #expect(scope.end(at: f.at(14)))
+        let awaited = f.machine.resignationAwaited("a", leaderWorkDrained: true)
+        #expect(awaited)
+        _ = f.machine.takeDeliveries()
+        // The hand-over first (the lock), then the deletion, then the leave.
+        #expect(f.machine.nextStep(now: f.at(15)) == .handOver(election: 1))
+        _ = f.machine.replied(.handedOver(election: 1, held: true), sentAt: f.at(15), now: f.at(16))
+        #expect(f.machine.elections.isEmpty)
+        #expect(f.machine.nextStep(now: f.at(16)) == .deleteTriggers(election: 1, through: 1))
+        _ = f.machine.replied(.triggersDeleted(election: 1, through: 1), sentAt: f.at(16), now: f.at(17))
+        #expect(f.machine.nextStep(now: f.at(17)) == .leave)
     }
 }

@@ -75,6 +75,8 @@ struct NodeStateMachineWalkTests {
         #expect(coverage.grants > 0)
         #expect(coverage.strayLocks > 0)
         #expect(coverage.sessions > 2 * Self.walkCount)
+        #expect(coverage.triggersHanded > Self.walkCount)
+        #expect(coverage.triggersDeleted > Self.walkCount / 4)
     }
 
     @Test("a walk is reproducible from its seed")
@@ -194,6 +196,16 @@ struct NodeWorld {
     var trustedMain: Instant?
     var trustedWitness: Instant?
     var term: Int64 = 10
+    /// The triggers table (the simulated server's): per election id, the numbers sent and not deleted, and the last
+    /// number given. Kept across sessions, as a table is.
+    var triggerTable: [Int: [Int64]] = [:]
+    var triggersSent: [Int: Int64] = [:]
+    /// The numbers the activators have handled (acknowledged to the machine), per election id.
+    var triggersHandled: [Int: Set<Int64>] = [:]
+    /// Triggers handed out and not yet acknowledged: the activators' callbacks still running, in order.
+    var triggerCallbacks: [(name: String, scope: LeaderScope, sequence: Int64)] = []
+    /// The last number handed out per leadership.
+    var lastHanded: [ObjectIdentifier: Int64] = [:]
 
     // The watchdog.
     var watchdogOps: [Op] = []
@@ -293,7 +305,7 @@ struct NodeWorld {
         case 50..<62:
             watchdogActs()
         case 62..<74:
-            activatorActs()
+            if !triggerCallbacks.isEmpty, chance(40) { triggerCallbackReturns() } else { activatorActs() }
         case 74..<82:
             if case .serving = session { notify() }
         case 82..<86:
@@ -527,13 +539,28 @@ struct NodeWorld {
             let began = chance(92)
             reply = .termBegun(
                 name: name, term: term, began: began, scope: prepare(id, term: term, began: began, &prepared))
+        case .readTriggers(let id, let after):
+            let rows = (triggerTable[id] ?? []).filter { $0 > after }.prefix(Machine.triggerPage)
+            reply = .triggersRead(
+                election: id, rows.map { Machine.PendingTrigger(sequence: $0, payload: "p\($0)") },
+                complete: rows.count < Machine.triggerPage)
+        case .deleteTriggers(let id, let through):
+            // Nothing is deleted that an activator has not handled: a trigger is never lost.
+            for sequence in triggerTable[id] ?? [] where sequence <= through {
+                if triggersHandled[id]?.contains(sequence) != true {
+                    fail("trigger \(sequence) of election \(id) deleted, never handled")
+                }
+                coverage.triggersDeleted += 1
+            }
+            triggerTable[id]?.removeAll { $0 <= through }
+            reply = .triggersDeleted(election: id, through: through)
         case .sendWitnessHeartbeat, .leaseExpired, .hardStop, .waitIdle, .hold:
             fail("answered a step that is no statement: \(describe(step))")
             return
         }
         guard violation == nil else { return }
-        // A leadership that begins after a wait for evidence gets the notifications of the wait first.
-        if step.waitsForEvidence, chance(30) { notify() }
+        // A leadership that begins with an answer gets the notifications that came with it first.
+        if chance(30) { notify() }
         let deadline = machine.leaseDeadline
         let outcome = machine.replied(reply, sentAt: sent, now: now)
         note("session", "replied(\(describe(reply)), sent \(ms(sent))) → \(describe(outcome))")
@@ -541,7 +568,7 @@ struct NodeWorld {
         if case .leaseExpired = outcome { trusted = false }
         checkTrust(trusted: trusted, side: .main, sent: sent, deadline: deadline, label: "replied")
         let delivered = afterCall()
-        if step.waitsForEvidence,
+        if ["awaitPredecessor", "checkAcknowledged", "beginTerm"].contains(Coverage.name(step)),
             delivered.contains(where: { if case .message(_, .leader) = $0 { true } else { false } })
         {
             coverage.leadersOnEvidence += 1
@@ -709,6 +736,16 @@ struct NodeWorld {
         activators[number] = activator
     }
 
+    /// The oldest running trigger callback returns: the activator acknowledges it while its leadership goes on.
+    mutating func triggerCallbackReturns() {
+        let (name, scope, sequence) = triggerCallbacks.removeFirst()
+        guard scope.endedAt == nil, let id = Self.rowIDs[name] else { return }
+        triggersHandled[id, default: []].insert(sequence)
+        let wake = machine.triggerHandled(name, sequence: sequence)
+        note("activator", "triggerHandled(\(name), \(sequence)) → \(wake)")
+        afterCall()
+    }
+
     // MARK: Notifications
 
     mutating func notify() {
@@ -717,7 +754,15 @@ struct NodeWorld {
             let ids = [20, 30, 40, nodeID]
             let id = ids.randomElement(using: &rng) ?? 20
             let election = Int(rng.next(upperBound: UInt64(4))) + 1
-            switch rng.next(upperBound: UInt64(4)) {
+            switch rng.next(upperBound: UInt64(5)) {
+            case 4:
+                // Any process sends a trigger: stored first, then notified.
+                if election <= 3 {
+                    let sequence = (triggersSent[election] ?? 0) + 1
+                    triggersSent[election] = sequence
+                    triggerTable[election, default: []].append(sequence)
+                }
+                events.append(.trigger(election: election))
             case 0: events.append(.nodeUp(ClusterMember(id: id, name: "n\(id)")))
             case 1: events.append(.nodeDown(ClusterMember(id: id, name: "n\(id)"), reason: .died))
             case 2: events.append(.leader(election: election, node: chance(20) ? nil : id))
@@ -895,6 +940,21 @@ extension NodeWorld {
                 lastLeader[activator.name] = scope
             case .gracefulShutdown:
                 startResigning(mailbox.number)
+            case .trigger(let scope, _, let sequence):
+                // Only to a leadership that runs, of this activator; in order, once per leadership; never one deleted.
+                if leaderships[ObjectIdentifier(scope)]?.mailbox != mailbox.number {
+                    fail("trigger \(sequence) to an activator that does not hold its leadership")
+                }
+                if scope.endedAt != nil { fail("trigger \(sequence) handed to an ended leadership") }
+                if let last = lastHanded[ObjectIdentifier(scope)], sequence <= last {
+                    fail("trigger \(sequence) after \(last) in one leadership: out of order or twice")
+                }
+                if let id = Self.rowIDs[scope.election], triggerTable[id]?.contains(sequence) != true {
+                    fail("trigger \(sequence) handed out but not in the table")
+                }
+                lastHanded[ObjectIdentifier(scope)] = sequence
+                triggerCallbacks.append((scope.election, scope, sequence))
+                coverage.triggersHanded += 1
             default:
                 break
             }
@@ -1139,7 +1199,8 @@ extension NodeWorld {
         static let allSteps: Set<String> = [
             "sendWitnessHeartbeat", "leaseExpired", "hardStop", "leave", "handOver", "takeTerm", "setUpElection",
             "releaseWaiterToken", "waitAndTake", "heartbeatAndTry", "heartbeat", "claimWaiter", "tryTake",
-            "awaitPredecessor", "checkAcknowledged", "beginTerm", "waitIdle", "hold", "sweep",
+            "awaitPredecessor", "checkAcknowledged", "beginTerm", "waitIdle", "hold", "sweep", "readTriggers",
+            "deleteTriggers",
         ]
 
         var steps: Set<String> = []
@@ -1156,6 +1217,8 @@ extension NodeWorld {
         var sweeps = 0
         var strayLocks = 0
         var sessions = 0
+        var triggersHanded = 0
+        var triggersDeleted = 0
 
         static func name(_ step: Machine.Step) -> String {
             String("\(step)".prefix { $0 != "(" })
@@ -1176,6 +1239,8 @@ extension NodeWorld {
             sweeps += other.sweeps
             strayLocks += other.strayLocks
             sessions += other.sessions
+            triggersHanded += other.triggersHanded
+            triggersDeleted += other.triggersDeleted
         }
     }
 }

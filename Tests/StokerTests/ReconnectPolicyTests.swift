@@ -142,4 +142,15 @@ struct ReconnectPolicyTests {
         }
         #expect(policy.delay == .seconds(3600))
     }
+
+    @Test("a refused sweep or trigger statement keeps the session, unless its error is the session ending")
+    func refusalsThatEndTheSession() {
+        // The server terminating the session, shutting down, or the connection failing: the session is over.
+        for state in ["57P01", "57P02", "57P03", "08006", "08003"] {
+            #expect(NodeDriver.endsSession(state), "\(state)")
+        }
+        // A lock timeout, a statement timeout, a serialization failure, a privilege missing, no SQLSTATE: refused.
+        for state in ["55P03", "57014", "40001", "42501"] { #expect(!NodeDriver.endsSession(state), "\(state)") }
+        #expect(!NodeDriver.endsSession(nil))
+    }
 }

@@ -161,6 +161,13 @@ public final class Activator<Behaviour: StokerBehaviour>: Service, Sendable {
             case .no:
                 break
             }
+        case .trigger(let scope, let payload, let sequence):
+            // For a leadership that is over (or another one): left in the table for the next leader.
+            guard run.scope === scope, scope.isLeader else { return false }
+            await deliver(.trigger(payload: payload, sequence: sequence), &run, endedAt: nil)
+            // Handled while the leadership went on: it may be deleted. A leadership that ended before the callback
+            // returned leaves it to the next leader (at least once).
+            if scope.isLeader { node.core.triggerHandled(election, sequence: sequence) }
         case .leaderObserved(let name):
             guard run.scope == nil else { return false }
             run.leader = name

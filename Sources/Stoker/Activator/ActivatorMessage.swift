@@ -7,6 +7,8 @@ enum ActivatorMessage: Sendable {
     case demoted(DemotionReason, endedAt: ContinuousClock.Instant)
     /// A member joined or left (sent while this node leads).
     case member(ClusterChange)
+    /// Trigger `sequence` of the election, for the leadership `scope` (handed out once per leadership, in order).
+    case trigger(LeaderScope, payload: String, sequence: Int64)
     /// Another node leads (its name), or the election was released (`nil`).
     case leaderObserved(String?)
     /// The node stopped; leadership, if any, ended at `endedAt`. The last message.
@@ -25,6 +27,11 @@ extension ActivatorMessage: Equatable {
             left === right && leftMembers == rightMembers
         case (.demoted(let left, let leftEnd), .demoted(let right, let rightEnd)): left == right && leftEnd == rightEnd
         case (.member(let left), .member(let right)): left == right
+        case (
+            .trigger(let left, let leftPayload, let leftSequence),
+            .trigger(let right, let rightPayload, let rightSequence)
+        ):
+            left === right && leftPayload == rightPayload && leftSequence == rightSequence
         case (.leaderObserved(let left), .leaderObserved(let right)): left == right
         case (.stopped(let left, let leftEnd), .stopped(let right, let rightEnd)): left == right && leftEnd == rightEnd
         case (.timerFired(let left), .timerFired(let right)): left == right

@@ -28,6 +28,7 @@ public struct StokerError: Error, Sendable, Hashable, CustomStringConvertible {
             case schemaMismatch
             case migrationFailed
             case invalidConfiguration
+            case unknownElection
         }
 
         private let base: Base
@@ -72,6 +73,9 @@ public struct StokerError: Error, Sendable, Hashable, CustomStringConvertible {
         /// A ``StokerNode/Configuration`` or ``Activator`` value is out of range or inconsistent (a lease shorter than
         /// the heartbeat, an empty name, a second activator for one election on one node).
         public static let invalidConfiguration = Code(.invalidConfiguration)
+        /// The election named does not exist in the cluster (a trigger sent to it): no node has ever run an activator
+        /// for it, or a name is misspelt.
+        public static let unknownElection = Code(.unknownElection)
 
         public var description: String { base.rawValue }
     }

@@ -58,6 +58,14 @@ enum SchemaManifest {
                 ("leader_since", "timestamp with time zone"), ("written_on", "text"), ("leader_lease_ms", "integer"),
             ]
         ),
+        ("trigger_queues", [("election_id", "integer not null"), ("sent", "bigint not null default 0")]),
+        (
+            "triggers",
+            [
+                ("election_id", "integer not null"), ("sequence", "bigint not null"), ("payload", "text not null"),
+                ("sent_at", "timestamp with time zone not null default now()"),
+            ]
+        ),
     ]
 
     /// How a column's definition is rendered for comparison.
@@ -77,6 +85,8 @@ enum SchemaManifest {
         "nodes p (id)", "nodes f (cluster_id)", "nodes c (name)",
         "elections p (id)", "elections u (cluster_id,name)", "elections f (cluster_id)", "elections c (name)",
         "server_epoch p (id)", "server_epoch c (id)", "term_band p (id)", "term_band c (id)",
+        "trigger_queues p (election_id)", "trigger_queues f (election_id)",
+        "triggers p (election_id,sequence)", "triggers f (election_id)", "triggers c (payload)",
     ]
 
     struct ExpectedFunction: Sendable {
@@ -143,6 +153,11 @@ enum SchemaManifest {
         ),
         ExpectedFunction(signature: "leave_node(p_node integer)", name: "leave_node", securityDefiner: false),
         ExpectedFunction(signature: "sweep()", name: "sweep", securityDefiner: false),
+        ExpectedFunction(
+            signature: "send_trigger(p_cluster text, p_election text, p_payload text)",
+            name: "send_trigger",
+            securityDefiner: true
+        ),
     ]
 
     struct ExpectedTrigger: Sendable {

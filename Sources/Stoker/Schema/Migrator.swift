@@ -103,6 +103,8 @@ public enum StokerSchema {
         GRANT EXECUTE ON FUNCTION \(schema).wait_and_take(integer, integer, integer, integer, text, integer[]) TO \(role);
         GRANT EXECUTE ON FUNCTION \(schema).leave_node(integer) TO \(role);
         GRANT EXECUTE ON FUNCTION \(schema).sweep() TO \(role);
+        GRANT SELECT, DELETE ON \(schema).triggers TO \(role);
+        GRANT EXECUTE ON FUNCTION \(schema).send_trigger(text, text, text) TO \(role);
         """
     }
 

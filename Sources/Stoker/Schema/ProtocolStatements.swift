@@ -94,9 +94,19 @@ struct ProtocolStatements: Sendable {
     let leave: String
     /// `$1` cluster name, `$2` election name, `$3` term: the fence (SQLSTATE SK001 when stale).
     let fence: String
+    /// `$1` election id, `$2` a number, `$3` how many → `sequence`, `payload` of its triggers numbered after `$2`, in
+    /// order (migration 005).
+    let readTriggers: String
+    /// `$1` election id, `$2` a number: deletes its triggers numbered up to `$2` (handled).
+    let deleteTriggers: String
+    /// `$1` cluster name, `$2` election name, `$3` payload → the trigger's number (`send_trigger`, migration 005:
+    /// SQLSTATE SK002 when the election does not exist).
+    let sendTrigger: String
 
     /// SQLSTATE the fence raises for a stale term.
     static let staleTermSQLState = "SK001"
+    /// SQLSTATE `send_trigger` raises for an election that does not exist.
+    static let unknownElectionSQLState = "SK002"
 
     init(schema: String, quotedSchema s: String, lockNamespace: Int32) {
         self.schema = schema
@@ -192,6 +202,12 @@ struct ProtocolStatements: Sendable {
             """
         leave = "SELECT \(s).leave_node($1)"
         fence = "SELECT \(s).fence($1, $2, $3)"
+        readTriggers = """
+            SELECT sequence, payload FROM \(s).triggers
+             WHERE election_id = $1 AND sequence > $2 ORDER BY sequence LIMIT $3
+            """
+        deleteTriggers = "DELETE FROM \(s).triggers WHERE election_id = $1 AND sequence <= $2"
+        sendTrigger = "SELECT \(s).send_trigger($1, $2, $3)"
     }
 
     /// The statements of `schema`, as `connection` finds it (its lock namespace); a schema that does not exist is a

@@ -296,6 +296,11 @@ final class NodeDriver: Sendable {
         }
     }
 
+    /// The activator of `election` has handled trigger `sequence`: the session thread deletes it from the table.
+    func triggerHandled(_ election: String, sequence: Int64) {
+        if withMachine({ $0.machine.triggerHandled(election, sequence: sequence) }) { sessionSignal.signal() }
+    }
+
     private func waitForResignation(_ election: String, leaderWorkDrained: Bool) async {
         await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
             let pending = withMachine { locked -> Bool in

@@ -59,7 +59,11 @@ extension NodeDriver {
                 _ = try connection.execute(statements.leave, [nodeID])
                 reply = .left
             case .sweep:
-                reply = .swept(try sweep(connection, statements))
+                // The next interval sweeps again.
+                reply = .swept(
+                    try refusable("a sweep for dead nodes", otherwise: 0) { () throws(StokerError) in
+                        try connection.execute(statements.sweep).singleRow().int(0)
+                    })
             case .handOver(let id):
                 // Clears the leader (if it is this node) and unlocks, in one statement: its commit sends `released`.
                 let held = try connection.execute(statements.handOver, ["\(id)", nodeID]).singleRow().bool(0)
@@ -127,6 +131,22 @@ extension NodeDriver {
                     try connection.execute(statements.beginTerm, ["\(id)", "\(term)", nodeID, nodeName]).singleRow()
                     .optionalBool(0) == true
                 reply = .termBegun(name: name, term: term, began: began, scope: prepare(id, term: term, began: began))
+            case .readTriggers(let id, let after):
+                let triggers = try refusable("reading the election's triggers", otherwise: []) {
+                    () throws(StokerError) in
+                    try connection.execute(
+                        statements.readTriggers, ["\(id)", "\(after)", "\(NodeStateMachine.triggerPage)"]
+                    ).rows.map { row throws(StokerError) in
+                        NodeStateMachine.PendingTrigger(sequence: Int64(try row.int(0)), payload: try row.string(1))
+                    }
+                }
+                reply = .triggersRead(
+                    election: id, triggers, complete: triggers.count < NodeStateMachine.triggerPage)
+            case .deleteTriggers(let id, let through):
+                try refusable("deleting handled triggers", otherwise: ()) { () throws(StokerError) in
+                    _ = try connection.execute(statements.deleteTriggers, ["\(id)", "\(through)"])
+                }
+                reply = .triggersDeleted(election: id, through: through)
             case .waitIdle(let until):
                 try waitIdle(until: until, context)
                 takeNotifications(context)
@@ -137,9 +157,10 @@ extension NodeDriver {
                 state.withLock { $0.holding -= 1 }
                 continue
             }
-            // A leadership that begins after a wait for evidence starts from the members as they were when it began:
-            // what the wait's answer brought is news from before.
-            if step.waitsForEvidence { takeNotifications(context) }
+            // A leadership that begins with this answer starts from the members as they were when it began: what came
+            // with the answer (a lock-queue wait's, an evidence wait's) is news from before — the death of the very
+            // holder whose lock was just granted among it.
+            takeNotifications(context)
             let ((outcome, unused), events) = withMachineDeferringEvents { locked in
                 let outcome = locked.machine.replied(reply, sentAt: sent, now: .now)
                 return (outcome, prepared.filter { !locked.machine.holds($0) })
@@ -166,23 +187,36 @@ extension NodeDriver {
         }
     }
 
-    /// Runs the sweep → how many rows it deleted. A sweep the server refused (a lock timeout, a conflict) leaves the
-    /// session fine and counts as none: the next interval sweeps again — losing the session over it would end every
-    /// leadership of a healthy node. Any other failure (the session is gone) is thrown.
-    private func sweep(_ connection: PGConnection, _ statements: ProtocolStatements) throws(StokerError) -> Int {
-        let result: Result<Int, StokerError> = Result { () throws(StokerError) -> Int in
-            try connection.execute(statements.sweep).singleRow().int(0)
-        }
+    /// Runs `body`; a statement the server refused (a lock timeout, a conflict, a privilege this role lacks) leaves
+    /// the session fine and gives `otherwise`, with a warning — losing the session over a sweep or a trigger would end
+    /// every leadership of a healthy node, and a role granted what an earlier version listed (no privileges on the
+    /// triggers table) still elects. Any other failure (the session is gone) is thrown.
+    private func refusable<T>(
+        _ what: String, otherwise fallback: T, _ body: () throws(StokerError) -> T
+    ) throws(StokerError) -> T {
+        let result: Result<T, StokerError> = Result { () throws(StokerError) -> T in try body() }
         switch result {
-        case .success(let swept):
-            return swept
+        case .success(let value):
+            return value
         case .failure(let error):
-            guard error.code == .queryFailed else { throw error }
+            guard error.code == .queryFailed, !Self.endsSession(error.sqlState) else { throw error }
+            var fix = "it is tried again later"
+            if error.sqlState == "42501" {
+                fix = "grant this role what `stoker migrate --grant-to ROLE` grants (triggers wait in the table)"
+            }
             logger.warning(
-                "a sweep for dead nodes failed; sweeping again at the next interval",
+                "the server refused \(what); \(fix)",
                 metadata: metadata.merging(["stoker.error": "\(error)"], uniquingKeysWith: { $1 }))
-            return 0
+            return fallback
         }
+    }
+
+    /// A statement's error that comes with the end of the session — the server terminating it (class 57, operator
+    /// intervention, but for a statement cancelled by its timeout) or a connection exception (class 08) — read before
+    /// libpq noticed the connection closed.
+    static func endsSession(_ sqlState: String?) -> Bool {
+        guard let sqlState else { return false }
+        return sqlState.hasPrefix("08") || (sqlState.hasPrefix("57") && sqlState != "57014")
     }
 
     /// `[1, 2]` → `{1,2}` (an int4 array's text form).
@@ -260,15 +294,5 @@ extension TakenTerm {
             predecessor: row.isNull(column + 2) ? nil : try row.int(column + 2),
             sameServer: try row.optionalBool(column + 3) ?? false,
             leaseMilliseconds: row.isNull(column + 4) ? nil : try row.int(column + 4))
-    }
-}
-
-extension NodeStateMachine.Step {
-    /// A step of the wait for evidence: its answer may begin a leadership.
-    var waitsForEvidence: Bool {
-        switch self {
-        case .awaitPredecessor, .checkAcknowledged, .beginTerm: true
-        default: false
-        }
     }
 }

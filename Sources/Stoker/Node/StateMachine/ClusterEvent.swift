@@ -1,5 +1,6 @@
-/// One notification on the cluster's channel, decoded: what the schema's triggers send (`json_build_object(...)::text`,
-/// see `sql/001_initial.sql`, `sql/003_evidence.sql` and `sql/004_membership.sql`), as the node acts on it.
+/// One notification on the cluster's channel, decoded: what the schema's triggers and `send_trigger` send
+/// (`json_build_object(...)::text`, see `sql/001_initial.sql`, `sql/003_evidence.sql`, `sql/004_membership.sql` and
+/// `sql/005_trigger.sql`), as the node acts on it.
 ///
 /// Fields the node does not use (the election's `name`, the `term`) are not kept; extra fields never stop a payload
 /// from decoding, so a later schema may add some.
@@ -14,6 +15,8 @@ enum ClusterEvent: Sendable, Hashable {
     case leader(election: Int, node: Int?)
     /// Election `election`'s leader handed it over gracefully (its leader cleared): a candidate may take it at once.
     case released(election: Int)
+    /// A trigger was sent to election `election` (it stays in the table, payload and all, until handled): its leader reads it.
+    case trigger(election: Int)
 
     /// Decodes `payload`; nil for anything else or a malformed payload (the same cases the node skipped with
     /// `continue`): not a flat JSON object, no string `event`, an unknown event, or a field it needs missing or of the
@@ -39,6 +42,9 @@ enum ClusterEvent: Sendable, Hashable {
         case "released":
             guard case .integer(let election)? = fields["election"] else { return nil }
             self = .released(election: Int(election))
+        case "trigger":
+            guard case .integer(let election)? = fields["election"] else { return nil }
+            self = .trigger(election: Int(election))
         default:
             return nil
         }

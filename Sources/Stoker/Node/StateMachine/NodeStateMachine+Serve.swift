@@ -39,6 +39,10 @@ extension NodeStateMachine {
         case checkAcknowledged(name: String, predecessor: Int)
         /// The evidence is in: begin the leadership of `term`.
         case beginTerm(election: Int, name: String, term: Int64)
+        /// Read election `election`'s triggers numbered after `after`, in order, a page at most.
+        case readTriggers(election: Int, after: Int64)
+        /// Delete election `election`'s triggers numbered up to `through` (handled).
+        case deleteTriggers(election: Int, through: Int64)
         /// Sleep until `until`, a notification, a wake-up, or news on the witness session.
         case waitIdle(until: ContinuousClock.Instant)
         /// Test hook: hold the thread, touching nothing.
@@ -67,6 +71,9 @@ extension NodeStateMachine {
         case awaitedPredecessor(name: String, term: Int64, began: Bool?, scope: LeaderScope?)
         case acknowledged(name: String, Bool)
         case termBegun(name: String, term: Int64, began: Bool, scope: LeaderScope?)
+        /// `complete`: fewer than a page came back.
+        case triggersRead(election: Int, [PendingTrigger], complete: Bool)
+        case triggersDeleted(election: Int, through: Int64)
         case left
     }
 
@@ -116,7 +123,7 @@ extension NodeStateMachine {
                 elections[name]?.askedToResign = true
                 if let mailbox = elections[name]?.mailbox { outbox.append(.message(mailbox, .gracefulShutdown)) }
             }
-            if elections.isEmpty { return .leave }
+            if elections.isEmpty { return deletionStep ?? .leave }
         case nil:
             break
         }
@@ -129,6 +136,7 @@ extension NodeStateMachine {
         }).first {
             return .handOver(election: id)
         }
+        if let step = triggerStep() { return step }
 
         let candidates = self.candidates
         // One follower per election — the one holding its waiter token, a follower that leads nothing — spends its
@@ -321,6 +329,10 @@ extension NodeStateMachine {
         case .termBegun(let name, let term, let began, let scope):
             guard began else { return .fail(Self.termMovedOn(name)) }
             evidenceFound(name, term: term, scope: scope)
+        case .triggersRead(let id, let triggers, let complete):
+            triggersRead(election: id, triggers, complete: complete)
+        case .triggersDeleted(let id, let through):
+            triggersDeleted(election: id, through: through)
         case .left:
             return .left
         }
@@ -342,7 +354,7 @@ extension NodeStateMachine {
     }
 
     /// The registered election whose row is `id` (its name), if any.
-    private func electionName(withID id: Int) -> String? {
+    func electionName(withID id: Int) -> String? {
         elections.keys.sorted().first { elections[$0]?.id == id }
     }
 
@@ -395,6 +407,7 @@ extension NodeStateMachine {
         case .startLeading(let term):
             if let scope {
                 election.scope = scope
+                election.triggers.begin()
                 outbox.append(.message(election.mailbox, .leader(scope, members: memberList)))
                 events.append(.becameLeader(election: name, term: term))
             }
@@ -421,6 +434,7 @@ extension NodeStateMachine {
         election.evidence = nil
         if case .startLeading = action {
             election.scope = scope
+            election.triggers.begin()
             outbox.append(.message(election.mailbox, .leader(scope, members: memberList)))
             events.append(.becameLeader(election: name, term: term))
         }
@@ -466,6 +480,8 @@ extension NodeStateMachine {
                 // A member gone may have freed locks; one come back may have acknowledged its predecessor.
                 session.retryNow = true
             case .leader(let election, let node):
+                // This node's own bump: its answer, not the notification, says whether a leadership began.
+                if node == session.nodeID { continue }
                 let leader = node.flatMap { session.members[$0] }
                 for name in elections.keys.sorted() {
                     guard let entry = elections[name], entry.id == election, entry.machine.leadingTerm == nil else {
@@ -475,6 +491,8 @@ extension NodeStateMachine {
                 }
                 // A new leader may have been its election's waiter: another follower can take the role now.
                 session.retryNow = true
+            case .trigger(let election):
+                triggerSent(election: election)
             case .released(let election):
                 for name in elections.keys.sorted() {
                     guard let entry = elections[name], entry.id == election, entry.machine.isCandidate else {
