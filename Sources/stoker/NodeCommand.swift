@@ -36,8 +36,8 @@ struct Node: AsyncParsableCommand {
     @Option(name: .long, help: "The cluster to join (the group of processes that elect among themselves).")
     var cluster: String
 
-    @Option(name: .long, help: "An election to stand in; repeat for several.")
-    var election: [String] = []
+    @Option(name: .long, help: "An election to stand in (at least one); repeat for several.")
+    var election: [String]
 
     @Option(name: .long, help: "This node's name (default: <hostname>:<pid>).")
     var name: String?
@@ -98,7 +98,7 @@ struct Node: AsyncParsableCommand {
     var timer: DurationArgument?
 
     @Option(name: .customLong("log-level"), help: "Log level of the node's own log lines on stderr.")
-    var logLevel: LogLevel = .warning
+    var logLevel: LogLevel = .notice
 
     func validate() throws {
         if election.isEmpty { throw ValidationError("give at least one --election") }
@@ -143,7 +143,8 @@ struct Node: AsyncParsableCommand {
             // A first connection, to fail fast: the node itself retries connection failures forever, which is right
             // for a service that starts before its database, not for a command a person or a script just typed.
             if configuration.migrate {
-                _ = try await StokerSchema.migrate(connection: configuration.connection, schema: configuration.schema)
+                _ = try await StokerSchema.migrate(
+                    connection: configuration.connection, schema: configuration.schema, logger: logger)
             } else {
                 _ = try await StokerSchema.verify(connection: configuration.connection, schema: configuration.schema)
             }
@@ -213,7 +214,7 @@ struct EventPrinter: StokerBehaviour {
             object.string("event", "now_follower")
             object.integer("term", context.term)
             object.string("leader", leader)
-            object.string("reason", reason == .leaseExpired ? "lease_expired" : "connection_lost")
+            object.string("reason", "\(reason)")
         case .clusterChange(let change), .clusterSplit(let change):
             if case .clusterChange = event {
                 object.string("event", "cluster_change")
@@ -243,13 +244,7 @@ struct EventPrinter: StokerBehaviour {
         case .shutdown(let reason):
             object.string("event", "shutdown")
             object.integer("term", context.term)
-            let name =
-                switch reason {
-                case .gracefulShutdown: "graceful_shutdown"
-                case .cancelled: "cancelled"
-                default: "node_stopped"
-                }
-            object.string("reason", name)
+            object.string("reason", "\(reason)")
         }
         if let endedAt = context.leadershipEndedAt {
             object.raw("ended_at", now.converting(endedAt).seconds)

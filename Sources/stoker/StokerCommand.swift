@@ -13,6 +13,7 @@ struct StokerCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "stoker",
         abstract: "Leader election on PostgreSQL: keep a piece of work running always, and once.",
+        version: "stoker \(StokerSchema.libraryVersion) (schema version \(StokerSchema.schemaVersion))",
         subcommands: [Migrate.self, Node.self]
     )
 

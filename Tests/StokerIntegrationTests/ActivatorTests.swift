@@ -260,8 +260,8 @@ struct ActivatorTests {
             #expect(error?.code == .schemaMismatch)
             // One attempt: the node did not reconnect in a loop (each attempt would log a warning or count).
             #expect(!capture.lines.contains { $0.level == .warning })
-            // Reported once, at notice: the thrown error is the caller's to report.
-            #expect(capture.lines.filter { $0.message.contains("the node stopped") }.map(\.level) == [.notice])
+            // Logged once, at info: the thrown error is the caller's to report.
+            #expect(capture.lines.filter { $0.message.contains("the node stopped") }.map(\.level) == [.info])
             #expect(!capture.lines.contains { $0.level >= .error })
         }
     }

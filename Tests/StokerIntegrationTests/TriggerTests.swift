@@ -98,6 +98,8 @@ struct TriggerTests {
                 #expect(try await Self.pending(cluster: group.cluster, in: database) == 2)
                 try await group.start("b", elections: ["e"])
                 try await group.start("c", elections: ["e"])
+                // Both joined (a process signalled before it has trapped SIGTERM would die of it, not stop).
+                try await waitForMembers(2, cluster: group.cluster, in: database)
                 let (first, _) = try await group.firstLine(among: group.all, timeout: .seconds(60)) { line in
                     line.event == "now_leader" && line.process != "a"
                 }

@@ -6,8 +6,10 @@ import Testing
 struct FenceTests {
     @Test("the default schema's fence statement")
     func defaultSQL() throws {
-        #expect(try Fence.sql() == #"SELECT "stoker".fence($1, $2, $3)"#)
-        #expect(try Fence.sql(schema: StokerSchema.defaultSchema) == #"SELECT "stoker".fence($1, $2, $3)"#)
+        #expect(try Fence.sql() == #"SELECT "stoker".fence($1::text, $2::text, $3::bigint)"#)
+        #expect(
+            try Fence.sql(schema: StokerSchema.defaultSchema)
+                == #"SELECT "stoker".fence($1::text, $2::text, $3::bigint)"#)
     }
 
     struct Quoted: Sendable, CustomTestStringConvertible {
@@ -20,18 +22,23 @@ struct FenceTests {
     @Test(
         "a schema name is quoted as an identifier",
         arguments: [
-            Quoted(label: "plain", schema: "ops", sql: #"SELECT "ops".fence($1, $2, $3)"#),
-            Quoted(label: "upper case kept", schema: "Ops", sql: #"SELECT "Ops".fence($1, $2, $3)"#),
-            Quoted(label: "one double quote", schema: #"my"schema"#, sql: #"SELECT "my""schema".fence($1, $2, $3)"#),
-            Quoted(label: "only a double quote", schema: "\"", sql: #"SELECT """".fence($1, $2, $3)"#),
+            Quoted(label: "plain", schema: "ops", sql: #"SELECT "ops".fence($1::text, $2::text, $3::bigint)"#),
+            Quoted(
+                label: "upper case kept", schema: "Ops", sql: #"SELECT "Ops".fence($1::text, $2::text, $3::bigint)"#),
+            Quoted(
+                label: "one double quote", schema: #"my"schema"#,
+                sql: #"SELECT "my""schema".fence($1::text, $2::text, $3::bigint)"#),
+            Quoted(
+                label: "only a double quote", schema: "\"", sql: #"SELECT """".fence($1::text, $2::text, $3::bigint)"#),
             Quoted(
                 label: "quote-closing injection attempt", schema: #"x".evil(); --"#,
-                sql: #"SELECT "x"".evil(); --".fence($1, $2, $3)"#),
-            Quoted(label: "dot and space", schema: "a.b c", sql: #"SELECT "a.b c".fence($1, $2, $3)"#),
-            Quoted(label: "unicode", schema: "ŝtoker", sql: #"SELECT "ŝtoker".fence($1, $2, $3)"#),
+                sql: #"SELECT "x"".evil(); --".fence($1::text, $2::text, $3::bigint)"#),
+            Quoted(
+                label: "dot and space", schema: "a.b c", sql: #"SELECT "a.b c".fence($1::text, $2::text, $3::bigint)"#),
+            Quoted(label: "unicode", schema: "ŝtoker", sql: #"SELECT "ŝtoker".fence($1::text, $2::text, $3::bigint)"#),
             Quoted(
                 label: "exactly 52 bytes", schema: String(repeating: "s", count: 52),
-                sql: "SELECT \"\(String(repeating: "s", count: 52))\".fence($1, $2, $3)"),
+                sql: "SELECT \"\(String(repeating: "s", count: 52))\".fence($1::text, $2::text, $3::bigint)"),
         ])
     func quoted(_ example: Quoted) throws {
         #expect(try Fence.sql(schema: example.schema) == example.sql)

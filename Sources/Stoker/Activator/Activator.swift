@@ -170,6 +170,10 @@ public final class Activator<Behaviour: StokerBehaviour>: Service, Sendable {
             if scope.isLeader { node.core.triggerHandled(election, sequence: sequence) }
         case .leaderObserved(let name):
             guard run.scope == nil else { return false }
+            // A follower says whom it follows (it has no callback to run until it leads; silence looks hung).
+            if let name, name != run.leader {
+                logger.notice("following", metadata: ["stoker.election": "\(election)", "stoker.leader": "\(name)"])
+            }
             run.leader = name
             if run.role == .unknown { run.role = .follower }
         case .timerFired(let generation):

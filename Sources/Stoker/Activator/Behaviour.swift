@@ -11,7 +11,13 @@
 ///     func handle(_ event: ActivatorEvent, state: inout Int, context: ActivatorContext) async throws {
 ///         switch event {
 ///         case .nowLeader(let term):
-///             context.leaderTask { try await runImports(fencedBy: term) }   // cancelled on demotion
+///             // Leader work: cancelled the moment leadership ends, before another process can lead.
+///             context.leaderTask {
+///                 while !Task.isCancelled, context.isLeader {
+///                     context.logger.info("importing", metadata: ["term": "\(term)"])
+///                     try? await Task.sleep(for: .seconds(1))
+///                 }
+///             }
 ///         case .timer:
 ///             state += 1
 ///         default:
@@ -150,8 +156,8 @@ public struct ClusterMember: Sendable, Hashable, CustomStringConvertible {
 /// Why a leader stopped leading without being asked to.
 public struct DemotionReason: Sendable, Hashable, CustomStringConvertible {
     private enum Base: String, Sendable, Hashable {
-        case leaseExpired
-        case connectionLost
+        case leaseExpired = "lease_expired"
+        case connectionLost = "connection_lost"
     }
 
     private let base: Base
@@ -163,15 +169,16 @@ public struct DemotionReason: Sendable, Hashable, CustomStringConvertible {
     /// The session ended: PostgreSQL restarted or ended it (`pg_terminate_backend`, a timeout) or the network broke.
     public static let connectionLost = DemotionReason(.connectionLost)
 
+    /// `lease_expired` or `connection_lost`: the one name logs, metrics and `stoker node` use.
     public var description: String { base.rawValue }
 }
 
 /// Why an activator stopped.
 public struct ShutdownReason: Sendable, Hashable, CustomStringConvertible {
     private enum Base: String, Sendable, Hashable {
-        case gracefulShutdown
+        case gracefulShutdown = "graceful_shutdown"
         case cancelled
-        case nodeStopped
+        case nodeStopped = "node_stopped"
     }
 
     private let base: Base
@@ -184,6 +191,7 @@ public struct ShutdownReason: Sendable, Hashable, CustomStringConvertible {
     /// The node stopped first (it was shut down, or it failed with an error it cannot recover from).
     public static let nodeStopped = ShutdownReason(.nodeStopped)
 
+    /// `graceful_shutdown`, `cancelled` or `node_stopped`: the one name logs and `stoker node` use.
     public var description: String { base.rawValue }
 }
 

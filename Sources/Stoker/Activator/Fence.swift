@@ -19,13 +19,14 @@ public enum Fence {
     /// The SQLSTATE the fence raises for a stale term (or an election without a leader).
     public static let staleTermSQLState = ProtocolStatements.staleTermSQLState
 
-    /// `SELECT <schema>.fence($1, $2, $3)` for `schema`, quoted, with the cluster, election and term as parameters
-    /// `$1`, `$2`, `$3` (text, text, bigint).
+    /// `SELECT <schema>.fence($1::text, $2::text, $3::bigint)` for `schema`, quoted, with the cluster, election and
+    /// term as parameters `$1`, `$2`, `$3`. The casts make any client's binding work: PostgresNIO binds a Swift
+    /// `String` as text and an `Int64` as bigint, libpq sends untyped text — each resolves to the one fence function.
     ///
     /// - Throws: ``StokerError/Code/invalidIdentifier`` for a schema name PostgreSQL cannot hold.
     public static func sql(schema: String = StokerSchema.defaultSchema) throws(StokerError) -> String {
         try StokerSchema.validate(schema: schema)
         let quoted = "\"" + schema.map { $0 == "\"" ? "\"\"" : String($0) }.joined() + "\""
-        return "SELECT \(quoted).fence($1, $2, $3)"
+        return "SELECT \(quoted).fence($1::text, $2::text, $3::bigint)"
     }
 }

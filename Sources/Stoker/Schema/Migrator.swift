@@ -16,6 +16,11 @@ public struct MigrationReport: Sendable, Equatable {
 /// Every entry point takes a libpq connection string (URL or `key=value`; the `PG*` environment fills in what it
 /// leaves out) and a schema name (default `stoker`).
 public enum StokerSchema {
+    /// The version of this library (`stoker --version`).
+    public static let libraryVersion = "0.1.0"
+    /// The newest migration this library carries (the schema version it runs on).
+    public static var schemaVersion: Int { Migration.all.map(\.version).max() ?? 0 }
+
     /// The schema Stoker uses unless told otherwise.
     public static let defaultSchema = "stoker"
     /// The high 32 bits of the transaction-level advisory lock (single-bigint form) that serialises migration runs;

@@ -239,10 +239,10 @@ final class NodeDriver: Sendable {
         // 1. No new leadership from here on; every current one ends before the sessions are cut. The instant is taken
         //    under the lock: no leadership can have started after it.
         let ending = withMachine { $0.machine.hardStopRequested(now: .now) }
-        for (_, scope) in ending.scopes { endScope(scope, at: ending.at, reason: "the node was cancelled") }
+        for (_, scope) in ending.scopes { endScope(scope, at: ending.at, reason: "\(ShutdownReason.cancelled)") }
         // 2. Stop; every scope still around ends (the machine starts none while halting).
         let (scopes, stopped) = withMachine { $0.machine.hardStopContinued() }
-        for scope in scopes { endScope(scope, at: ending.at, reason: "the node was cancelled") }
+        for scope in scopes { endScope(scope, at: ending.at, reason: "\(ShutdownReason.cancelled)") }
         // 3. Only now that no leadership is left: cut both sessions (the server then frees their locks at once), and
         //    tell the activators.
         state.withLock { locked in
@@ -283,10 +283,10 @@ final class NodeDriver: Sendable {
         switch step {
         case .done(let scope):
             guard let scope else { return nil }
-            endScope(scope, at: now, reason: "resigned")
+            endScope(scope, at: now, reason: "\(drain ? ShutdownReason.gracefulShutdown : .cancelled)")
             return scope.endedAt
         case .release(let scope, let endedAt):
-            endScope(scope, at: endedAt, reason: "resigned")
+            endScope(scope, at: endedAt, reason: "\(drain ? ShutdownReason.gracefulShutdown : .cancelled)")
             if drain { await scope.waitForTasks() }
             await waitForResignation(election, leaderWorkDrained: true)
             return scope.endedAt ?? endedAt
@@ -318,7 +318,7 @@ final class NodeDriver: Sendable {
     func finish(failure: StokerError?) {
         let now = ContinuousClock.now
         let (scopes, stopped) = withMachine { $0.machine.sessionThreadFinished(failure: failure) }
-        for scope in scopes { endScope(scope, at: now, reason: "the node stopped") }
+        for scope in scopes { endScope(scope, at: now, reason: "\(ShutdownReason.nodeStopped)") }
         let waiters = state.withLock { locked in
             Self.deliver(stopped, in: &locked)
             defer { locked.exitWaiters.removeAll() }

@@ -65,8 +65,9 @@ extension NodeDriver {
                 continue
             case .connectionLost(let error):
                 if !ReconnectPolicy.isRetryable(error, joinedOnce: joinedOnce) {
-                    // Not an error line: run() throws this error, and whoever called it reports it (once).
-                    logger.notice(
+                    // Not an error line, nor a notice: run() throws this error, and whoever called it reports it (a
+                    // ServiceGroup logs it, `stoker node` prints it) — once.
+                    logger.info(
                         "the node stopped: \(error.message)",
                         metadata: metadata.merging(["stoker.error": "\(error)"], uniquingKeysWith: { $1 }))
                     failure = error
