@@ -17,36 +17,9 @@ public enum StokerCluster {
         try StokerSchema.validate(schema: schema)
         return try await PostgresSession.with(connection) { session in
             try await session.run { connection in
-                let statements = try ProtocolStatements.of(schema: schema, on: connection)
-                let quoted = try connection.quoteIdentifier(schema, kind: "schema name")
-                let rows = try connection.execute(
-                    Self.snapshotQuery(schema: quoted, namespace: statements.lockNamespace), [cluster]
-                ).rows
-                var snapshot = ClusterSnapshot(cluster: cluster, members: [], elections: [])
-                for row in rows {
-                    if try row.string(0) == "m" {
-                        snapshot.members.append(
-                            ClusterSnapshot.Member(
-                                member: ClusterMember(id: try row.int(1), name: try row.string(2)),
-                                host: try row.string(3), pid: try row.int(4),
-                                uptime: .milliseconds(try row.int(5)), sinceHeartbeat: .milliseconds(try row.int(6)),
-                                draining: try row.bool(7), leads: []))
-                    } else {
-                        let leader: ClusterMember? =
-                            row.isNull(4) ? nil : ClusterMember(id: try row.int(4), name: try row.string(5))
-                        snapshot.elections.append(
-                            ClusterSnapshot.Election(
-                                name: try row.string(2), term: Int64(try row.int(3)), leader: leader,
-                                leaderFor: row.isNull(6) ? nil : .milliseconds(try row.int(6))))
-                    }
-                }
-                for election in snapshot.elections {
-                    guard let leader = election.leader,
-                        let index = snapshot.members.firstIndex(where: { $0.member == leader })
-                    else { continue }
-                    snapshot.members[index].leads.append(election.name)
-                }
-                return snapshot
+                try Self.readSnapshot(
+                    cluster: cluster, statements: try ProtocolStatements.of(schema: schema, on: connection),
+                    on: connection)
             }
         }
     }
