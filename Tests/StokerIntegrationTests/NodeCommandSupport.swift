@@ -166,14 +166,17 @@ final class Participants: Sendable {
 
     var all: [Participant] { state.withLock { $0.all } }
 
-    /// Starts `stoker node` as `name` standing in `elections`.
+    /// Starts `stoker node` as `name` standing in `elections`, with more `options` (flags of `stoker node`).
     @discardableResult
-    func start(_ name: String, elections: [String], lease: String? = nil) async throws -> Participant {
+    func start(
+        _ name: String, elections: [String], lease: String? = nil, options: [String] = []
+    ) async throws -> Participant {
         var arguments = [
             try builtExecutable("stoker"), "node", "--url", database.conninfo, "--cluster", cluster, "--name", name,
         ]
         for election in elections { arguments += ["--election", election] }
         if let lease { arguments += ["--lease", lease] }
+        arguments += options
         let process = try await NodeProcess.start(arguments, environment: ["PATH": "/usr/bin:/bin", "LANG": "C"])
         let participant = Participant(name: name, process: process)
         state.withLock { $0.all.append(participant) }

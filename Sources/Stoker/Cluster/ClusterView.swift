@@ -24,7 +24,9 @@ public enum StokerCluster {
         }
     }
 
-    /// One statement: the live members (node lock granted) and every election with its begun, lock-holding leader.
+    /// One statement: the live members (node lock granted), the rows of members whose node lock is gone (not swept
+    /// yet), and every election with its begun, lock-holding leader, the leader its row records, its waiter and how
+    /// many triggers wait. Every value after the second column is text (one UNION ALL).
     static func snapshotQuery(schema s: String, namespace: Int32) -> String {
         """
         WITH locks AS MATERIALIZED (
@@ -35,22 +37,32 @@ public enum StokerCluster {
                AND l.classid = (\(namespace))::int4::oid
         ), cluster AS (
             SELECT id FROM \(s).clusters WHERE name = $1
+        ), rows AS (
+            SELECT n.*, n.id::bigint IN (SELECT key FROM locks) AS live FROM \(s).nodes n
+             WHERE n.cluster_id = (SELECT id FROM cluster)
         ), live AS (
-            SELECT n.* FROM \(s).nodes n
-             WHERE n.cluster_id = (SELECT id FROM cluster) AND n.id::bigint IN (SELECT key FROM locks)
+            SELECT * FROM rows WHERE live
         )
         SELECT 'm', n.id, n.name, n.host, n.pid::text,
                (extract(epoch FROM now() - n.started_at) * 1000)::bigint::text,
-               (extract(epoch FROM now() - n.heartbeat_at) * 1000)::bigint::text, n.draining::text
+               (extract(epoch FROM now() - n.heartbeat_at) * 1000)::bigint::text, n.draining::text,
+               NULL, NULL, NULL, NULL
           FROM live n
+        UNION ALL
+        SELECT 's', n.id, n.name, NULL, NULL, NULL,
+               (extract(epoch FROM now() - n.heartbeat_at) * 1000)::bigint::text, NULL, NULL, NULL, NULL, NULL
+          FROM rows n WHERE NOT n.live
         UNION ALL
         SELECT 'e', e.id, e.name, e.term::text, n.id::text, n.name,
                CASE WHEN n.id IS NOT NULL THEN (extract(epoch FROM now() - e.leader_since) * 1000)::bigint END::text,
-               NULL
+               e.leader_node::text, e.leader_name, w.id::text, w.name,
+               (SELECT count(*) FROM \(s).triggers t WHERE t.election_id = e.id)::text
           FROM \(s).elections e
           LEFT JOIN live n ON n.id = e.leader_node
                           AND EXISTS (SELECT 1 FROM locks k
                                        WHERE k.key = ((-e.id)::oid)::bigint AND k.pid = n.backend_pid)
+          LEFT JOIN live w ON EXISTS (SELECT 1 FROM locks k
+                                       WHERE k.key = ((-1073741824 - e.id)::oid)::bigint AND k.pid = w.backend_pid)
          WHERE e.cluster_id = (SELECT id FROM cluster)
          ORDER BY 1 DESC, 2
         """
@@ -82,6 +94,26 @@ public struct ClusterSnapshot: Sendable, Hashable {
         public var leader: ClusterMember?
         /// How long the leader has led.
         public var leaderFor: Duration?
+        /// The leader the election's row names (the last one whose leadership began), when it is not ``leader``: a
+        /// leader that died or lost its session (a successor may be waiting for evidence that it stopped).
+        public var recordedLeader: ClusterMember? = nil
+        /// The follower waiting in the election's lock queue (its waiter), if any: granted the lock the instant the
+        /// leader's session ends.
+        public var waiter: ClusterMember? = nil
+        /// Triggers sent and not yet handled by a leader.
+        public var pendingTriggers = 0
+    }
+
+    /// How the cluster stands, for a health check (`stoker status`'s exit code).
+    public enum Health: Sendable, Hashable {
+        /// Every election has a leader; nothing is out of place.
+        case healthy
+        /// Every election has a leader, but something is out of place (each, in a sentence): a dead member's row not
+        /// swept yet, a recorded leader that no longer holds its lock.
+        case degraded([String])
+        /// An election has no leader (each, in a sentence, with anything else out of place), or the cluster has no
+        /// election: the work does not run.
+        case noLeader([String])
     }
 
     public var cluster: String
@@ -89,4 +121,29 @@ public struct ClusterSnapshot: Sendable, Hashable {
     public var members: [Member]
     /// By id (creation order).
     public var elections: [Election]
+    /// Rows of members whose node lock is gone — dead (crashed, frozen or cut off past the lease, session killed) —
+    /// that no sweep has removed yet (it removes them within `sweepInterval` while any node runs). Never in
+    /// ``members``.
+    public var unswept: [ClusterMember] = []
+
+    /// How the cluster stands: see ``Health``.
+    public var health: Health {
+        var problems: [String] = []
+        var leaderless: [String] = []
+        if elections.isEmpty {
+            leaderless.append("cluster \"\(cluster)\" has no election (no node has run an activator)")
+        }
+        for election in elections where election.leader == nil {
+            var sentence = "election \"\(election.name)\" has no leader"
+            if let recorded = election.recordedLeader {
+                sentence += " (its row names \(recorded), which does not hold its lock)"
+            }
+            leaderless.append(sentence)
+        }
+        for member in unswept {
+            problems.append("\(member)'s node lock is gone but its row is not swept yet (dead)")
+        }
+        if !leaderless.isEmpty { return .noLeader(leaderless + problems) }
+        return problems.isEmpty ? .healthy : .degraded(problems)
+    }
 }

@@ -40,20 +40,29 @@ extension StokerCluster {
         ).rows
         var snapshot = ClusterSnapshot(cluster: cluster, members: [], elections: [])
         for row in rows {
-            if try row.string(0) == "m" {
+            /// The member in columns `id` and `id + 1`, when not NULL.
+            func member(_ id: Int) throws(StokerError) -> ClusterMember? {
+                row.isNull(id) ? nil : ClusterMember(id: try row.int(id), name: try row.string(id + 1))
+            }
+            switch try row.string(0) {
+            case "m":
                 snapshot.members.append(
                     ClusterSnapshot.Member(
                         member: ClusterMember(id: try row.int(1), name: try row.string(2)),
                         host: try row.string(3), pid: try row.int(4),
                         uptime: .milliseconds(try row.int(5)), sinceHeartbeat: .milliseconds(try row.int(6)),
                         draining: try row.bool(7), leads: []))
-            } else {
-                let leader: ClusterMember? =
-                    row.isNull(4) ? nil : ClusterMember(id: try row.int(4), name: try row.string(5))
+            case "s":
+                snapshot.unswept.append(ClusterMember(id: try row.int(1), name: try row.string(2)))
+            default:
+                let leader = try member(4)
+                let recorded = try member(7)
                 snapshot.elections.append(
                     ClusterSnapshot.Election(
                         name: try row.string(2), term: Int64(try row.int(3)), leader: leader,
-                        leaderFor: row.isNull(6) ? nil : .milliseconds(try row.int(6))))
+                        leaderFor: row.isNull(6) ? nil : .milliseconds(try row.int(6)),
+                        recordedLeader: recorded == leader ? nil : recorded, waiter: try member(9),
+                        pendingTriggers: try row.int(11)))
             }
         }
         for election in snapshot.elections {
