@@ -3,16 +3,19 @@
 -- A trigger is a row, kept until a leader of its election has handled it (then that leader deletes it), so one sent
 -- while nobody leads reaches the next leader; the notification only wakes the leader. Delivery is at least once (a
 -- leader that ends before deleting what it handled leaves it to the next one) and in order per election: each
--- election numbers its triggers 1, 2, 3, … in the order their sends commit.
+-- election numbers its triggers in the order their sends commit — 1, 2, 3, … and, like terms, above every number the
+-- old primary gave after a promotion (term_floor()), so a number is never given twice.
 --
 -- Applied like 001 (inside a transaction after `SET LOCAL search_path TO <schema>, pg_temp`; by hand, set the
 -- search_path first and record version 5 in migrations).
 
 -- One row per election that was ever sent a trigger: the last number given. Sends to one election take its row lock
--- in turn, so numbers are given in the order the sends commit (no gap, no reordering), and a leader reading the
--- triggers after number n never misses one that commits later with a lower number.
+-- in turn, so numbers are given in the order the sends commit (no reordering), and a leader reading the triggers
+-- after number n never misses one that commits later with a lower number. No foreign key to elections: a send then
+-- takes no lock on the election's row, which term bumps lock FOR UPDATE (a send inside a long transaction must never
+-- hold up a takeover).
 CREATE TABLE IF NOT EXISTS trigger_queues (
-    election_id integer PRIMARY KEY REFERENCES elections (id) ON DELETE CASCADE,
+    election_id integer PRIMARY KEY,
     sent        bigint  NOT NULL DEFAULT 0
 );
 
@@ -53,8 +56,13 @@ BEGIN
             USING ERRCODE = 'SK002',
                   HINT = 'A node creates the election when an activator first runs for it; check both names.';
     END IF;
+    -- A number given must survive a crash of the server: never commit it asynchronously.
+    IF current_setting('synchronous_commit') = 'off' THEN
+        PERFORM set_config('synchronous_commit', 'local', true);
+    END IF;
     INSERT INTO trigger_queues (election_id) VALUES (v_election) ON CONFLICT (election_id) DO NOTHING;
-    UPDATE trigger_queues q SET sent = q.sent + 1 WHERE q.election_id = v_election RETURNING q.sent INTO v_sequence;
+    UPDATE trigger_queues q SET sent = greatest(q.sent + 1, term_floor())
+     WHERE q.election_id = v_election RETURNING q.sent INTO v_sequence;
     INSERT INTO triggers (election_id, sequence, payload) VALUES (v_election, v_sequence, coalesce(p_payload, ''));
     PERFORM pg_notify(current_schema() || ':' || v_cluster,
         json_build_object('event', 'trigger', 'election', v_election, 'name', p_election,

@@ -136,7 +136,7 @@ struct LeastPrivilegeTests {
                 let read = try await node.query(statements.readTriggers, [String(election), "0", "100"])
                 #expect(read.rows.count == 1)
                 #expect(try read.singleRow().string(1) == "now")
-                _ = try await node.query(statements.deleteTriggers, [String(election), "1"])
+                _ = try await node.query(statements.deleteTriggers, [String(election), "{1}"])
                 #expect(try await node.query(statements.readTriggers, [String(election), "0", "100"]).rows.isEmpty)
 
                 // A second node dies without a goodbye; the sweep removes it and node_down is sent.

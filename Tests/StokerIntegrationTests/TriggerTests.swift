@@ -83,6 +83,47 @@ struct TriggerTests {
         }
     }
 
+    @Test("bursts from four senders at once: every trigger reaches the leader, once, in order, none left waiting")
+    func bursts() async throws {
+        try await withTestDatabase { database in
+            try await withParticipants(database) { group in
+                try await group.start("a", elections: ["e"])
+                try await group.waitForCluster(election: "e", size: 1)
+                try await group.start("b", elections: ["e"])
+                try await waitForMembers(2, cluster: group.cluster, in: database)
+                // Each burst's last trigger commits while the leader reads the ones before it: its notification
+                // comes with the read's answer, and the leader must read again, not wait for the next burst.
+                var sent: Set<Int64> = []
+                for burst in 0..<10 {
+                    try await withThrowingTaskGroup(of: [Int64].self) { senders in
+                        for sender in 0..<4 {
+                            senders.addTask {
+                                var numbers: [Int64] = []
+                                for index in 0..<6 {
+                                    numbers.append(
+                                        try await StokerCluster.trigger(
+                                            election: "e", payload: "\(burst)-\(sender)-\(index)",
+                                            cluster: group.cluster, connection: database.conninfo))
+                                }
+                                return numbers
+                            }
+                        }
+                        for try await numbers in senders { sent.formUnion(numbers) }
+                    }
+                    let last = try #require(sent.max())
+                    _ = try await group.firstLine(among: group.all, timeout: .seconds(60)) { line in
+                        Received(line)?.sequence == last
+                    }
+                }
+                #expect(sent.count == 240)
+                try await group.stopAll()
+                let received = Self.received(group.history(), election: "e")
+                #expect(received.map(\.sequence) == sent.sorted(), "each once, in the order sent")
+                #expect(try await Self.pending(cluster: group.cluster, in: database) == 0)
+            }
+        }
+    }
+
     @Test("a trigger sent while every node is stopped reaches the first leader after they start")
     func waitsForTheNextLeader() async throws {
         try await withTestDatabase { database in

@@ -1127,12 +1127,13 @@ struct NodeStateMachineTests {
             election: 7, beat: true, renewed: 1, granted: true, taken: [(7, NodeFixture.began(), scope)])
         #expect(f.machine.replied(granted, sentAt: f.at(313), now: f.at(400)).value == .proceed)
         #expect(f.machine.takeDeliveries() == [.message(f["a"], .leader(scope, members: f.machine.memberList))])
-        f.readsNoTriggers(7, at: 400)
         // The grant gave the token back: nothing to release. Its holder may have died: one sweep reports it at once
         // (node_down), whoever holds the sweeper token. Then the heartbeat is due at 313 + 300.
         #expect(f.machine.session?.waiterToken == nil)
         #expect(f.machine.nextStep(now: f.at(400)) == .sweep)
         #expect(f.machine.replied(.swept(1), sentAt: f.at(400), now: f.at(402)).value == .proceed)
+        // Then the new leadership's triggers.
+        f.readsNoTriggers(7, at: 402)
         #expect(f.machine.nextStep(now: f.at(402)) == .waitIdle(until: f.at(613)))
     }
 
@@ -1200,10 +1201,10 @@ struct NodeStateMachineTests {
             election: 7, beat: false, renewed: 0, granted: false, taken: [(8, NodeFixture.began(), scope)])
         #expect(f.machine.replied(took, sentAt: f.at(13), now: f.at(100)).value == .proceed)
         #expect(f.machine.takeDeliveries() == [.message(f["b"], .leader(scope, members: f.machine.memberList))])
-        f.readsNoTriggers(8, at: 100)
         #expect(f.machine.nextStep(now: f.at(100)) == .releaseWaiterToken(election: 7))
         #expect(
             f.machine.replied(.waiterTokenReleased(held: true), sentAt: f.at(100), now: f.at(101)).value == .proceed)
+        f.readsNoTriggers(8, at: 101)
         // No token, and none claimed while leading: `a` is tried with the fallback retry only.
         #expect(f.machine.nextStep(now: f.at(101)) == .waitIdle(until: f.at(302)))
         #expect(f.machine.nextStep(now: f.at(302)) == .heartbeatAndTry(others: [7], claim: false, claimSweeper: true))
@@ -1467,30 +1468,55 @@ struct NodeStateMachineTests {
         if case .readTriggers = step { Issue.record("a follower read triggers: \(step)") }
     }
 
-    @Test("a handled trigger is deleted; one handed out but not handled stays for the next leader")
+    @Test("a trigger notified with a read's answer is read at once (the answer does not swallow the wish)")
+    func triggerNotifiedDuringRead() throws {
+        var f = NodeFixture()
+        _ = try #require(leaderReading(&f, [1]))
+        _ = f.machine.takeDeliveries()
+        f.machine.notified([.trigger(election: 1)])
+        #expect(f.machine.nextStep(now: f.at(14)) == .readTriggers(election: 1, after: 1))
+        // Trigger 2 commits after the read's snapshot: its notification comes with the (empty, complete) answer, and
+        // the driver hands the notifications over first.
+        f.machine.notified([.trigger(election: 1)])
+        _ = f.machine.replied(.triggersRead(election: 1, [], complete: true), sentAt: f.at(14), now: f.at(15))
+        #expect(f.machine.nextStep(now: f.at(15)) == .readTriggers(election: 1, after: 1))
+    }
+
+    @Test("at most a page of triggers is unfinished at once; a finished one lets the next page be read")
+    func triggersBounded() throws {
+        var f = NodeFixture()
+        let page = (1...Int64(Machine.triggerPage)).map { $0 }
+        _ = try #require(leaderReading(&f, page, complete: false))
+        #expect(f.machine.takeDeliveries().count == Machine.triggerPage)
+        // More wait in the table, but a page is unfinished: the node heartbeats and idles instead of reading.
+        #expect(f.machine.nextStep(now: f.at(13)) == .waitIdle(until: f.at(302)))
+        let wake = f.machine.triggerDone("a", sequence: 1, handled: true)
+        #expect(wake)
+        #expect(f.machine.nextStep(now: f.at(14)) == .readTriggers(election: 1, after: Int64(Machine.triggerPage)))
+    }
+
+    @Test("exactly the triggers handled are deleted; one that threw or was skipped stays for the next leadership")
     func triggersDeletedWhenHandled() throws {
         var f = NodeFixture()
         _ = try #require(leaderReading(&f, [1, 2, 3]))
         _ = f.machine.takeDeliveries()
-        let handled1 = f.machine.triggerHandled("a", sequence: 1)
-        #expect(handled1)
-        let handled2 = f.machine.triggerHandled("a", sequence: 2)
-        #expect(handled2)
-        #expect(f.machine.nextStep(now: f.at(14)) == .deleteTriggers(election: 1, through: 2))
-        _ = f.machine.replied(.triggersDeleted(election: 1, through: 2), sentAt: f.at(14), now: f.at(15))
+        let first = f.machine.triggerDone("a", sequence: 1, handled: true)
+        let second = f.machine.triggerDone("a", sequence: 2, handled: false)
+        let third = f.machine.triggerDone("a", sequence: 3, handled: true)
+        #expect(first && !second && third)
+        #expect(f.machine.nextStep(now: f.at(14)) == .deleteTriggers(election: 1, sequences: [1, 3]))
+        _ = f.machine.replied(.triggersDeleted(election: 1, sequences: [1, 3]), sentAt: f.at(14), now: f.at(15))
         #expect(f.machine.nextStep(now: f.at(15)) == .waitIdle(until: f.at(302)))
-        // An unknown election's acknowledgement is no deletion.
-        let unknown = f.machine.triggerHandled("zz", sequence: 9)
+        // An unknown election's report is nothing to do.
+        let unknown = f.machine.triggerDone("zz", sequence: 9, handled: true)
         #expect(!unknown)
     }
 
-    @Test("a read answered after the leadership ended hands nothing out; the next leadership reads after the handled")
+    @Test("a read answered after the leadership ended hands nothing out")
     func triggersAfterLoss() throws {
         var f = NodeFixture()
         let scope = try #require(leaderReading(&f, [1]))
         _ = f.machine.takeDeliveries()
-        let handled1 = f.machine.triggerHandled("a", sequence: 1)
-        #expect(handled1)
         f.machine.notified([.trigger(election: 1)])
         #expect(f.machine.nextStep(now: f.at(14)) == .readTriggers(election: 1, after: 1))
         // The lease ran out while the read was in flight: the leadership is being ended.
@@ -1500,8 +1526,9 @@ struct NodeStateMachineTests {
         _ = f.machine.replied(.triggersRead(election: 1, late, complete: true), sentAt: f.at(14), now: f.at(15))
         f.machine.leadershipsEnded(ending, reason: .leaseExpired)
         #expect(f.machine.takeDeliveries() == [.demoted(f["a"], .leaseExpired, scope: scope)])
-        // A later leadership of this node starts after what it handled (1), so 2 comes again, 1 does not.
-        #expect(f.machine.elections["a"]?.triggers.handled == 1)
+        // The next leadership starts from the table's first trigger.
+        f.machine.elections["a"]?.triggers.begin()
+        #expect(f.machine.elections["a"]?.triggers == Machine.TriggerQueue(read: true))
     }
 
     @Test("a graceful stop deletes the handled triggers before the node leaves")
@@ -1509,8 +1536,8 @@ struct NodeStateMachineTests {
         var f = NodeFixture()
         let scope = try #require(leaderReading(&f, [1]))
         _ = f.machine.takeDeliveries()
-        let handled1 = f.machine.triggerHandled("a", sequence: 1)
-        #expect(handled1)
+        let handled = f.machine.triggerDone("a", sequence: 1, handled: true)
+        #expect(handled)
         f.machine.gracefulStopRequested()
         _ = f.machine.resignRequested("a", now: f.at(14))
         #expect(scope.end(at: f.at(14)))
@@ -1521,8 +1548,8 @@ struct NodeStateMachineTests {
         #expect(f.machine.nextStep(now: f.at(15)) == .handOver(election: 1))
         _ = f.machine.replied(.handedOver(election: 1, held: true), sentAt: f.at(15), now: f.at(16))
         #expect(f.machine.elections.isEmpty)
-        #expect(f.machine.nextStep(now: f.at(16)) == .deleteTriggers(election: 1, through: 1))
-        _ = f.machine.replied(.triggersDeleted(election: 1, through: 1), sentAt: f.at(16), now: f.at(17))
+        #expect(f.machine.nextStep(now: f.at(16)) == .deleteTriggers(election: 1, sequences: [1]))
+        _ = f.machine.replied(.triggersDeleted(election: 1, sequences: [1]), sentAt: f.at(16), now: f.at(17))
         #expect(f.machine.nextStep(now: f.at(17)) == .leave)
     }
 }

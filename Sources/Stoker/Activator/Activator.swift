@@ -163,11 +163,14 @@ public final class Activator<Behaviour: StokerBehaviour>: Service, Sendable {
             }
         case .trigger(let scope, let payload, let sequence):
             // For a leadership that is over (or another one): left in the table for the next leader.
-            guard run.scope === scope, scope.isLeader else { return false }
-            await deliver(.trigger(payload: payload, sequence: sequence), &run, endedAt: nil)
-            // Handled while the leadership went on: it may be deleted. A leadership that ended before the callback
-            // returned leaves it to the next leader (at least once).
-            if scope.isLeader { node.core.triggerHandled(election, sequence: sequence) }
+            guard run.scope === scope, scope.isLeader else {
+                node.core.triggerDone(election, sequence: sequence, handled: false)
+                return false
+            }
+            let returned = await deliver(.trigger(payload: payload, sequence: sequence), &run, endedAt: nil)
+            // Handled — the callback returned, without throwing, while the leadership went on — it is deleted.
+            // Otherwise it stays for the next leadership (at least once).
+            node.core.triggerDone(election, sequence: sequence, handled: returned && scope.isLeader)
         case .leaderObserved(let name):
             guard run.scope == nil else { return false }
             // A follower says whom it follows (it has no callback to run until it leads; silence looks hung).
@@ -206,8 +209,9 @@ public final class Activator<Behaviour: StokerBehaviour>: Service, Sendable {
         return scope.endedAt
     }
 
-    /// Calls the behaviour. A throw is logged, never fatal.
-    private func deliver(_ event: ActivatorEvent, _ run: inout Run, endedAt: ContinuousClock.Instant?) async {
+    /// Calls the behaviour. A throw is logged, never fatal. Returns whether the callback returned without throwing.
+    @discardableResult
+    private func deliver(_ event: ActivatorEvent, _ run: inout Run, endedAt: ContinuousClock.Instant?) async -> Bool {
         // The role, leader and term are visible in dump() while the callback runs; its state once it returned.
         publish(run)
         let context = ActivatorContext(
@@ -222,13 +226,22 @@ public final class Activator<Behaviour: StokerBehaviour>: Service, Sendable {
         )
         do {
             try await behaviour.handle(event, state: &run.state, context: context)
+            return true
         } catch {
             logger.error(
                 "the behaviour's callback threw; the activator goes on",
                 metadata: [
-                    "stoker.election": "\(election)", "stoker.event": "\(event)", "stoker.error": "\(error)",
+                    "stoker.election": "\(election)", "stoker.event": "\(Self.logged(event))",
+                    "stoker.error": "\(error)",
                 ])
+            return false
         }
+    }
+
+    /// An event as logged: a trigger without its payload (application data, which may be anything).
+    private static func logged(_ event: ActivatorEvent) -> String {
+        if case .trigger(_, let sequence) = event { return "trigger(sequence: \(sequence))" }
+        return "\(event)"
     }
 
     private func schedule(

@@ -80,11 +80,13 @@ public enum ActivatorEvent: Sendable, Hashable {
     case timer
     /// While this node leads: a trigger sent to the election by any process
     /// (``StokerCluster/trigger(election:payload:cluster:connection:schema:)``) — the Elixir library `stoker`'s
-    /// `:trigger`. Triggers are kept in the database until a leader has handled one (its callback returned while its
-    /// leadership went on), so one sent while nobody leads reaches the next leader. Delivery is **at least once** and
-    /// **in order** per election: a leadership that ends before the callback returns leaves the trigger to the next
-    /// leader, which gets it again. `sequence` numbers the election's triggers 1, 2, 3, … in the order they were sent
-    /// and is never reused: keep the last one handled to skip a repeat.
+    /// `:trigger`. Triggers are kept in the database until a leader has handled one — its callback returned without
+    /// throwing while the leadership went on — so one sent while nobody leads reaches the next leader. Delivery is
+    /// **at least once** and, within a leadership, **in the order sent**: a leadership that ends first, or a callback
+    /// that throws, leaves the trigger to the next leadership, which gets it again (after the ones this leadership
+    /// handled). `sequence` identifies the trigger in its election — increasing in the order sent, never given twice
+    /// (not consecutive after a failover of the database) — so a behaviour that must not act twice records the
+    /// numbers it handled with its work.
     case trigger(payload: String, sequence: Int64)
     /// The activator stops; the last event. After a ``nowLeader(term:)`` it is also the demotion: leadership ended
     /// (``ActivatorContext/leadershipEndedAt``) and leader-scoped work was cancelled before it.

@@ -9,15 +9,16 @@ extension StokerCluster {
     ///
     /// The trigger is stored in the database before this returns (the notification only wakes the leader), so one sent
     /// while nobody leads — during a failover, or with every node stopped — reaches the next leader. Delivery is **at
-    /// least once** and **in order** per election: a leader hands each trigger to its behaviour in the order they were
-    /// sent and deletes it once the callback has returned while it still led; a leadership that ends first leaves it
-    /// to the next leader, which gets it again. A node that leads one election while it waits in the lock queue of
+    /// least once** and, within a leadership, **in the order sent**: a leader hands its election's triggers to its
+    /// behaviour in order (at most 100 unfinished at a time) and deletes each once its callback has returned without
+    /// throwing while it still led; a leadership that ends first, or a callback that throws, leaves the trigger to the
+    /// next leadership, which gets it again. A node that leads one election while it waits in the lock queue of
     /// another reads its triggers when that wait ends (at most `retryInterval` later).
     ///
     /// Runs on a short session of its own: one round trip after connecting, in its own transaction.
     ///
-    /// - Returns: the trigger's number in its election (1, 2, 3, … in the order sent; never reused), which the
-    ///   behaviour also gets: use it to skip a repeat.
+    /// - Returns: the trigger's number in its election (1, 2, 3, … in the order sent, and above every earlier one after
+    ///   a failover of the database; never given twice), which the behaviour also gets: record it to skip a repeat.
     /// - Throws: ``StokerError`` — `.invalidParameter` for a payload over ``maximumTriggerPayload`` bytes or holding a
     ///   NUL byte (nothing is sent); `.invalidConfiguration` for a bad cluster or election name; `.unknownElection`
     ///   when no node has ever run an activator for the election in that cluster; a connection error; `.schemaMismatch`

@@ -250,13 +250,17 @@ final class PGConnection {
             var message = Self.field(result, "M") ?? trimmed(String(cString: PQresultErrorMessage(result)))
             if let detail = Self.field(result, "D") { message += " DETAIL: \(detail)" }
             if let hint = Self.field(result, "H") { message += " HINT: \(hint)" }
-            throw failure(sqlState: sqlState, serverMessage: message)
+            // FATAL and PANIC end the session, also when libpq has not yet seen the socket close (the never-translated
+            // severity, field V).
+            let severity = Self.field(result, "V")
+            throw failure(
+                sqlState: sqlState, serverMessage: message, endsSession: severity == "FATAL" || severity == "PANIC")
         }
     }
 
-    private func failure(sqlState: String?, serverMessage: String) -> StokerError {
+    private func failure(sqlState: String?, serverMessage: String, endsSession: Bool = false) -> StokerError {
         let scrubbed = configuration.redactor.scrub(serverMessage)
-        if !isHealthy {
+        if endsSession || !isHealthy {
             return StokerError(
                 .connectionLost,
                 "The connection to PostgreSQL was lost.",

@@ -85,7 +85,7 @@ enum SchemaManifest {
         "nodes p (id)", "nodes f (cluster_id)", "nodes c (name)",
         "elections p (id)", "elections u (cluster_id,name)", "elections f (cluster_id)", "elections c (name)",
         "server_epoch p (id)", "server_epoch c (id)", "term_band p (id)", "term_band c (id)",
-        "trigger_queues p (election_id)", "trigger_queues f (election_id)",
+        "trigger_queues p (election_id)",
         "triggers p (election_id,sequence)", "triggers f (election_id)", "triggers c (payload)",
     ]
 

@@ -97,7 +97,7 @@ struct ProtocolStatements: Sendable {
     /// `$1` election id, `$2` a number, `$3` how many → `sequence`, `payload` of its triggers numbered after `$2`, in
     /// order (migration 005).
     let readTriggers: String
-    /// `$1` election id, `$2` a number: deletes its triggers numbered up to `$2` (handled).
+    /// `$1` election id, `$2` numbers as an int8 array literal: deletes those of its triggers (handled).
     let deleteTriggers: String
     /// `$1` cluster name, `$2` election name, `$3` payload → the trigger's number (`send_trigger`, migration 005:
     /// SQLSTATE SK002 when the election does not exist).
@@ -206,7 +206,7 @@ struct ProtocolStatements: Sendable {
             SELECT sequence, payload FROM \(s).triggers
              WHERE election_id = $1 AND sequence > $2 ORDER BY sequence LIMIT $3
             """
-        deleteTriggers = "DELETE FROM \(s).triggers WHERE election_id = $1 AND sequence <= $2"
+        deleteTriggers = "DELETE FROM \(s).triggers WHERE election_id = $1 AND sequence = ANY ($2::int8[])"
         sendTrigger = "SELECT \(s).send_trigger($1, $2, $3)"
     }
 

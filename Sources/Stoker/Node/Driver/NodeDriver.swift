@@ -296,9 +296,12 @@ final class NodeDriver: Sendable {
         }
     }
 
-    /// The activator of `election` has handled trigger `sequence`: the session thread deletes it from the table.
-    func triggerHandled(_ election: String, sequence: Int64) {
-        if withMachine({ $0.machine.triggerHandled(election, sequence: sequence) }) { sessionSignal.signal() }
+    /// The activator of `election` is done with trigger `sequence` (`handled`: its callback returned, without throwing,
+    /// while the leadership went on — the session thread deletes it from the table).
+    func triggerDone(_ election: String, sequence: Int64, handled: Bool) {
+        if withMachine({ $0.machine.triggerDone(election, sequence: sequence, handled: handled) }) {
+            sessionSignal.signal()
+        }
     }
 
     private func waitForResignation(_ election: String, leaderWorkDrained: Bool) async {

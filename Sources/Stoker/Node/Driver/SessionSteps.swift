@@ -142,11 +142,12 @@ extension NodeDriver {
                 }
                 reply = .triggersRead(
                     election: id, triggers, complete: triggers.count < NodeStateMachine.triggerPage)
-            case .deleteTriggers(let id, let through):
+            case .deleteTriggers(let id, let sequences):
+                let numbers = "{" + sequences.map(String.init).joined(separator: ",") + "}"
                 try refusable("deleting handled triggers", otherwise: ()) { () throws(StokerError) in
-                    _ = try connection.execute(statements.deleteTriggers, ["\(id)", "\(through)"])
+                    _ = try connection.execute(statements.deleteTriggers, ["\(id)", numbers])
                 }
-                reply = .triggersDeleted(election: id, through: through)
+                reply = .triggersDeleted(election: id, sequences: sequences)
             case .waitIdle(let until):
                 try waitIdle(until: until, context)
                 takeNotifications(context)
@@ -200,7 +201,7 @@ extension NodeDriver {
             return value
         case .failure(let error):
             guard error.code == .queryFailed, !Self.endsSession(error.sqlState) else { throw error }
-            var fix = "it is tried again later"
+            var fix = "a sweep runs again at the next interval; triggers are read again at the next one sent"
             if error.sqlState == "42501" {
                 fix = "grant this role what `stoker migrate --grant-to ROLE` grants (triggers wait in the table)"
             }

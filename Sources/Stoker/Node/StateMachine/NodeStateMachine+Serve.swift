@@ -41,8 +41,8 @@ extension NodeStateMachine {
         case beginTerm(election: Int, name: String, term: Int64)
         /// Read election `election`'s triggers numbered after `after`, in order, a page at most.
         case readTriggers(election: Int, after: Int64)
-        /// Delete election `election`'s triggers numbered up to `through` (handled).
-        case deleteTriggers(election: Int, through: Int64)
+        /// Delete election `election`'s triggers numbered `sequences` (handled).
+        case deleteTriggers(election: Int, sequences: [Int64])
         /// Sleep until `until`, a notification, a wake-up, or news on the witness session.
         case waitIdle(until: ContinuousClock.Instant)
         /// Test hook: hold the thread, touching nothing.
@@ -73,7 +73,7 @@ extension NodeStateMachine {
         case termBegun(name: String, term: Int64, began: Bool, scope: LeaderScope?)
         /// `complete`: fewer than a page came back.
         case triggersRead(election: Int, [PendingTrigger], complete: Bool)
-        case triggersDeleted(election: Int, through: Int64)
+        case triggersDeleted(election: Int, sequences: [Int64])
         case left
     }
 
@@ -123,7 +123,7 @@ extension NodeStateMachine {
                 elections[name]?.askedToResign = true
                 if let mailbox = elections[name]?.mailbox { outbox.append(.message(mailbox, .gracefulShutdown)) }
             }
-            if elections.isEmpty { return deletionStep ?? .leave }
+            if elections.isEmpty { return Self.deletionStep(session) ?? .leave }
         case nil:
             break
         }
@@ -136,7 +136,6 @@ extension NodeStateMachine {
         }).first {
             return .handOver(election: id)
         }
-        if let step = triggerStep() { return step }
 
         let candidates = self.candidates
         // One follower per election — the one holding its waiter token, a follower that leads nothing — spends its
@@ -179,6 +178,8 @@ extension NodeStateMachine {
             if mayWait, waitOn == nil, !candidates.isEmpty { session.pendingClaim = candidates }
             return .heartbeat(claimSweeper: claimSweeper)
         }
+        // Triggers after the heartbeat and the sweep: a flood of them never holds back the lease or death detection.
+        if let step = triggerStep(&session) { return step }
         if !others.isEmpty, session.retryNow || now >= session.nextRetry {
             // Told to (a release, a member gone or come, a new election), or the fallback's time.
             if !session.retryNow { session.nextRetry = now + settings.retryInterval }
@@ -331,8 +332,8 @@ extension NodeStateMachine {
             evidenceFound(name, term: term, scope: scope)
         case .triggersRead(let id, let triggers, let complete):
             triggersRead(election: id, triggers, complete: complete)
-        case .triggersDeleted(let id, let through):
-            triggersDeleted(election: id, through: through)
+        case .triggersDeleted(let id, let sequences):
+            triggersDeleted(election: id, sequences: sequences, &session)
         case .left:
             return .left
         }

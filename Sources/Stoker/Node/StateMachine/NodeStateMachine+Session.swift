@@ -27,6 +27,10 @@ extension NodeStateMachine {
         var retryNow = true
         /// An acknowledgement may have arrived (a member joined): check the awaited evidence again.
         var checkAcknowledgement = true
+        /// Triggers handled on this session and not yet deleted, by election id. A deletion lost with the session
+        /// leaves the trigger to be handed out again (at least once): the next session starts without them, so no
+        /// number read before a server change can delete a trigger given after it.
+        var triggersHandled: [Int: Set<Int64>] = [:]
         /// The election whose waiter token this session holds: it waits in that election's lock queue.
         var waiterToken: Int?
         /// Try to become the waiter of one of these elections at the next turn (after a heartbeat or a try that won

@@ -1,21 +1,22 @@
 /// Triggers: a leader reads its election's triggers (kept in a table until handled) when its leadership begins and
-/// whenever a `trigger` notification wakes it, hands each to its activator once per leadership, in order, and deletes
-/// those the activator has handled.
+/// whenever a `trigger` notification wakes it, hands each to its activator once per leadership, in order — at most a
+/// page of them unfinished at a time — and deletes exactly those whose callback returned.
 extension NodeStateMachine {
-    /// One election's triggers, as this node knows them.
+    /// One election's triggers in the current leadership, as this node knows them.
     struct TriggerQueue: Sendable, Hashable {
         /// The highest number handed to the activator in the current leadership.
         var handedOut: Int64 = 0
-        /// Read the table (again): a leadership began, a notification came, or the last read was a full page.
+        /// Read the table (again): a leadership began, a notification came, or there may be more than was read.
         var read = false
-        /// The highest number the activator has handled (in any leadership of this node).
-        var handled: Int64 = 0
+        /// The last read was a full page: more may wait in the table.
+        var more = false
+        /// Handed to the activator and not yet reported done: reads wait while a page of them is unfinished (the
+        /// activator's mailbox holds at most that many payloads, however many wait in the table).
+        var unfinished = 0
 
-        /// A leadership began: read the table from the first trigger this node has not handled (one handled in an
-        /// earlier leadership whose deletion was lost with its session is not handed out again).
+        /// A leadership began: read the table from its first trigger.
         mutating func begin() {
-            handedOut = handled
-            read = true
+            self = TriggerQueue(read: true)
         }
     }
 
@@ -25,53 +26,68 @@ extension NodeStateMachine {
         let payload: String
     }
 
-    /// How many triggers one read fetches at most (a full page reads the next one at once).
+    /// How many triggers one read fetches at most, and how many may be unfinished at once.
     static let triggerPage = 100
 
     /// The step that reads or deletes triggers, if one is due: reads first (they wake the leader), then deletions.
-    func triggerStep() -> Step? {
+    /// A read clears the wish to read: a notification that comes with its answer asks again.
+    mutating func triggerStep(_ session: inout Session) -> Step? {
         for name in elections.keys.sorted() {
-            guard let election = elections[name], let id = election.id, election.triggers.read,
-                election.machine.leadingTerm != nil, election.scope != nil
+            guard var election = elections[name], let id = election.id, election.triggers.read,
+                election.triggers.unfinished < Self.triggerPage, election.machine.leadingTerm != nil,
+                election.scope != nil
             else { continue }
+            election.triggers.read = false
+            elections[name] = election
             return .readTriggers(election: id, after: election.triggers.handedOut)
         }
-        return deletionStep
+        return Self.deletionStep(session)
     }
 
     /// The deletion of handled triggers, if one is due (also after the election was withdrawn, and before the node
     /// leaves: a trigger handled is deleted while the session lasts).
-    var deletionStep: Step? {
-        triggerDeletions.min { $0.key < $1.key }.map { .deleteTriggers(election: $0.key, through: $0.value) }
+    static func deletionStep(_ session: Session) -> Step? {
+        session.triggersHandled.min { $0.key < $1.key }.map {
+            .deleteTriggers(election: $0.key, sequences: $0.value.sorted())
+        }
     }
 
-    /// The triggers of election `id` after the number asked for, in order (`complete`: fewer than a page). Handed to the
+    /// The triggers of election `id` after the number asked for, in order (`complete`: less than a page). Handed to the
     /// activator while the leadership the read was for goes on; a leadership that ended meanwhile hands out nothing —
     /// its triggers stay in the table for the next leader.
     mutating func triggersRead(election id: Int, _ triggers: [PendingTrigger], complete: Bool) {
-        guard let name = electionName(withID: id), var election = elections[name] else { return }
-        defer { elections[name] = election }
-        guard election.triggers.read, election.machine.leadingTerm != nil, let scope = election.scope else { return }
+        guard let name = electionName(withID: id), var election = elections[name],
+            election.machine.leadingTerm != nil, let scope = election.scope
+        else { return }
         for trigger in triggers where trigger.sequence > election.triggers.handedOut {
             outbox.append(
                 .message(election.mailbox, .trigger(scope, payload: trigger.payload, sequence: trigger.sequence)))
             election.triggers.handedOut = trigger.sequence
+            election.triggers.unfinished += 1
         }
-        election.triggers.read = !complete
-    }
-
-    /// Election `id`'s triggers up to `through` were deleted.
-    mutating func triggersDeleted(election id: Int, through: Int64) {
-        if let due = triggerDeletions[id], due <= through { triggerDeletions[id] = nil }
-    }
-
-    /// The activator of `name` has handled trigger `sequence` (its callback returned while the leadership went on): it
-    /// may be deleted. True when the session thread has a deletion to run (wake it).
-    mutating func triggerHandled(_ name: String, sequence: Int64) -> Bool {
-        guard var election = elections[name], let id = election.id else { return false }
-        election.triggers.handled = max(election.triggers.handled, sequence)
+        election.triggers.more = !complete
+        if !complete { election.triggers.read = true }
         elections[name] = election
-        triggerDeletions[id] = max(triggerDeletions[id] ?? 0, sequence)
+    }
+
+    /// Election `id`'s triggers `sequences` were deleted.
+    mutating func triggersDeleted(election id: Int, sequences: [Int64], _ session: inout Session) {
+        guard var handled = session.triggersHandled[id] else { return }
+        handled.subtract(sequences)
+        session.triggersHandled[id] = handled.isEmpty ? nil : handled
+    }
+
+    /// The activator of `name` is done with trigger `sequence`: `handled` when its callback returned, without
+    /// throwing, while the leadership went on (the trigger is deleted); otherwise it stays in the table for the next
+    /// leadership. True when the session thread has something to do (wake it).
+    mutating func triggerDone(_ name: String, sequence: Int64, handled: Bool) -> Bool {
+        guard var election = elections[name], let id = election.id else { return false }
+        election.triggers.unfinished = max(0, election.triggers.unfinished - 1)
+        if election.triggers.more { election.triggers.read = true }
+        elections[name] = election
+        guard handled, var session, session.joined else { return election.triggers.read }
+        session.triggersHandled[id, default: []].insert(sequence)
+        self.session = session
         return true
     }
 

@@ -111,7 +111,7 @@ struct NodeStateMachine: Sendable {
         var askedToResign = false
         /// The term is bumped and the predecessor did not hand over: the evidence awaited.
         var evidence: AwaitedEvidence?
-        /// Its triggers: what was handed out, handled and deleted.
+        /// Its triggers in the current leadership.
         var triggers = TriggerQueue()
     }
 
@@ -140,9 +140,7 @@ struct NodeStateMachine: Sendable {
     var watchdogFreeze: Duration?
     var outbox: [Delivery] = []
     var events: [Event] = []
-    /// Handled triggers to delete: election id → up to which number. Kept across sessions (a deletion lost with a
-    /// session is run on the next; deleting is idempotent).
-    var triggerDeletions: [Int: Int64] = [:]
+
     var nextMailbox = 0
 
     init(settings: Settings) { self.settings = settings }
