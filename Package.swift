@@ -10,7 +10,8 @@ let package = Package(
     platforms: [.macOS(.v15)],
     products: [
         .library(name: "Stoker", targets: ["Stoker"]),
-        .library(name: "StokerTestSupport", targets: ["StokerTestSupport"]),
+        // Throwaway PostgreSQL servers and `stoker node` processes: what the tests, the bench and `stoker demo` run on.
+        .library(name: "StokerHarness", targets: ["StokerHarness"]),
         .executable(name: "stoker", targets: ["stoker"]),
         .executable(name: "stoker-bench", targets: ["stoker-bench"]),
     ],
@@ -20,6 +21,10 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-metrics", from: "2.5.0"),
         // 2.13.0: a graceful shutdown requested before run() is remembered (stoker node relies on it).
         .package(url: "https://github.com/swift-server/swift-service-lifecycle", from: "2.13.0"),
+        // `swift package generate-documentation` (the DocC catalog in Sources/Stoker/Documentation.docc).
+        .package(url: "https://github.com/swiftlang/swift-docc-plugin", from: "1.4.0"),
+        // Tests only: the fencing example, run against the real server with the client most Swift services use.
+        .package(url: "https://github.com/vapor/postgres-nio", from: "1.21.0"),
     ],
     targets: [
         // libpq, through pkg-config (the headers live in /usr/include/postgresql on Debian).
@@ -57,38 +62,39 @@ let package = Package(
             name: "stoker-bench",
             dependencies: [
                 "stoker",
-                "StokerTestSupport",
+                "StokerHarness",
                 "CStokerLibPQ",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ],
             swiftSettings: strict
         ),
-        // A throwaway PostgreSQL for tests (and later the CLI's demo): a private cluster started by a detached
-        // supervisor that removes it even when the test process is killed. Stoker for its WakeSignal (SPI), which
-        // TestProxy stops its threads with.
+        // A throwaway PostgreSQL for the tests, the bench and the CLI's demo: a private cluster started by a detached
+        // supervisor that removes it even when the process that started it is killed. Stoker for its WakeSignal (SPI),
+        // which TestProxy stops its threads with.
         .target(
-            name: "StokerTestSupport",
+            name: "StokerHarness",
             dependencies: ["CStokerLibPQ", "CStokerSystem", "Stoker"],
             swiftSettings: strict
         ),
         .testTarget(
             name: "StokerTests",
-            // StokerTestSupport for its seeded generator only: these tests never start a database.
-            dependencies: ["Stoker", "StokerTestSupport"],
+            // StokerHarness for its seeded generator only: these tests never start a database.
+            dependencies: ["Stoker", "StokerHarness"],
             swiftSettings: strict
         ),
         .testTarget(
-            name: "StokerTestSupportTests",
-            dependencies: ["StokerTestSupport"],
+            name: "StokerHarnessTests",
+            dependencies: ["StokerHarness"],
             swiftSettings: strict
         ),
         .testTarget(
             name: "StokerIntegrationTests",
             dependencies: [
                 "Stoker",
-                "StokerTestSupport",
+                "StokerHarness",
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
                 .product(name: "MetricsTestKit", package: "swift-metrics"),
+                .product(name: "PostgresNIO", package: "postgres-nio"),
             ],
             swiftSettings: strict
         ),

@@ -1,6 +1,6 @@
 import ArgumentParser
 import Foundation
-import StokerTestSupport
+import StokerHarness
 
 @main
 struct StokerBench: AsyncParsableCommand {

@@ -2,7 +2,7 @@ import ArgumentParser
 import CStokerLibPQ
 import Foundation
 import Glibc
-import StokerTestSupport
+import StokerHarness
 import Synchronization
 
 /// `stoker-bench floor-client`: the floor — the fastest failover bare PostgreSQL allows — as one participant.

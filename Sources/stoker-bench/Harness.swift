@@ -1,5 +1,5 @@
 import Foundation
-import StokerTestSupport
+import StokerHarness
 
 /// What `stoker-bench failover` was asked to do.
 struct BenchSettings: Sendable {

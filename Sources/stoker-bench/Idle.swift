@@ -1,7 +1,7 @@
 import ArgumentParser
 import Foundation
 import Glibc
-import StokerTestSupport
+import StokerHarness
 
 /// `stoker-bench idle`: what idle `stoker node` participants cost the server.
 struct Idle: AsyncParsableCommand {

@@ -1,6 +1,6 @@
 import ArgumentParser
 import Foundation
-import StokerTestSupport
+import StokerHarness
 
 /// `stoker-bench node-down`: how long after a member dies its leader hears of it.
 struct NodeDown: AsyncParsableCommand {

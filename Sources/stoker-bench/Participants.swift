@@ -1,5 +1,5 @@
 import Foundation
-import StokerTestSupport
+import StokerHarness
 
 /// One participant process.
 struct Participant: Sendable {

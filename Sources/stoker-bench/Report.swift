@@ -1,5 +1,5 @@
 import Foundation
-import StokerTestSupport
+import StokerHarness
 
 /// The host the bench ran on.
 struct Machine: Sendable {

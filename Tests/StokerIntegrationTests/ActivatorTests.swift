@@ -1,7 +1,7 @@
 import Logging
 import MetricsTestKit
 import ServiceLifecycle
-import StokerTestSupport
+import StokerHarness
 import Synchronization
 import Testing
 

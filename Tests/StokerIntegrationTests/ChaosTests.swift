@@ -1,4 +1,4 @@
-import StokerTestSupport
+import StokerHarness
 import Synchronization
 import Testing
 

@@ -1,6 +1,6 @@
 import Foundation
 import Stoker
-import StokerTestSupport
+import StokerHarness
 import Testing
 
 #if canImport(Glibc)

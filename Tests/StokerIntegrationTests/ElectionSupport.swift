@@ -1,6 +1,6 @@
 import Logging
 import ServiceLifecycle
-import StokerTestSupport
+import StokerHarness
 import Synchronization
 import Testing
 

@@ -1,4 +1,4 @@
-import StokerTestSupport
+import StokerHarness
 import Testing
 
 @_spi(Testing) @testable import Stoker

@@ -1,7 +1,7 @@
 // swift-format-ignore-file: OrderedImports
 // (the example's own imports must stay inside it, below the test's)
 
-import StokerTestSupport
+import StokerHarness
 import Testing
 
 // The code between the two markers is the README's usage example, character for character (ReadmeTests checks it).

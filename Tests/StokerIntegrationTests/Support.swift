@@ -1,4 +1,4 @@
-import StokerTestSupport
+import StokerHarness
 import Testing
 
 @testable import Stoker

@@ -2,7 +2,7 @@ import Glibc
 import Synchronization
 import Testing
 
-@testable import StokerTestSupport
+@testable import StokerHarness
 
 /// SIGPIPE deliveries to this process while ``countingSIGPIPE(_:)`` has its handler installed.
 private let sigpipeDeliveries = Atomic<Int>(0)

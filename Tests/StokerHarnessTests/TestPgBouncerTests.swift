@@ -1,5 +1,5 @@
 import Foundation
-import StokerTestSupport
+import StokerHarness
 import Testing
 
 private let childReportVariable = "STOKER_TEST_KILL_CHILD_REPORT"

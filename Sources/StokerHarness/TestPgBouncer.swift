@@ -157,7 +157,7 @@ public final class TestPgBouncer: Sendable {
             try Files.write(
                 root + "/pgbouncer.ini",
                 """
-                ;; Written by StokerTestSupport.TestPgBouncer.
+                ;; Written by StokerHarness.TestPgBouncer.
                 [databases]
                 * = host=\(socketDirectory) port=\(serverPort)
 

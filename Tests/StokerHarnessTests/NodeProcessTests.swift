@@ -1,7 +1,7 @@
 import Foundation
 import Testing
 
-@testable import StokerTestSupport
+@testable import StokerHarness
 
 @Suite("NodeProcess")
 struct NodeProcessTests {

@@ -1,5 +1,5 @@
 import Foundation
-import StokerTestSupport
+import StokerHarness
 import Testing
 
 @Suite("TestPostgres.startStandby", .timeLimit(.minutes(3)))
