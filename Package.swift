@@ -49,6 +49,8 @@ let package = Package(
             name: "stoker",
             dependencies: [
                 "Stoker",
+                // `stoker demo`'s throwaway PostgreSQL and node processes.
+                "StokerHarness",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),

@@ -14,7 +14,7 @@ struct StokerCommand: AsyncParsableCommand {
         commandName: "stoker",
         abstract: "Leader election on PostgreSQL: keep a piece of work running always, and once.",
         version: "stoker \(StokerSchema.libraryVersion) (schema version \(StokerSchema.schemaVersion))",
-        subcommands: [Migrate.self, Node.self, Status.self, Watch.self, Trigger.self]
+        subcommands: [Demo.self, Migrate.self, Node.self, Status.self, Watch.self, Trigger.self]
     )
 
     /// As ArgumentParser's, except that an error is one line on stderr (no usage block): scripts read it.
