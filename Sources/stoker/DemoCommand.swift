@@ -183,15 +183,10 @@ private struct DemoRun {
             "   \(leader.name) leads (term \(term)) \(elapsed(since: mark, to: leader)) after the stop: the lease ran out"
         )
         _ = frozen.process.signal(SIGCONT)
-        let demoted = try await frozen.process.waitForLine(from: frozenMark, timeout: .seconds(30)) { line in
-            NodeLine(line.text).map { $0.event == "now_follower" } ?? false
-        }
-        if let line = NodeLine(demoted.text), let endedAt = line.number("ended_at") {
-            let begun = leader.lines.last { $0.event == "now_leader" }?.at ?? 0
-            say(
-                "   SIGCONT: \(frozen.name) prints now_follower (\(line.string("reason") ?? "?")): it stopped leading "
-                    + "\(format(seconds: begun - endedAt)) before \(leader.name) began\n")
-        }
+        let (frozenReason, frozenGap) = try await steppedDown(frozen, from: frozenMark, before: leader)
+        say(
+            "   SIGCONT: \(frozen.name) prints now_follower (\(frozenReason)): it stopped leading \(frozenGap) before "
+                + "\(leader.name) began\n")
         try await waitForMembers(3, database)
 
         // 3. The server ends the leader's session: the process lives, its witness still holds its node lock, so the
@@ -208,15 +203,8 @@ private struct DemoRun {
         _ = try await database.admin("SELECT pg_terminate_backend(\(backend))")
         (leader, term) = try await firstLeader(among: others, after: mark)
         say("   \(leader.name) leads (term \(term)) \(elapsed(since: mark, to: leader)) after the kill")
-        let stepped = try await cut.process.waitForLine(from: cutMark, timeout: .seconds(30)) { line in
-            NodeLine(line.text).map { $0.event == "now_follower" } ?? false
-        }
-        if let line = NodeLine(stepped.text), let endedAt = line.number("ended_at") {
-            let begun = leader.lines.last { $0.event == "now_leader" }?.at ?? 0
-            say(
-                "   \(cut.name) stepped down (\(line.string("reason") ?? "?")) "
-                    + "\(format(seconds: begun - endedAt)) before \(leader.name) began\n")
-        }
+        let (cutReason, cutGap) = try await steppedDown(cut, from: cutMark, before: leader)
+        say("   \(cut.name) stepped down (\(cutReason)) \(cutGap) before \(leader.name) began\n")
         try await waitForMembers(3, database)
 
         // 4. A graceful stop: the leader hands the election over.
@@ -268,6 +256,17 @@ private struct DemoRun {
             }
             throw lastError ?? DemoError("no node became leader")
         }
+    }
+
+    /// `old`'s demotion printed from line `mark` on: its reason, and how long before `successor` began it ended.
+    private func steppedDown(_ old: Node, from mark: Int, before successor: Node) async throws -> (String, String) {
+        let demoted = try await old.process.waitForLine(from: mark, timeout: .seconds(30)) { line in
+            NodeLine(line.text).map { $0.event == "now_follower" } ?? false
+        }
+        let line = NodeLine(demoted.text)
+        let begun = successor.lines.last { $0.event == "now_leader" }?.at ?? 0
+        let gap = line?.number("ended_at").map { format(seconds: begun - $0) } ?? "(no ended_at)"
+        return (line?.string("reason") ?? "?", gap)
     }
 
     private func elapsed(since instant: Double, to node: Node) -> String {

@@ -377,17 +377,8 @@ enum WatchedChange: Sendable, Hashable {
         guard let fields = FlatJSON.parse(payload), case .string(let event)? = fields["event"] else { return nil }
         switch event {
         case "node_up", "node_down":
-            guard case .integer(let id)? = fields["node"], let node = Int(exactly: id),
-                case .string(let name)? = fields["name"]
-            else { return nil }
-            let member = ClusterMember(id: node, name: name)
-            if event == "node_up" {
-                self = .nodeUp(member)
-            } else {
-                var reason = NodeDownReason.removed
-                if case .string(let name)? = fields["reason"], let named = NodeDownReason(name: name) { reason = named }
-                self = .nodeDown(member, reason: reason)
-            }
+            guard let (member, reason) = ClusterEvent.membership(fields) else { return nil }
+            self = reason.map { .nodeDown(member, reason: $0) } ?? .nodeUp(member)
         case "leader":
             guard case .string(let election)? = fields["name"], case .integer(let term)? = fields["term"] else {
                 return nil

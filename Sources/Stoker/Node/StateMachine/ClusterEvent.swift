@@ -18,6 +18,18 @@ enum ClusterEvent: Sendable, Hashable {
     /// A trigger was sent to election `election` (it stays in the table, payload and all, until handled): its leader reads it.
     case trigger(election: Int)
 
+    /// A `node_up` or `node_down` payload's member, and for `node_down` its reason (a missing or unknown one reads as
+    /// `removed`); nil when a field it needs is missing or of the wrong type.
+    static func membership(_ fields: [String: FlatJSON.Value]) -> (ClusterMember, NodeDownReason?)? {
+        guard case .string(let event)? = fields["event"], case .integer(let id)? = fields["node"],
+            let node = Int(exactly: id), case .string(let name)? = fields["name"]
+        else { return nil }
+        guard event == "node_down" else { return (ClusterMember(id: node, name: name), nil) }
+        var reason = NodeDownReason.removed
+        if case .string(let name)? = fields["reason"], let named = NodeDownReason(name: name) { reason = named }
+        return (ClusterMember(id: node, name: name), reason)
+    }
+
     /// Decodes `payload`; nil for anything else or a malformed payload (the same cases the node skipped with
     /// `continue`): not a flat JSON object, no string `event`, an unknown event, or a field it needs missing or of the
     /// wrong type. A payload Stoker did not write is ignored, never an error.
@@ -25,15 +37,8 @@ enum ClusterEvent: Sendable, Hashable {
         guard let fields = FlatJSON.parse(payload), case .string(let event)? = fields["event"] else { return nil }
         switch event {
         case "node_up", "node_down":
-            guard case .integer(let id)? = fields["node"], case .string(let name)? = fields["name"] else { return nil }
-            let member = ClusterMember(id: Int(id), name: name)
-            if event == "node_up" {
-                self = .nodeUp(member)
-            } else {
-                var reason = NodeDownReason.removed
-                if case .string(let name)? = fields["reason"], let named = NodeDownReason(name: name) { reason = named }
-                self = .nodeDown(member, reason: reason)
-            }
+            guard let (member, reason) = Self.membership(fields) else { return nil }
+            self = reason.map { .nodeDown(member, reason: $0) } ?? .nodeUp(member)
         case "leader":
             guard case .integer(let election)? = fields["election"] else { return nil }
             var node: Int?
