@@ -150,42 +150,43 @@ struct FencingTests {
         try await database.admin("SELECT name, term FROM imported_files ORDER BY name")
     }
 
-    /// A PostgresNIO configuration for `database` as a new login role granted only `USAGE` on the schema, `EXECUTE`
-    /// on the fence and `SELECT, INSERT` on `imported_files` (when `grant`; the schema must exist by then): over the
-    /// private cluster's unix socket, else over TCP to the external server (without TLS).
-    private func applicationClientConfiguration(_ database: TestDatabase, grant: Bool = true) async throws
-        -> PostgresClient.Configuration
-    {
-        let password = "fence-\(UInt64.random(in: 0...UInt64.max))"
-        let role = try await database.createRole(prefix: "stoker_app", password: password)
-        if grant {
-            try await database.admin(
-                """
-                GRANT USAGE ON SCHEMA stoker TO \(role);
-                GRANT EXECUTE ON FUNCTION stoker.fence(text, text, bigint) TO \(role);
-                GRANT SELECT, INSERT ON imported_files TO \(role);
-                """)
-        }
-        let server = database.server
-        if let directory = server.socketDirectory {
-            return PostgresClient.Configuration(
-                unixSocketPath: "\(directory)/.s.PGSQL.\(server.port)", username: role, password: password,
-                database: database.name)
-        }
-        return PostgresClient.Configuration(
-            host: server.host, port: server.port, username: role, password: password, database: database.name,
-            tls: .disable)
-    }
+}
 
-    /// Runs `body` with a `PostgresClient` whose `run()` runs in a child task, cancelled when `body` returns.
-    private func withPostgresClient<T: Sendable>(
-        _ configuration: PostgresClient.Configuration, _ body: (PostgresClient) async throws -> T
-    ) async throws -> T {
-        let client = PostgresClient(configuration: configuration)
-        return try await withThrowingTaskGroup(of: Void.self) { group in
-            group.addTask { await client.run() }
-            defer { group.cancelAll() }
-            return try await body(client)
-        }
+/// A PostgresNIO configuration for `database` as a new login role granted only `USAGE` on the schema, `EXECUTE`
+/// on the fence and `SELECT, INSERT` on `imported_files` (when `grant`; the schema must exist by then): over the
+/// private cluster's unix socket, else over TCP to the external server (without TLS).
+func applicationClientConfiguration(_ database: TestDatabase, grant: Bool = true) async throws
+    -> PostgresClient.Configuration
+{
+    let password = "fence-\(UInt64.random(in: 0...UInt64.max))"
+    let role = try await database.createRole(prefix: "stoker_app", password: password)
+    if grant {
+        try await database.admin(
+            """
+            GRANT USAGE ON SCHEMA stoker TO \(role);
+            GRANT EXECUTE ON FUNCTION stoker.fence(text, text, bigint) TO \(role);
+            GRANT SELECT, INSERT ON imported_files TO \(role);
+            """)
+    }
+    let server = database.server
+    if let directory = server.socketDirectory {
+        return PostgresClient.Configuration(
+            unixSocketPath: "\(directory)/.s.PGSQL.\(server.port)", username: role, password: password,
+            database: database.name)
+    }
+    return PostgresClient.Configuration(
+        host: server.host, port: server.port, username: role, password: password, database: database.name,
+        tls: .disable)
+}
+
+/// Runs `body` with a `PostgresClient` whose `run()` runs in a child task, cancelled when `body` returns.
+func withPostgresClient<T: Sendable>(
+    _ configuration: PostgresClient.Configuration, _ body: (PostgresClient) async throws -> T
+) async throws -> T {
+    let client = PostgresClient(configuration: configuration)
+    return try await withThrowingTaskGroup(of: Void.self) { group in
+        group.addTask { await client.run() }
+        defer { group.cancelAll() }
+        return try await body(client)
     }
 }
