@@ -56,11 +56,11 @@ func sendImportTrigger(databaseURL: String) async throws -> Int64 {
     return number
 }
 
-/// Fencing: the application's PostgreSQL client in the same group as the node.
+/// Fencing: the application's PostgreSQL client in the same group as the node (`Importer` is the README example's).
 func makeFencedServices(databaseURL: String, client: PostgresClient, logger: Logger) throws -> ServiceGroup {
     // Docs: Fencing 2: begin
     let node = try StokerNode(configuration: .init(connection: databaseURL, cluster: "billing-prod"), logger: logger)
-    let importer = try Activator(election: "importer", node: node, behaviour: NightlyReport())
+    let importer = try Activator(election: "importer", node: node, behaviour: Importer())
     // Services stop in reverse order: the activator hands over first (its leader tasks finish their writes), then
     // the node leaves, and the client, first in the list, closes last.
     return ServiceGroup(
