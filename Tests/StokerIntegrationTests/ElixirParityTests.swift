@@ -82,7 +82,8 @@ struct ElixirParityTests {
                 }
                 let events = history.entries.filter { $0.node == leaderName }.map(\.event)
                 #expect(events.count == 2)
-                guard case .nowLeader = events.first, case .clusterChange(.nodeDown(let member, let reason)) = events.last
+                guard case .nowLeader = events.first,
+                    case .clusterChange(.nodeDown(let member, let reason)) = events.last
                 else {
                     Issue.record("the leader saw \(events)")
                     return
