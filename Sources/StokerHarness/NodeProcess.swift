@@ -77,7 +77,10 @@ public final class NodeProcess: Sendable {
     /// Starts `arguments` (`arguments[0]` a path, or a name looked up in our `$PATH`) and returns once it runs
     /// (after its `execve` succeeded).
     ///
-    /// - Parameter environment: the child's whole environment; `nil`: ours.
+    /// - Parameters:
+    ///   - arguments: the command line: the program (a path, or a name looked up in our `$PATH`), then its
+    ///     arguments.
+    ///   - environment: the child's whole environment; `nil`: ours.
     /// - Throws: ``NodeProcessError`` with ``NodeProcessError/Reason/startFailed`` when it cannot be started.
     public static func start(_ arguments: [String], environment: [String: String]? = nil) async throws -> NodeProcess {
         try await start(arguments, environment: environment, parentDeathSignal: SIGKILL)
