@@ -24,7 +24,8 @@ struct Status: AsyncParsableCommand {
             and its leadership has begun. Flagged: an election without a leader (with the leader its row still \
             names), and a dead member's row not swept yet. Exit status: 0 healthy (every election has a leader, \
             nothing flagged), 2 degraded (every election has a leader, something flagged), 3 no leader (an \
-            election has none, or the cluster has no election), 1 an error (one line on stderr, never a password).
+            election has none, or the cluster has no election), 1 an error (one line on stderr, never a password), 64 a \
+            usage error.
             """
     )
 
@@ -251,7 +252,7 @@ struct Trigger: AsyncParsableCommand {
         abstract: "Wake an election's leader with a payload (its behaviour gets a trigger event).",
         discussion: """
             Stored in the database before the command returns, so a trigger sent while nobody leads reaches the \
-            next leader; at least once and in order per election. The payload is text, at most 8000 bytes. Prints \
+            next leader; at least once, in order within a leadership. The payload is text, at most 8000 bytes. Prints \
             the trigger's number in its election. An unknown election (no node ever ran an activator for it) or a \
             payload over the limit prints one line on stderr and exits 1.
             """

@@ -17,11 +17,12 @@ struct Demo: AsyncParsableCommand {
         discussion: """
             Needs only PostgreSQL's server binaries (initdb, pg_ctl: found on PATH, else the newest \
             /usr/lib/postgresql/*/bin). Starts a private PostgreSQL in a temporary directory (as root, it runs as \
-            the first non-root user of the machine), three `stoker node` processes in one election, then fails the \
+            the `postgres` user, which must exist), three `stoker node` processes in one election, then fails the \
             leader four ways and prints how long each failover took, the crashed node's node_down, and whether any \
             two leaderships overlapped (judged from every line the nodes printed). Takes about 5 seconds. \
             Everything is removed when it ends, on Ctrl-C, and when it is killed (the nodes die with it, a detached \
-            supervisor removes the server and its directory). Exit status 0 when no two leaderships overlapped.
+            supervisor removes the server and its directory). Exit status 0 when no two leaderships overlapped, 1 on an \
+            overlap or an error, 130 when interrupted.
             """
     )
 

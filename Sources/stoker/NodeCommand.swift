@@ -23,7 +23,7 @@ struct Node: AsyncParsableCommand {
             the lease deadline). now_leader lists "members" (name#incarnation, the cluster as the new leader knows \
             it); cluster_change has "change" (node_up, node_down), "member", "member_incarnation", and for \
             node_down a "reason" (left, died, removed); trigger has the "payload" and its "sequence" (the \
-            election's triggers are numbered in the order sent; at least once, in order). SIGTERM or SIGINT hands the \
+            election's triggers are numbered in the order sent; at least once, in order within a leadership). SIGTERM or SIGINT hands the \
             elections over and exits 0 after "shutdown". A bad flag or a connection error prints one line on stderr and exits non-zero. Durations: 250ms, 2s, 1.5s, \
             1m (units ns, us, ms, s, m, h). Connections: two per node whatever the number of elections (the main \
             session and an idle witness that holds the node lock), plus one short-lived check at start — plan \
@@ -48,7 +48,9 @@ struct Node: AsyncParsableCommand {
     @Option(
         name: .long,
         help: ArgumentHelp(
-            "How long a leader may act without a reply from PostgreSQL (default: 5s).", valueName: "duration"))
+            "The server's idle timeout on the node's sessions: a leader with no reply from PostgreSQL stops "
+                + "leading at lease − margin, and a frozen one is replaced after about a lease (default: 5s).",
+            valueName: "duration"))
     var lease: DurationArgument?
 
     @Option(name: .long, help: ArgumentHelp("Heartbeat interval (default: lease / 5).", valueName: "duration"))
@@ -125,8 +127,9 @@ struct Node: AsyncParsableCommand {
 
         var logger = Logger(label: "stoker") { label in StreamLogHandler.standardError(label: label) }
         logger.logLevel = logLevel.level
-        // SIGTERM/SIGINT are trapped from here on, not only once the service group runs: a stop that arrives while
-        // the first connection is made is kept, and the group shuts down as soon as it starts.
+        // SIGTERM/SIGINT are trapped from here on, not only once the service group runs: a stop that arrives before the
+        // group exists (while the first connection is made) exits 0 at once — nothing has joined, nothing to hand
+        // over; once it runs, the group shuts down gracefully.
         let stop = StopRequests()
         let signals = await UnixSignalsSequence(trapping: .sigterm, .sigint)
         let watcher = Task {

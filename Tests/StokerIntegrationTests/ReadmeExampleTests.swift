@@ -65,8 +65,9 @@ func fencedImport(file: String, term: Int64) throws -> [(sql: String, parameters
     ]
 }
 
-/// One node (one PostgreSQL session) shared by two elections. SIGTERM (systemd, Kubernetes) and Ctrl-C start a
-/// graceful shutdown; tests pass `handleSignals: false`, as a handled signal stays caught for the life of the process.
+/// One node (two PostgreSQL sessions: the main one and an idle witness) shared by two elections. SIGTERM (systemd,
+/// Kubernetes) and Ctrl-C start a graceful shutdown; tests pass `handleSignals: false`, as a handled signal stays
+/// caught for the life of the process.
 func makeServices(databaseURL: String, logger: Logger, handleSignals: Bool = true) throws -> ServiceGroup {
     // The node name defaults to "<hostname>:<pid>"; lease, retry and margin to the defaults under "Timing".
     let configuration = StokerNode.Configuration(connection: databaseURL, cluster: "billing-prod")

@@ -12,8 +12,8 @@ extension StokerCluster {
     /// least once** and, within a leadership, **in the order sent**: a leader hands its election's triggers to its
     /// behaviour in order (at most 100 unfinished at a time) and deletes each once its callback has returned without
     /// throwing while it still led; a leadership that ends first, or a callback that throws, leaves the trigger to the
-    /// next leadership, which gets it again. A node that leads one election while it waits in the lock queue of
-    /// another reads its triggers when that wait ends (at most `retryInterval` later).
+    /// next leadership, which gets it again. A leader waiting for evidence that another election's predecessor stopped
+    /// reads its triggers when that wait ends (each wait lasts at most 250 ms).
     ///
     /// Runs on a short session of its own: one round trip after connecting, in its own transaction.
     ///
