@@ -177,3 +177,47 @@ struct HourlyDigest: StokerBehaviour {
     func nextTimer(_ state: ContinuousClock.Instant?) -> Duration? { .seconds(3600) }
 }
 // Docs: LeaderOnlyJob 3: end
+
+/// The Swift blocks of the library's own doc comments (DocC shows them too).
+enum DocCommentExamples {
+    // Docs: StokerBehaviour (Sources/Stoker/Activator/Behaviour.swift): begin
+    struct Importer: StokerBehaviour {
+        func initialState() -> Int { 0 }
+
+        func handle(_ event: ActivatorEvent, state: inout Int, context: ActivatorContext) async throws {
+            switch event {
+            case .nowLeader(let term):
+                // Leader work: cancelled the moment leadership ends, before another process can lead.
+                context.leaderTask {
+                    while !Task.isCancelled, context.isLeader {
+                        context.logger.info("importing", metadata: ["term": "\(term)"])
+                        try? await Task.sleep(for: .seconds(1))
+                    }
+                }
+            case .timer:
+                state += 1
+            default:
+                break
+            }
+        }
+
+        func nextTimer(_ state: Int) -> Duration? { .seconds(60) }
+    }
+    // Docs: StokerBehaviour: end
+
+    /// `StokerCluster.watch`'s example, with what it assumes in scope.
+    static func watch(url: String) async throws -> ClusterSnapshot? {
+        var view: ClusterSnapshot?
+        func log(_ line: String) { print(line) }
+        // Docs: StokerCluster.watch (Sources/Stoker/Cluster/ClusterWatch.swift): begin
+        for try await event in StokerCluster.watch(cluster: "billing", connection: url) {
+            switch event {
+            case .snapshot(let now): view = now
+            case .nodeDown(let member, let reason): log("\(member) left: \(reason)")
+            default: break
+            }
+        }
+        // Docs: StokerCluster.watch: end
+        return view
+    }
+}

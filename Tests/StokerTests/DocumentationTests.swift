@@ -106,6 +106,41 @@ struct DocumentationTests {
         #expect(checked >= 10, "found only \(checked) Swift blocks: is the catalog where this test looks?")
     }
 
+    /// The doc comments (`///`) of every Swift file under `Sources/Stoker`, as text: each comment line without its
+    /// `///` marker, every other line empty (a block never spans code).
+    static func docComments() throws -> [(file: String, text: String)] {
+        let sources = root.appendingPathComponent("Sources/Stoker")
+        guard let walker = FileManager.default.enumerator(atPath: sources.path) else { return [] }
+        var found: [(file: String, text: String)] = []
+        for case let path as String in walker where path.hasSuffix(".swift") {
+            let file = "Sources/Stoker/\(path)"
+            let lines = ReadmeTests.lines(of: try read(file)).map { line -> String in
+                let trimmed = ReadmeTests.trimmed(line)
+                guard trimmed.hasPrefix("///") else { return "" }
+                let rest = trimmed.dropFirst(3)
+                return String(rest.hasPrefix(" ") ? rest.dropFirst() : rest)
+            }
+            found.append((file, lines.joined(separator: "\n")))
+        }
+        return found.sorted { $0.file < $1.file }
+    }
+
+    @Test("every ```swift block of the library's doc comments is compiled code")
+    func docCommentBlocksAreCompiled() throws {
+        let compiled = try Self.compiledFiles.map { Self.normalised(ReadmeTests.lines(of: try Self.read($0))) }
+        var checked = 0
+        for (file, text) in try Self.docComments() {
+            for block in Self.blocks(in: text, file: file) where block.language == "swift" {
+                checked += 1
+                let wanted = Self.normalised(block.lines)
+                #expect(
+                    compiled.contains { Self.contains($0, wanted) },
+                    "\(block) is not compiled code: copy it into DocumentationExamples.swift and keep both identical")
+            }
+        }
+        #expect(checked >= 2, "found only \(checked) Swift blocks in doc comments")
+    }
+
     @Test("every code block names its language; the DocC catalog has the articles the landing page links")
     func blocksAreLabelledAndArticlesLinked() throws {
         for document in try Self.documents() {
