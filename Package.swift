@@ -23,8 +23,10 @@ let package = Package(
         .package(url: "https://github.com/swift-server/swift-service-lifecycle", from: "2.13.0"),
         // `swift package generate-documentation` (the DocC catalog in Sources/Stoker/Documentation.docc).
         .package(url: "https://github.com/swiftlang/swift-docc-plugin", from: "1.4.0"),
-        // Tests only: the fencing example, run against the real server with the client most Swift services use.
-        .package(url: "https://github.com/vapor/postgres-nio", from: "1.21.0"),
+        // Tests only: the fencing example, run against the real server with PostgresNIO, the client most Swift services
+        // use — through a local package, so that the DocC plugin (which documents this package's targets and their
+        // direct dependencies) does not document postgres-nio, whose doc comments warn.
+        .package(path: "Packages/PostgresNIOTestSupport"),
     ],
     targets: [
         // libpq, through pkg-config (the headers live in /usr/include/postgresql on Debian).
@@ -96,7 +98,7 @@ let package = Package(
                 "StokerHarness",
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
                 .product(name: "MetricsTestKit", package: "swift-metrics"),
-                .product(name: "PostgresNIO", package: "postgres-nio"),
+                .product(name: "PostgresNIOTestSupport", package: "PostgresNIOTestSupport"),
             ],
             swiftSettings: strict
         ),
