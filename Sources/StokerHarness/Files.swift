@@ -94,3 +94,12 @@ enum Files {
         text.count <= limit ? text : "…" + String(text.suffix(limit))
     }
 }
+
+/// The path of this process's executable (`/proc/self/exe` resolved), or nil where it cannot be read: the bench and
+/// `stoker demo` run the `stoker` built beside them, or themselves.
+public func currentExecutablePath() -> String? {
+    var buffer = [CChar](repeating: 0, count: 4096)
+    let length = readlink("/proc/self/exe", &buffer, buffer.count - 1)
+    guard length > 0 else { return nil }
+    return String(decoding: buffer[..<length].map { UInt8(bitPattern: $0) }, as: UTF8.self)
+}

@@ -173,6 +173,41 @@ public final class NodeProcess: Sendable {
         }
     }
 
+    /// The first line, among `processes`, that `predicate` accepts — given the process's index in `processes` and
+    /// the line — from line `marks[i]` of process `i` on (nil: from each one's first line): the index of the process
+    /// that printed it, and the line. A process that ends, or times out, without one does not end the wait for the
+    /// others.
+    ///
+    /// - Throws: when none printed one, ``NodeProcessError`` with the last failure's reason and every failure's
+    ///   message, one per line; `CancellationError` when the task is cancelled.
+    public static func firstLine(
+        among processes: [NodeProcess], from marks: [Int]? = nil, timeout: Duration,
+        where predicate: @escaping @Sendable (_ index: Int, _ line: Line) -> Bool
+    ) async throws -> (index: Int, line: Line) {
+        try await withThrowingTaskGroup(of: (Int, Line).self) { group in
+            for (index, process) in processes.enumerated() {
+                let mark = marks.map { index < $0.count ? $0[index] : 0 } ?? 0
+                group.addTask {
+                    (index, try await process.waitForLine(from: mark, timeout: timeout) { predicate(index, $0) })
+                }
+            }
+            var failures: [any Error] = []
+            while let next = await group.nextResult() {
+                switch next {
+                case .success(let found):
+                    group.cancelAll()
+                    return found
+                case .failure(let error):
+                    failures.append(error)
+                }
+            }
+            if Task.isCancelled || failures.contains(where: { $0 is CancellationError }) { throw CancellationError() }
+            let reason = failures.compactMap { ($0 as? NodeProcessError)?.reason }.last ?? .timedOut
+            let message = failures.isEmpty ? "no process to wait on" : failures.map { "\($0)" }.joined(separator: "\n")
+            throw NodeProcessError(reason: reason, message: message)
+        }
+    }
+
     /// Waits until the process has exited and been reaped; returns its status (exit code, or 128 + signal).
     ///
     /// - Throws: ``NodeProcessError`` with ``NodeProcessError/Reason/timedOut`` (and the output's tail) after

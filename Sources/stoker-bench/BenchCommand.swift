@@ -190,9 +190,7 @@ func shellQuoted(_ text: String) -> String {
 
 /// The bench's own binary (for `floor-client` participants).
 func ownExecutable() throws -> String {
-    guard let path = try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe") else {
-        throw ValidationError("cannot resolve /proc/self/exe")
-    }
+    guard let path = currentExecutablePath() else { throw ValidationError("cannot resolve /proc/self/exe") }
     return path
 }
 

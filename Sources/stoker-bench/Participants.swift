@@ -109,27 +109,16 @@ func firstNowLeader(
     in election: String, among candidates: [Participant], from marks: [Int]? = nil, timeout: Duration
 ) async throws -> (participant: Participant, event: Event) {
     let marks = marks ?? candidates.map { $0.process.lines.count }
-    return try await withThrowingTaskGroup(of: (Participant, Event).self) { group in
-        for (participant, mark) in zip(candidates, marks) {
-            group.addTask {
-                let line = try await participant.process.waitForLine(from: mark, timeout: timeout) {
-                    Event($0.text).map { $0.isNowLeader && $0.election == election } ?? false
-                }
-                guard let event = Event(line.text) else { throw BenchError("unparsable line: \(line.text)") }
-                return (participant, event)
-            }
+    do {
+        let (index, line) = try await NodeProcess.firstLine(
+            among: candidates.map(\.process), from: marks, timeout: timeout
+        ) { _, line in
+            Event(line.text).map { $0.isNowLeader && $0.election == election } ?? false
         }
-        var failures: [String] = []
-        while let next = await group.nextResult() {
-            switch next {
-            case .success(let found):
-                group.cancelAll()
-                return found
-            case .failure(let error):
-                failures.append("\(error)")
-            }
-        }
-        throw BenchError("no participant became leader of \(election):\n" + failures.joined(separator: "\n"))
+        guard let event = Event(line.text) else { throw BenchError("unparsable line: \(line.text)") }
+        return (candidates[index], event)
+    } catch let error as NodeProcessError {
+        throw BenchError("no participant became leader of \(election):\n" + error.message)
     }
 }
 

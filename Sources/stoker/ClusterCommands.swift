@@ -160,24 +160,15 @@ struct Watch: AsyncParsableCommand {
     func run() async throws {
         let changes = StokerCluster.watch(
             cluster: target.cluster, connection: options.connection, schema: options.schema)
-        let signals = await UnixSignalsSequence(trapping: .sigterm, .sigint)
         let json = self.json
         signal(SIGPIPE, SIG_IGN)
-        let watching = Task {
-            for try await change in changes {
-                // A reader that went away (`stoker watch | head -3`) ends the watch.
-                guard writeStandardOutput((json ? Self.json(change) : Self.text(change)) + "\n") else { return }
-            }
-        }
-        let stopper = Task {
-            for await _ in signals {
-                watching.cancel()
-                return
-            }
-        }
-        defer { stopper.cancel() }
         do {
-            try await watching.value
+            try await untilSignalled {
+                for try await change in changes {
+                    // A reader that went away (`stoker watch | head -3`) ends the watch.
+                    guard writeStandardOutput((json ? Self.json(change) : Self.text(change)) + "\n") else { return }
+                }
+            }
         } catch is CancellationError {
         } catch {
             writeStandardError("stoker watch: \(error)")
@@ -326,17 +317,24 @@ func format(_ duration: Duration) -> String {
     return "\(seconds / 3600)h\(seconds % 3600 / 60)m"
 }
 
-/// Writes `text` to stdout at once (no buffering: a line of `watch` is seen as it happens, also through a pipe);
-/// false when stdout is gone.
+/// Writes `text` to stdout at once (a line of `watch` is seen as it happens, also through a pipe); false when stdout
+/// is gone.
 @discardableResult
 func writeStandardOutput(_ text: String) -> Bool {
-    let bytes = Array(text.utf8)
-    var written = 0
-    while written < bytes.count {
-        let result = bytes[written...].withUnsafeBytes { write(STDOUT_FILENO, $0.baseAddress, $0.count) }
-        if result < 0, errno == EINTR { continue }
-        if result <= 0 { return false }
-        written += result
+    writeAll(text, to: STDOUT_FILENO)
+}
+
+/// Runs `operation` in a task that SIGTERM or SIGINT cancels (both trapped from this call on); returns what it
+/// returns, or throws what it throws — `CancellationError` when a signal ended it.
+func untilSignalled<T: Sendable>(_ operation: @escaping @Sendable () async throws -> T) async throws -> T {
+    let signals = await UnixSignalsSequence(trapping: .sigterm, .sigint)
+    let work = Task { try await operation() }
+    let stopper = Task {
+        for await _ in signals {
+            work.cancel()
+            return
+        }
     }
-    return true
+    defer { stopper.cancel() }
+    return try await work.value
 }

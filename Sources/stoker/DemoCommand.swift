@@ -1,7 +1,6 @@
 import ArgumentParser
 import StokerHarness
 import Synchronization
-import UnixSignals
 
 #if canImport(Glibc)
     import Glibc
@@ -32,18 +31,9 @@ struct Demo: AsyncParsableCommand {
     func run() async throws {
         signal(SIGPIPE, SIG_IGN)
         let stoker = try Self.ownExecutable()
-        let signals = await UnixSignalsSequence(trapping: .sigterm, .sigint)
         let lease = self.lease
-        let demo = Task { try await DemoRun(stoker: stoker, lease: lease).run() }
-        let stopper = Task {
-            for await _ in signals {
-                demo.cancel()
-                return
-            }
-        }
-        defer { stopper.cancel() }
         do {
-            let clean = try await demo.value
+            let clean = try await untilSignalled { try await DemoRun(stoker: stoker, lease: lease).run() }
             if !clean { throw ExitCode(1) }
         } catch is CancellationError {
             say("\ninterrupted: the nodes and PostgreSQL were stopped and removed")
@@ -58,9 +48,7 @@ struct Demo: AsyncParsableCommand {
 
     /// This executable's own path (the nodes are this same binary).
     static func ownExecutable() throws -> String {
-        var buffer = [CChar](repeating: 0, count: 4096)
-        let length = readlink("/proc/self/exe", &buffer, buffer.count - 1)
-        if length > 0 { return String(decoding: buffer[..<length].map { UInt8(bitPattern: $0) }, as: UTF8.self) }
+        if let path = currentExecutablePath() { return path }
         let first = CommandLine.arguments.first ?? "stoker"
         guard first.contains("/") else { throw ValidationError("cannot find this executable's path") }
         return first
@@ -236,27 +224,11 @@ private struct DemoRun {
 
     /// The first `now_leader` printed after `instant` by any of `nodes`: who, and the term.
     private func firstLeader(among nodes: [Node], after instant: Double) async throws -> (Node, Int64) {
-        try await withThrowingTaskGroup(of: (Node, Int64).self) { group in
-            for node in nodes {
-                group.addTask {
-                    let line = try await node.process.waitForLine(timeout: .seconds(60)) { line in
-                        NodeLine(line.text).map { $0.event == "now_leader" && $0.at > instant } ?? false
-                    }
-                    return (node, Int64(NodeLine(line.text)?.number("term") ?? 0))
-                }
-            }
-            var lastError: (any Error)?
-            while let result = await group.nextResult() {
-                switch result {
-                case .success(let found):
-                    group.cancelAll()
-                    return found
-                case .failure(let error):
-                    lastError = error
-                }
-            }
-            throw lastError ?? DemoError("no node became leader")
+        let (index, line) = try await NodeProcess.firstLine(among: nodes.map(\.process), timeout: .seconds(60)) {
+            _, line in
+            NodeLine(line.text).map { $0.event == "now_leader" && $0.at > instant } ?? false
         }
+        return (nodes[index], Int64(NodeLine(line.text)?.number("term") ?? 0))
     }
 
     /// `old`'s demotion printed from line `mark` on: its reason, and how long before `successor` began it ended.

@@ -147,13 +147,22 @@ func terminate(_ code: Int32) -> Never {
 func writeStandardError(_ text: String) {
     var line = text.replacingNewlines()
     if !line.hasSuffix("\n") { line += "\n" }
-    let bytes = Array(line.utf8)
+    writeAll(line, to: STDERR_FILENO)
+}
+
+/// Writes `text` to `descriptor` at once, whole (no buffering: a line is seen as it is written, also through a pipe);
+/// false when the descriptor is gone.
+@discardableResult
+func writeAll(_ text: String, to descriptor: Int32) -> Bool {
+    let bytes = Array(text.utf8)
     var written = 0
     while written < bytes.count {
-        let result = bytes[written...].withUnsafeBytes { write(STDERR_FILENO, $0.baseAddress, $0.count) }
-        if result <= 0 { break }
+        let result = bytes[written...].withUnsafeBytes { write(descriptor, $0.baseAddress, $0.count) }
+        if result < 0, errno == EINTR { continue }
+        if result <= 0 { return false }
         written += result
     }
+    return true
 }
 
 extension String {

@@ -201,16 +201,3 @@ struct ClusterCommandTests {
         }
     }
 }
-
-/// Polls `condition` every 50 ms until it holds; fails loudly after `timeout` (a generous bound, never a timing).
-func waitUntil(
-    _ what: String, timeout: Duration = .seconds(60), _ condition: () async throws -> Bool
-) async throws {
-    let deadline = ContinuousClock.now + timeout
-    while ContinuousClock.now < deadline {
-        if try await condition() { return }
-        try await Task.sleep(for: .milliseconds(50))
-    }
-    Issue.record("timed out after \(timeout) waiting until \(what)")
-    throw CancellationError()
-}

@@ -217,28 +217,12 @@ final class Participants: Sendable {
         among participants: [Participant], timeout: Duration,
         where predicate: @escaping @Sendable (ParticipantLine) -> Bool
     ) async throws -> (Participant, ParticipantLine) {
-        try await withThrowingTaskGroup(of: (Participant, ParticipantLine).self) { group in
-            for participant in participants {
-                group.addTask {
-                    let line = try await participant.process.waitForLine(from: 0, timeout: timeout) { raw in
-                        ParticipantLine(raw.text, process: participant.name).map(predicate) ?? false
-                    }
-                    return (participant, try #require(ParticipantLine(line.text, process: participant.name)))
-                }
-            }
-            var lastError: (any Error)?
-            while let result = await group.nextResult() {
-                switch result {
-                case .success(let found):
-                    group.cancelAll()
-                    return found
-                case .failure(let error):
-                    // A process that exits without such a line does not end the wait for the others.
-                    lastError = error
-                }
-            }
-            throw lastError ?? CancellationError()
+        let (index, line) = try await NodeProcess.firstLine(
+            among: participants.map(\.process), timeout: timeout
+        ) { index, raw in
+            ParticipantLine(raw.text, process: participants[index].name).map(predicate) ?? false
         }
+        return (participants[index], try #require(ParticipantLine(line.text, process: participants[index].name)))
     }
 
     /// SIGTERM (SIGINT to the first) to every participant still running; each must exit 0.

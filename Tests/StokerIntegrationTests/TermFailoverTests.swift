@@ -161,20 +161,3 @@ private func fencedLedgerWrite(term: Int64, note: String, conninfo: String) asyn
         }
     }
 }
-
-/// Polls `condition` every 20 ms until it holds; fails loudly after `limit` (a generous bound, not a measurement).
-private func waitUntil(
-    _ what: String,
-    within limit: Duration = .seconds(60),
-    sourceLocation: SourceLocation = #_sourceLocation,
-    _ condition: () async throws -> Bool
-) async throws {
-    let deadline = ContinuousClock.now.advanced(by: limit)
-    while !(try await condition()) {
-        guard ContinuousClock.now < deadline else {
-            Issue.record("timed out after \(limit) waiting until \(what)", sourceLocation: sourceLocation)
-            throw History.TimedOut(what: what)
-        }
-        try await Task.sleep(for: .milliseconds(20))
-    }
-}
