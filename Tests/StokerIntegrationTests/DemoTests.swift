@@ -53,7 +53,10 @@ struct DemoTests {
             #expect(output.contains(step), "\(step) missing:\n\(output)")
         }
         #expect(output.components(separatedBy: " leads (term ").count - 1 == 5, "\(output)")
-        #expect(output.contains("hears node_down a (died)"), "\(output)")
+        // The crashed leader's death reaches its successor as a node_down — unless the sweep removed its row before
+        // that leadership began, which the demo then says (a leadership hears only of members it began with).
+        #expect(
+            output.contains("hears node_down a (died)") || output.contains("began with a already swept"), "\(output)")
         #expect(output.contains("no overlap"), "\(output)")
         #expect(output.contains("directory removed"), "\(output)")
         try await Self.expectNothingLeft(output)
