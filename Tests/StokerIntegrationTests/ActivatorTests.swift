@@ -191,9 +191,8 @@ struct ActivatorTests {
             let node = try StokerNode(configuration: configuration, logger: capture.logger, metricsFactory: metrics)
             let activator = try Activator(election: "e", node: node, behaviour: RecordingBehaviour(history: history))
             let group = ServiceGroup(configuration: .init(services: [node, activator], logger: testLogger("a")))
-            let run = Task { try await group.run() }
-            do {
-                let dimensions = [("cluster", "test"), ("node", "a"), ("election", "e")]
+            let dimensions = [("cluster", "test"), ("node", "a"), ("election", "e")]
+            try await whileRunning(group) {
                 /// Every gain and every loss of leadership counted once, the gauge going 1, 0, 1, … — whatever
                 /// else happened on a loaded host (the properties, not a count of changes).
                 func consistent() throws -> Bool {
@@ -228,15 +227,9 @@ struct ActivatorTests {
                     (try? metrics.expectTimer("stoker_heartbeat_rtt", [("cluster", "test"), ("node", "a")]))?
                         .lastValue.map { $0 > 0 } ?? false
                 }
-                await group.triggerGracefulShutdown()
-                try await run.value
-                #expect(try metrics.expectGauge("stoker_is_leader", dimensions).lastValue == 0)
-                history.check(complete: true)
-            } catch {
-                run.cancel()
-                _ = try? await run.value
-                throw error
             }
+            #expect(try metrics.expectGauge("stoker_is_leader", dimensions).lastValue == 0)
+            history.check(complete: true)
         }
     }
 
@@ -300,17 +293,10 @@ struct ActivatorTests {
             let node = try StokerNode(configuration: configuration, logger: capture.logger)
             let activator = try Activator(election: "e", node: node, behaviour: RecordingBehaviour(history: history))
             let group = ServiceGroup(configuration: .init(services: [node, activator], logger: capture.logger))
-            let run = Task { try await group.run() }
-            do {
+            try await whileRunning(group) {
                 try await history.wait("a leads") { History.count($0, .nowLeader) == 1 }
                 try await database.terminateSession(of: node)
                 try await history.wait("a leads again") { History.count($0, .nowLeader) == 2 }
-                await group.triggerGracefulShutdown()
-                try await run.value
-            } catch {
-                run.cancel()
-                _ = try? await run.value
-                throw error
             }
             let warnings = capture.lines.filter { $0.level == .warning }
             // The server's reason when libpq read the FATAL before the socket closed ("terminating connection due to

@@ -33,8 +33,7 @@ struct LeaderOnlyJobTests {
                     logger: logger)
                 let importer = try Activator(election: "importer", node: node, behaviour: job)
                 let group = ServiceGroup(configuration: .init(services: [node, importer], logger: logger))
-                let run = Task { try await group.run() }
-                do {
+                try await whileRunning(group) {
                     try await waitForImports(2, in: database)
                     let leader = try #require(try await whereis("importer", cluster: "billing-prod", in: database))
                     #expect(
@@ -43,13 +42,6 @@ struct LeaderOnlyJobTests {
 
                     try await database.admin("INSERT INTO incoming VALUES ('c.csv')")
                     try await waitForImports(3, in: database)
-
-                    await group.triggerGracefulShutdown()
-                    try await run.value
-                } catch {
-                    run.cancel()
-                    _ = try? await run.value
-                    throw error
                 }
                 // The loop has ended: a file that arrives now stays pending. There is no event for "nothing happened":
                 // the pause is the window a loop that outlived the graceful stop would need to import it (a bug the

@@ -98,10 +98,8 @@ struct ReadmeExampleTests {
             // No signals: the test process must stay killable by SIGINT/SIGTERM after the group has ended.
             let group = try makeServices(
                 databaseURL: database.conninfo, logger: testLogger("stoker.readme"), handleSignals: false)
-            let task = Task { try await group.run() }
-            let importer: StokerNode.Leader
-            do {
-                importer = try await leader("importer", in: database)
+            let importer = try await whileRunning(group) {
+                let importer = try await leader("importer", in: database)
                 let mailer = try await leader("mailer", in: database)
                 let nodeName = StokerNode.Configuration.defaultNodeName()
                 #expect(importer.member.name == nodeName)
@@ -109,13 +107,7 @@ struct ReadmeExampleTests {
 
                 try await runInOneTransaction(try fencedImport(file: "a.csv", term: importer.term), in: database)
                 #expect(try await database.admin("SELECT count(*) FROM imported_files") == [["1"]])
-
-                await group.triggerGracefulShutdown()
-                try await task.value
-            } catch {
-                task.cancel()
-                _ = try? await task.value
-                throw error
+                return importer
             }
             #expect(try await whereis("importer", cluster: "billing-prod", in: database) == nil)
             #expect(try await whereis("mailer", cluster: "billing-prod", in: database) == nil)

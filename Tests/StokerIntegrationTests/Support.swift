@@ -1,3 +1,4 @@
+import ServiceLifecycle
 import StokerHarness
 import Testing
 
@@ -18,6 +19,22 @@ func withTestDatabase<T: Sendable>(_ body: (TestDatabase) async throws -> T) asy
 /// A fresh database on a cluster whose authentication and TLS the tests control (password auth over TCP, TLS on).
 func withControlledDatabase<T: Sendable>(_ body: (TestDatabase) async throws -> T) async throws -> T {
     try await TestPostgres.controlled().withDatabase(body)
+}
+
+/// Runs `group` while `body` runs, then stops it gracefully and waits for its end; when `body` (or the group) throws,
+/// the group is cancelled and awaited first, and the error rethrown.
+func whileRunning<T>(_ group: ServiceGroup, _ body: () async throws -> T) async throws -> T {
+    let run = Task { try await group.run() }
+    do {
+        let value = try await body()
+        await group.triggerGracefulShutdown()
+        try await run.value
+        return value
+    } catch {
+        run.cancel()
+        _ = try? await run.value
+        throw error
+    }
 }
 
 /// Opens a session, runs `body`, closes the session (also when `body` throws).
