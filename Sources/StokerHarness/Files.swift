@@ -1,7 +1,7 @@
 import Glibc
 
 /// Small file-system helpers on top of Glibc (no Foundation needed).
-enum Files {
+public enum Files {
     /// Whether `path` exists (any file type).
     static func exists(_ path: String) -> Bool {
         access(path, F_OK) == 0
@@ -21,8 +21,9 @@ enum Files {
         return true
     }
 
-    /// The content of `path` (lossy UTF-8), or nil if it cannot be read.
-    static func contents(_ path: String) -> String? {
+    /// The content of `path` (lossy UTF-8), read until EOF — also a /proc file, whose size says nothing — or nil if it
+    /// cannot be read.
+    public static func contents(_ path: String) -> String? {
         let fd = open(path, O_RDONLY | O_CLOEXEC)
         guard fd >= 0 else { return nil }
         defer { close(fd) }
@@ -35,6 +36,13 @@ enum Files {
             bytes.append(contentsOf: chunk[0..<n])
         }
         return String(decoding: bytes, as: UTF8.self)
+    }
+
+    /// `/proc/<pid>/stat` from field 3 (state) on — field n at index n − 3 — split after the last `)`, since the
+    /// command name in field 2 may hold spaces and parentheses; nil when the process is gone.
+    public static func processStatFields(_ pid: Int32) -> [Substring]? {
+        guard let stat = contents("/proc/\(pid)/stat"), let close = stat.lastIndex(of: ")") else { return nil }
+        return stat[stat.index(after: close)...].split(separator: " ")
     }
 
     /// Creates or truncates `path` (mode 0644) and writes `text` to it.

@@ -129,22 +129,16 @@ struct ProcessIdentity: Sendable {
     init?(pidFile: String) {
         guard let text = Files.contents(pidFile),
             let pid = Int32(text.split(whereSeparator: \.isWhitespace).first ?? ""),
-            let fields = Self.statFields(pid), fields.count > 19, fields[0] != "Z"
+            let fields = Files.processStatFields(pid), fields.count > 19, fields[0] != "Z"
         else { return nil }
         self.pid = pid
-        self.startTime = fields[19]
+        self.startTime = String(fields[19])
     }
 
     /// Whether the process still runs (a zombie or a different process under the same pid does not count).
     var isRunning: Bool {
-        guard let fields = Self.statFields(pid), fields.count > 19 else { return false }
+        guard let fields = Files.processStatFields(pid), fields.count > 19 else { return false }
         return fields[0] != "Z" && fields[19] == startTime
-    }
-
-    /// `/proc/<pid>/stat` from field 3 (state) on; field 22 (start time) is at index 19.
-    private static func statFields(_ pid: Int32) -> [String]? {
-        guard let stat = Files.contents("/proc/\(pid)/stat"), let close = stat.lastIndex(of: ")") else { return nil }
-        return stat[stat.index(after: close)...].split(separator: " ").map(String.init)
     }
 }
 

@@ -290,7 +290,7 @@ struct IdleRun {
     /// checkpointer.
     private func postmasterPID() async throws -> Int32 {
         if let directory = postgres.dataDirectory,
-            let text = readProcFile(directory + "/postmaster.pid"),
+            let text = Files.contents(directory + "/postmaster.pid"),
             let pid = text.split(separator: "\n").first.flatMap({ Int32($0.trimmingCharacters(in: .whitespaces)) }),
             ProcessStat(pid: pid) != nil
         {
@@ -315,10 +315,8 @@ struct ProcessStat {
     let startTime: String
 
     init?(pid: Int32) {
-        guard let text = readProcFile("/proc/\(pid)/stat"), let close = text.lastIndex(of: ")") else { return nil }
-        // From field 3 (state) on: field n is at index n - 3.
-        let fields = text[text.index(after: close)...].split(separator: " ")
-        guard fields.count > 19, let parent = Int32(fields[1]), let user = UInt64(fields[11]),
+        guard let fields = Files.processStatFields(pid), fields.count > 19, let parent = Int32(fields[1]),
+            let user = UInt64(fields[11]),
             let system = UInt64(fields[12])
         else { return nil }
         self.pid = pid
@@ -357,22 +355,6 @@ func cpuTicks(of pids: [Int32], where include: (ProcessStat) -> Bool = { _ in tr
         ticks["\(pid):\(stat.startTime)"] = stat.cpuTicks
     }
     return CPUReading(ticks: ticks, at: monotonicSeconds())
-}
-
-/// The whole of a (possibly /proc) file, read until EOF; nil when it cannot be opened.
-func readProcFile(_ path: String) -> String? {
-    let descriptor = open(path, O_RDONLY | O_CLOEXEC)
-    guard descriptor >= 0 else { return nil }
-    defer { close(descriptor) }
-    var bytes: [UInt8] = []
-    var chunk = [UInt8](repeating: 0, count: 4_096)
-    while true {
-        let count = chunk.withUnsafeMutableBytes { read(descriptor, $0.baseAddress, $0.count) }
-        if count < 0 && errno == EINTR { continue }
-        guard count > 0 else { break }
-        bytes += chunk[0..<count]
-    }
-    return String(decoding: bytes, as: UTF8.self)
 }
 
 /// Raises this process's soft RLIMIT_NOFILE to `needed` (at most the hard limit) when it is lower; returns the soft
