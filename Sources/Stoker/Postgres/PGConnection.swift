@@ -217,6 +217,23 @@ final class PGConnection {
         }
     }
 
+    /// Runs `body` inside BEGIN … ROLLBACK, also when it returns: nothing it writes is committed, seen by another
+    /// session or notified. Session-level advisory locks are not transactional: those it takes or gives back stay so.
+    @discardableResult
+    func rolledBack<T>(_ body: () throws -> T) throws -> T {
+        try execute("BEGIN")
+        do {
+            let value = try body()
+            try execute("ROLLBACK")
+            return value
+        } catch {
+            if isHealthy, PQtransactionStatus(raw) != PQTRANS_IDLE {
+                _ = try? execute("ROLLBACK")
+            }
+            throw error
+        }
+    }
+
     private func makeResult(_ result: OpaquePointer?) throws(StokerError) -> QueryResult {
         guard let result else {
             throw failure(sqlState: nil, serverMessage: trimmed(String(cString: PQerrorMessage(raw))))
