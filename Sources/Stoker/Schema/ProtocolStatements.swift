@@ -79,13 +79,14 @@ struct ProtocolStatements: Sendable {
     /// touched, no lock is left held (`await_predecessor` takes and gives back lock 0 at once), and the session has
     /// them compiled and planned before its first takeover.
     let warmUp: String
-    /// `$1` cluster id → the `id` of a new election row for the join's rehearsal of a takeover (see
+    /// `$1` cluster id → the `id`s of two new election rows for the join's rehearsal of a takeover (see
     /// ``NodeDriver/rehearseTakeovers(on:_:clusterID:)``); run only inside a transaction that is rolled back.
     let insertRehearsal: String
     /// `$1` election id → whether this session just took its waiter token (as ``claimWaiter`` would have it).
     let takeWaiterToken: String
-    /// `$1` election id: names node 0 — which never exists, so its node lock is free — as its leader, as a leader
-    /// that ended without a hand-over leaves the row (the rehearsal's second takeover).
+    /// `$1` election ids as an int4 array literal: names node 0 — which never exists, so its node lock is free — as
+    /// their leader, begun on this server, as a leader that ended without a hand-over leaves its rows (the
+    /// rehearsal's second takeover).
     let strandLeader: String
     /// `$1` election id, `$2` node id: the graceful release in one round trip — clears the leader if it is this node
     /// (→ `released`), then unlocks → whether the lock was held (`hand_over`, migration 003).
@@ -196,11 +197,14 @@ struct ProtocolStatements: Sendable {
                    \(s).await_predecessor(\(ns), 0, 1, 0, 0, 0, '')
             """
         insertRehearsal = """
-            INSERT INTO \(s).elections (cluster_id, name) VALUES ($1, 'stoker join rehearsal ' || gen_random_uuid())
+            INSERT INTO \(s).elections (cluster_id, name)
+            SELECT $1, 'stoker join rehearsal ' || gen_random_uuid() FROM generate_series(1, 2)
             RETURNING id
             """
         takeWaiterToken = "SELECT pg_try_advisory_lock(\(ns), -1073741824 - ($1::int4))"
-        strandLeader = "UPDATE \(s).elections SET leader_node = 0 WHERE id = $1"
+        strandLeader = """
+            UPDATE \(s).elections SET leader_node = 0, written_on = \(s).server_instance() WHERE id = ANY ($1::int4[])
+            """
         handOver = "SELECT \(s).hand_over(\(ns), $1, $2)"
         sweep = "SELECT \(s).sweep()"
         whereis = """
