@@ -112,6 +112,15 @@ struct ProtocolStatements: Sendable {
     /// SQLSTATE SK002 when the election does not exist).
     let sendTrigger: String
 
+    /// Every statement a joined node's main session runs while it serves (each step of its session thread), prepared
+    /// at join (``PGConnection/prepare(_:)``): none is parsed again, and none is prepared in the middle of a failover.
+    var servingStatements: [String] {
+        [
+            heartbeat, heartbeatAndTry, waitAndTake, claimWaiter, releaseWaiter, tryTake, takeTerm, awaitPredecessor,
+            beginTerm, acknowledged, handOver, sweep, whereis, leave, readTriggers, deleteTriggers,
+        ]
+    }
+
     /// SQLSTATE the fence raises for a stale term.
     static let staleTermSQLState = "SK001"
     /// SQLSTATE `send_trigger` raises for an election that does not exist.

@@ -40,6 +40,8 @@ extension NodeDriver {
         // PL/pgSQL compiles a function, and plans its statements, at its first call in a session: 5-7 ms for the term
         // bump's functions, measured. Paid here, not in the middle of a failover.
         try connection.execute(statements.warmUp)
+        for statement in statements.servingStatements { try connection.prepare(statement) }
+        try context.witness.prepare(statements.witnessHeartbeat)
         try rehearseTakeovers(on: connection, statements, clusterID: context.clusterID)
         let clusterID = context.clusterID
         let witness = context.witness
@@ -108,10 +110,10 @@ extension NodeDriver {
             for (node, stranded) in [("0", false), ("-1", true)] {
                 if stranded { try connection.execute(statements.strandLeader, ["{\(first),\(other)}"]) }
                 try connection.execute(statements.takeWaiterToken, [first])
-                try connection.execute(
+                try connection.executePrepared(
                     statements.waitAndTake, [node, first, "1000", "", "false", stranded ? "{\(other)}" : "{}"])
                 for id in stranded ? [first, other] : [first] {
-                    try connection.execute(statements.handOver, [id, node])
+                    try connection.executePrepared(statements.handOver, [id, node])
                 }
             }
         }

@@ -45,7 +45,7 @@ extension NodeDriver {
             switch step {
             case .sendWitnessHeartbeat:
                 do {
-                    try context.witness.send(statements.witnessHeartbeat, [])
+                    try context.witness.sendPrepared(statements.witnessHeartbeat, [])
                 } catch {
                     throw Self.witnessLost(error)
                 }
@@ -56,31 +56,32 @@ extension NodeDriver {
             case .hardStop:
                 return .hardStop
             case .leave:
-                _ = try connection.execute(statements.leave, [nodeID])
+                _ = try connection.executePrepared(statements.leave, [nodeID])
                 reply = .left
             case .sweep:
                 // The next interval sweeps again.
                 reply = .swept(
                     try refusable("a sweep for dead nodes", otherwise: 0) { () throws(StokerError) in
-                        try connection.execute(statements.sweep).singleRow().int(0)
+                        try connection.executePrepared(statements.sweep, []).singleRow().int(0)
                     })
             case .handOver(let id):
                 // Clears the leader (if it is this node) and unlocks, in one statement: its commit sends `released`.
-                let held = try connection.execute(statements.handOver, ["\(id)", nodeID]).singleRow().bool(0)
+                let held = try connection.executePrepared(statements.handOver, ["\(id)", nodeID]).singleRow().bool(0)
                 reply = .handedOver(election: id, held: held)
             case .takeTerm(let id):
-                let row = try connection.execute(statements.takeTerm, ["\(id)", nodeID, nodeName]).singleRow()
+                let row = try connection.executePrepared(statements.takeTerm, ["\(id)", nodeID, nodeName]).singleRow()
                 let term = try TakenTerm(row, from: 0)
                 reply = .termTaken(election: id, term, scope: prepare(id, term: term.term, began: term.began))
             case .setUpElection(let name):
                 let id = try statements.ensureElection(cluster: context.clusterID, name: name, on: connection)
-                let leader = try connection.execute(statements.whereis, ["\(context.clusterID)", name]).rows.first
+                let leader = try connection.executePrepared(statements.whereis, ["\(context.clusterID)", name]).rows
+                    .first
                 reply = .electionSetUp(name, id: id, leader: try leader.map { try $0.string(2) })
             case .releaseWaiterToken(let id):
-                let held = try connection.execute(statements.releaseWaiter, ["\(id)"]).singleRow().bool(0)
+                let held = try connection.executePrepared(statements.releaseWaiter, ["\(id)"]).singleRow().bool(0)
                 reply = .waiterTokenReleased(held: held)
             case .waitAndTake(let id, let others, let wait, let beat):
-                let rows = try connection.execute(
+                let rows = try connection.executePrepared(
                     statements.waitAndTake,
                     [nodeID, "\(id)", "\(wait.roundedUpMilliseconds)", nodeName, beat ? "true" : "false", list(others)]
                 ).rows
@@ -94,7 +95,7 @@ extension NodeDriver {
                     taken: try taken(try rows.filter { try $0.bool(2) }, election: 1, from: 3))
                 if beat { metrics.heartbeatRoundTrip.recordNanoseconds(sent.duration(to: .now).nanoseconds) }
             case .heartbeatAndTry(let others, let claim, let claimSweeper):
-                let row = try connection.execute(
+                let row = try connection.executePrepared(
                     statements.heartbeatAndTry,
                     [nodeID, list(others), claim ? "true" : "false", claimSweeper ? "true" : "false"]
                 ).singleRow()
@@ -104,37 +105,39 @@ extension NodeDriver {
                     sweeper: try row.optionalBool(3) == true)
                 metrics.heartbeatRoundTrip.recordNanoseconds(sent.duration(to: .now).nanoseconds)
             case .heartbeat(let claimSweeper):
-                let row = try connection.execute(
+                let row = try connection.executePrepared(
                     statements.heartbeat, [nodeID, claimSweeper ? "true" : "false"]
                 ).singleRow()
                 reply = .heartbeat(renewed: try row.int(0), sweeper: try row.optionalBool(1) == true)
                 metrics.heartbeatRoundTrip.recordNanoseconds(sent.duration(to: .now).nanoseconds)
             case .claimWaiter(let elections):
-                let row = try connection.execute(statements.claimWaiter, [list(elections)]).singleRow()
+                let row = try connection.executePrepared(statements.claimWaiter, [list(elections)]).singleRow()
                 reply = .claimedWaiter(row.isNull(0) ? nil : try row.int(0))
             case .tryTake(let elections):
-                let rows = try connection.execute(statements.tryTake, [list(elections), nodeID, nodeName]).rows
+                let rows = try connection.executePrepared(statements.tryTake, [list(elections), nodeID, nodeName]).rows
                 reply = .triedAndTook(try taken(rows, election: 0, from: 1))
             case .awaitPredecessor(let id, let name, let predecessor, let wait, let term):
-                let began = try connection.execute(
+                let began = try connection.executePrepared(
                     statements.awaitPredecessor,
                     ["\(predecessor)", "\(wait.roundedUpMilliseconds)", "\(id)", "\(term)", nodeID, nodeName]
                 ).singleRow().optionalBool(0)
                 reply = .awaitedPredecessor(
                     name: name, term: term, began: began, scope: prepare(id, term: term, began: began == true))
             case .checkAcknowledged(let name, let predecessor):
-                let acknowledged = try connection.execute(statements.acknowledged, ["\(predecessor)"]).singleRow()
+                let acknowledged = try connection.executePrepared(statements.acknowledged, ["\(predecessor)"])
+                    .singleRow()
                     .bool(0)
                 reply = .acknowledged(name: name, acknowledged)
             case .beginTerm(let id, let name, let term):
                 let began =
-                    try connection.execute(statements.beginTerm, ["\(id)", "\(term)", nodeID, nodeName]).singleRow()
+                    try connection.executePrepared(statements.beginTerm, ["\(id)", "\(term)", nodeID, nodeName])
+                    .singleRow()
                     .optionalBool(0) == true
                 reply = .termBegun(name: name, term: term, began: began, scope: prepare(id, term: term, began: began))
             case .readTriggers(let id, let after):
                 let triggers = try refusable("reading the election's triggers", otherwise: []) {
                     () throws(StokerError) in
-                    try connection.execute(
+                    try connection.executePrepared(
                         statements.readTriggers, ["\(id)", "\(after)", "\(NodeStateMachine.triggerPage)"]
                     ).rows.map { row throws(StokerError) in
                         NodeStateMachine.PendingTrigger(sequence: Int64(try row.int(0)), payload: try row.string(1))
@@ -145,7 +148,7 @@ extension NodeDriver {
             case .deleteTriggers(let id, let sequences):
                 let numbers = "{" + sequences.map(String.init).joined(separator: ",") + "}"
                 try refusable("deleting handled triggers", otherwise: ()) { () throws(StokerError) in
-                    _ = try connection.execute(statements.deleteTriggers, ["\(id)", numbers])
+                    _ = try connection.executePrepared(statements.deleteTriggers, ["\(id)", numbers])
                 }
                 reply = .triggersDeleted(election: id, sequences: sequences)
             case .waitIdle(let until):
