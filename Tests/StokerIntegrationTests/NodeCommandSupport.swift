@@ -225,9 +225,12 @@ final class Participants: Sendable {
         return (participants[index], try #require(ParticipantLine(line.text, process: participants[index].name)))
     }
 
-    /// SIGTERM (SIGINT to the first) to every participant still running; each must exit 0.
+    /// SIGTERM (SIGINT to the first) to every participant still running; each must exit 0. One the test killed
+    /// (``markKilled(_:at:)``) is only reaped and drained: right after its SIGKILL it may not have been reaped yet, and
+    /// its status is the signal's.
     func stopAll() async throws {
-        let running = all.filter { $0.process.exitStatus == nil }
+        let killed = state.withLock { Set($0.killed.keys) }
+        let running = all.filter { $0.process.exitStatus == nil && !killed.contains($0.name) }
         for (index, participant) in running.enumerated() {
             _ = participant.process.signal(index == 0 ? SIGINT : SIGTERM)
         }
@@ -235,6 +238,10 @@ final class Participants: Sendable {
             let status = try await participant.process.waitForExit(timeout: .seconds(30))
             #expect(status == 0, "\(participant.name) exited \(status): \(participant.process.standardError)")
             // Reaped is not drained: wait until every line it printed has been read.
+            _ = await participant.process.close()
+        }
+        for participant in all where killed.contains(participant.name) {
+            _ = try await participant.process.waitForExit(timeout: .seconds(30))
             _ = await participant.process.close()
         }
     }
