@@ -223,24 +223,29 @@ struct StatementTests {
                 try await session.query("CREATE TABLE t (v int)")
                 try await session.query("INSERT INTO t VALUES (7)")
                 let sql = "SELECT * FROM t WHERE v = $1"
+                let other = "SELECT count(*) FROM t WHERE v <> $1"
                 let (first, count) = try await session.run { connection in
                     let first = try connection.executePrepared(sql, ["7"])
+                    try connection.prepare(other)
                     for _ in 0..<3 { try connection.executePrepared(sql, ["7"]) }
                     let count = try connection.execute("SELECT count(*) FROM pg_prepared_statements").singleRow()
                     return (first, try count.int(0))
                 }
                 #expect(first.columns == ["v"] && first.rows.map(\.values) == [["7"]])
-                #expect(count == 1, "statements prepared on the session: \(count)")
+                #expect(count == 2, "statements prepared on the session: \(count)")
                 // A migration adds a column while the session runs: the cached plan may not change its result type
-                // (SQLSTATE 0A000), so the statement is prepared anew, once, and answers with the new columns.
+                // (SQLSTATE 0A000), so the statement is prepared anew, once, and answers with the new columns; the
+                // other statement keeps its own name and text.
                 try await database.admin("ALTER TABLE t ADD COLUMN w text DEFAULT 'x'")
-                let (after, afterCount) = try await session.run { connection in
+                let (after, untouched, afterCount) = try await session.run { connection in
                     let after = try connection.executePrepared(sql, ["7"])
+                    let untouched = try connection.executePrepared(other, ["7"])
                     let count = try connection.execute("SELECT count(*) FROM pg_prepared_statements").singleRow()
-                    return (after, try count.int(0))
+                    return (after, untouched, try count.int(0))
                 }
                 #expect(after.columns == ["v", "w"] && after.rows.map(\.values) == [["7", "x"]])
-                #expect(afterCount == 1, "statements prepared on the session: \(afterCount)")
+                #expect(untouched.columns == ["count"] && untouched.rows.map(\.values) == [["0"]])
+                #expect(afterCount == 2, "statements prepared on the session: \(afterCount)")
             }
         }
     }

@@ -26,6 +26,8 @@ final class PGConnection {
     private(set) var isBehindProxy = false
     /// The statements prepared on this session (``prepare(_:)``): SQL text → statement name.
     private var prepared: [String: String] = [:]
+    /// How many names ``prepare(_:)`` has given out: `stoker_<n>` is never reused on a session.
+    private var preparedNames = 0
 
     /// Connects (blocking), then checks that the server can carry Stoker: PostgreSQL ≥ 14, a read-write primary,
     /// and no transaction-pooling proxy in between.
@@ -144,8 +146,12 @@ final class PGConnection {
         try checkParameters(parameters)
         do {
             return try runPrepared(try preparedName(sql), parameters)
-        } catch  where error.sqlState == Self.cachedPlanChanged && isHealthy {
-            // "cached plan must not change result type": forget the statement and prepare it again.
+        } catch let error
+            where error.sqlState == Self.cachedPlanChanged && isHealthy
+            && PQtransactionStatus(raw) == PQTRANS_IDLE
+        {
+            // "cached plan must not change result type", raised when the statement is bound, before it runs: forget
+            // the statement and prepare it again under a new name.
             guard let name = prepared.removeValue(forKey: sql) else { throw error }
             try execute("DEALLOCATE \(name)")
             return try runPrepared(try preparedName(sql), parameters)
@@ -174,14 +180,31 @@ final class PGConnection {
         if sql.utf8.contains(0) {
             throw StokerError(.invalidParameter, "The SQL text contains a NUL byte.")
         }
-        let name = "stoker_\(prepared.count + 1)"
+        preparedNames += 1
+        let name = "stoker_\(preparedNames)"
+        do {
+            try prepare(sql, as: name)
+        } catch
+            where error.sqlState == Self.duplicatePreparedStatement && isHealthy
+            && PQtransactionStatus(raw) == PQTRANS_IDLE
+        {
+            // Left on the server connection by an earlier client of a session pool that does not reset it.
+            try execute("DEALLOCATE \(name)")
+            try prepare(sql, as: name)
+        }
+        prepared[sql] = name
+        return name
+    }
+
+    /// SQLSTATE 42P05 (duplicate_prepared_statement).
+    private static let duplicatePreparedStatement = "42P05"
+
+    private func prepare(_ sql: String, as name: String) throws(StokerError) {
         let result = PQprepare(raw, name, sql, 0, nil)
         defer { if let result { PQclear(result) } }
         drainNotifications()
         _ = try makeResult(result)
         try requireHealthy()
-        prepared[sql] = name
-        return name
     }
 
     private func runPrepared(_ name: String, _ parameters: [String?]) throws(StokerError) -> QueryResult {
@@ -277,27 +300,21 @@ final class PGConnection {
     /// Runs `body` inside BEGIN … COMMIT; rolls back when it throws (if the connection still stands).
     @discardableResult
     func transaction<T>(_ body: () throws -> T) throws -> T {
-        try execute("BEGIN")
-        do {
-            let value = try body()
-            try execute("COMMIT")
-            return value
-        } catch {
-            if isHealthy, PQtransactionStatus(raw) != PQTRANS_IDLE {
-                _ = try? execute("ROLLBACK")
-            }
-            throw error
-        }
+        try inTransaction(ending: "COMMIT", body)
     }
 
     /// Runs `body` inside BEGIN … ROLLBACK, also when it returns: nothing it writes is committed, seen by another
     /// session or notified. Session-level advisory locks are not transactional: those it takes or gives back stay so.
     @discardableResult
     func rolledBack<T>(_ body: () throws -> T) throws -> T {
+        try inTransaction(ending: "ROLLBACK", body)
+    }
+
+    private func inTransaction<T>(ending end: String, _ body: () throws -> T) throws -> T {
         try execute("BEGIN")
         do {
             let value = try body()
-            try execute("ROLLBACK")
+            try execute(end)
             return value
         } catch {
             if isHealthy, PQtransactionStatus(raw) != PQTRANS_IDLE {

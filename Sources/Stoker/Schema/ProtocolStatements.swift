@@ -112,7 +112,7 @@ struct ProtocolStatements: Sendable {
     /// SQLSTATE SK002 when the election does not exist).
     let sendTrigger: String
 
-    /// Every statement a joined node's main session runs while it serves (each step of its session thread), prepared
+    /// The statements a joined node's main session runs while it serves (the steps of its session thread), prepared
     /// at join (``PGConnection/prepare(_:)``): none is parsed again, and none is prepared in the middle of a failover.
     var servingStatements: [String] {
         [
