@@ -63,7 +63,7 @@ struct NodeFixture {
     /// node joins at 2 ms, the witness heartbeat goes out at 3 ms (left unanswered: the deadline stays at
     /// 1 + 1800 = 1801 ms), then each election is set up, one per millisecond from 4 ms, in name order.
     mutating func join(
-        _ elections: [(String, Int)], leaders: [String: String] = [:],
+        _ elections: [(String, Int)], leaders: [String: String] = [:], leaderNodes: [String: Int] = [:],
         sourceLocation: SourceLocation = #_sourceLocation
     ) {
         #expect(machine.runRequested() == true, sourceLocation: sourceLocation)
@@ -79,7 +79,9 @@ struct NodeFixture {
         for (offset, (name, id)) in elections.sorted(by: { $0.0 < $1.0 }).enumerated() {
             let now = at(4 + offset)
             #expect(machine.nextStep(now: now) == .setUpElection(name), sourceLocation: sourceLocation)
-            let outcome = machine.replied(.electionSetUp(name, id: id, leader: leaders[name]), sentAt: now, now: now)
+            let outcome = machine.replied(
+                .electionSetUp(name, id: id, leader: leaders[name], leaderNode: leaderNodes[name]), sentAt: now,
+                now: now)
             #expect(outcome.value == .proceed, sourceLocation: sourceLocation)
             #expect(
                 machine.takeDeliveries() == [.message(self[name], .leaderObserved(leaders[name]))],
@@ -355,6 +357,27 @@ struct NodeStateMachineTests {
         // is outstanding, so its next beat does not bound the wait.
         #expect(f.machine.nextStep(now: f.at(10)) == .waitIdle(until: f.at(302)))
         #expect(f.machine.takeDeliveries().isEmpty)
+    }
+
+    @Test("the waiter token is claimed behind the leader of the most elections, as the leaders change")
+    func claimBehindBusiestLeader() {
+        #expect(Machine.claimOrder([1, 2, 3, 4], leaders: [1: 20, 2: 30, 3: 30]) == [2, 3, 1, 4])
+        #expect(Machine.claimOrder([4, 3, 2, 1], leaders: [:]) == [1, 2, 3, 4])
+        var f = NodeFixture()
+        // `a` is led by n2 (20), `b` and `c` by n3 (30): a crash of n3 frees two elections at once.
+        f.join(
+            [("a", 1), ("b", 2), ("c", 3)], leaders: ["a": "n2", "b": "n3", "c": "n3"],
+            leaderNodes: ["a": 20, "b": 30, "c": 30])
+        #expect(f.machine.nextStep(now: f.at(7)) == .tryTake([2, 3, 1]))
+        #expect(f.machine.replied(.triedAndTook([]), sentAt: f.at(7), now: f.at(8)).value == .proceed)
+        #expect(f.machine.nextStep(now: f.at(8)) == .claimWaiter([2, 3, 1]))
+        #expect(f.machine.replied(.claimedWaiter(nil), sentAt: f.at(8), now: f.at(9)).value == .proceed)
+        // n3 now leads `a` too, then hands `b` over: n3 leads `a` and `c`, nobody `b`.
+        f.machine.notified([.leader(election: 1, node: 30), .released(election: 2)])
+        _ = f.machine.takeDeliveries()
+        #expect(f.machine.nextStep(now: f.at(10)) == .tryTake([1, 3, 2]))
+        #expect(f.machine.replied(.triedAndTook([]), sentAt: f.at(10), now: f.at(11)).value == .proceed)
+        #expect(f.machine.nextStep(now: f.at(11)) == .claimWaiter([1, 3, 2]))
     }
 
     @Test("an election registered after the join is set up at the next step, then tried")

@@ -76,7 +76,9 @@ extension NodeDriver {
                 let id = try statements.ensureElection(cluster: context.clusterID, name: name, on: connection)
                 let leader = try connection.executePrepared(statements.whereis, ["\(context.clusterID)", name]).rows
                     .first
-                reply = .electionSetUp(name, id: id, leader: try leader.map { try $0.string(2) })
+                reply = .electionSetUp(
+                    name, id: id, leader: try leader.map { try $0.string(2) },
+                    leaderNode: try leader.map { try $0.int(1) })
             case .releaseWaiterToken(let id):
                 let held = try connection.executePrepared(statements.releaseWaiter, ["\(id)"]).singleRow().bool(0)
                 reply = .waiterTokenReleased(held: held)

@@ -33,6 +33,9 @@ extension NodeStateMachine {
         var triggersHandled: [Int: Set<Int64>] = [:]
         /// The election whose waiter token this session holds: it waits in that election's lock queue.
         var waiterToken: Int?
+        /// Which node leads each election, as last heard (its set-up, `leader`, `released`): a waiter token is claimed
+        /// behind the leader of the most elections (``NodeStateMachine/claimOrder(_:leaders:)``).
+        var leaders: [Int: Int] = [:]
         /// Try to become the waiter of one of these elections at the next turn (after a heartbeat or a try that won
         /// nothing).
         var pendingClaim: [Int]?
