@@ -116,18 +116,11 @@ final class PGConnection {
     /// Runs one statement with bound parameters (text format; `nil` is NULL). Values are never spliced into SQL.
     @discardableResult
     func execute(_ sql: String, _ parameters: [String?] = []) throws(StokerError) -> QueryResult {
-        if sql.utf8.contains(0) {
-            throw StokerError(.invalidParameter, "The SQL text contains a NUL byte.")
-        }
-        try checkParameters(parameters)
-        let result = withCStringArray(parameters) { pointers in
-            PQexecParams(raw, sql, Int32(parameters.count), nil, pointers, nil, nil, 0)
-        }
-        defer { if let result { PQclear(result) } }
-        drainNotifications()
-        let value = try makeResult(result)
-        try requireHealthy()
-        return value
+        try check(sql, parameters)
+        return try finish(
+            withCStringArray(parameters) { pointers in
+                PQexecParams(raw, sql, Int32(parameters.count), nil, pointers, nil, nil, 0)
+            })
     }
 
     /// Prepares `sql` as a named statement of this session, once (a round trip the first time): ``executePrepared(_:_:)``
@@ -136,6 +129,7 @@ final class PGConnection {
     /// planning were a third of the server's CPU (a profile of an idle 50-node cluster). Named statements live as long
     /// as the session: only session pooling keeps them, and that is the only pooling a connection accepts.
     func prepare(_ sql: String) throws(StokerError) {
+        try check(sql)
         _ = try preparedName(sql)
     }
 
@@ -143,7 +137,7 @@ final class PGConnection {
     /// A statement the schema changed under (a migration while the session runs) is prepared anew, once.
     @discardableResult
     func executePrepared(_ sql: String, _ parameters: [String?]) throws(StokerError) -> QueryResult {
-        try checkParameters(parameters)
+        try check(sql, parameters)
         do {
             return try runPrepared(try preparedName(sql), parameters)
         } catch let error
@@ -161,7 +155,7 @@ final class PGConnection {
     /// Sends `sql` as a prepared statement (see ``prepare(_:)``) without waiting for the answer; collect it with
     /// ``awaitResult(until:)``.
     func sendPrepared(_ sql: String, _ parameters: [String?]) throws(StokerError) {
-        try checkParameters(parameters)
+        try check(sql, parameters)
         let name = try preparedName(sql)
         let sent = withCStringArray(parameters) { pointers in
             PQsendQueryPrepared(raw, name, Int32(parameters.count), pointers, nil, nil, 0)
@@ -175,11 +169,9 @@ final class PGConnection {
     /// fails with ("cached plan must not change result type").
     private static let cachedPlanChanged = "0A000"
 
+    /// The name `sql` is prepared under on this session, preparing it first if need be. Callers ``check(_:_:)`` it.
     private func preparedName(_ sql: String) throws(StokerError) -> String {
         if let name = prepared[sql] { return name }
-        if sql.utf8.contains(0) {
-            throw StokerError(.invalidParameter, "The SQL text contains a NUL byte.")
-        }
         preparedNames += 1
         let name = "stoker_\(preparedNames)"
         do {
@@ -200,17 +192,19 @@ final class PGConnection {
     private static let duplicatePreparedStatement = "42P05"
 
     private func prepare(_ sql: String, as name: String) throws(StokerError) {
-        let result = PQprepare(raw, name, sql, 0, nil)
-        defer { if let result { PQclear(result) } }
-        drainNotifications()
-        _ = try makeResult(result)
-        try requireHealthy()
+        _ = try finish(PQprepare(raw, name, sql, 0, nil))
     }
 
     private func runPrepared(_ name: String, _ parameters: [String?]) throws(StokerError) -> QueryResult {
-        let result = withCStringArray(parameters) { pointers in
-            PQexecPrepared(raw, name, Int32(parameters.count), pointers, nil, nil, 0)
-        }
+        try finish(
+            withCStringArray(parameters) { pointers in
+                PQexecPrepared(raw, name, Int32(parameters.count), pointers, nil, nil, 0)
+            })
+    }
+
+    /// What a statement's `PGresult` says (cleared here), after taking the notifications that came with it; throws
+    /// when the session has ended meanwhile.
+    private func finish(_ result: OpaquePointer?) throws(StokerError) -> QueryResult {
         defer { if let result { PQclear(result) } }
         drainNotifications()
         let value = try makeResult(result)
@@ -218,7 +212,11 @@ final class PGConnection {
         return value
     }
 
-    private func checkParameters(_ parameters: [String?]) throws(StokerError) {
+    /// Refuses a NUL byte in the SQL text or a parameter: libpq would cut the string there.
+    private func check(_ sql: String, _ parameters: [String?] = []) throws(StokerError) {
+        if sql.utf8.contains(0) {
+            throw StokerError(.invalidParameter, "The SQL text contains a NUL byte.")
+        }
         for (index, parameter) in parameters.enumerated() where parameter?.utf8.contains(0) == true {
             throw StokerError(
                 .invalidParameter,
@@ -231,32 +229,14 @@ final class PGConnection {
     /// Runs SQL that may hold several statements and no parameters (simple query protocol), e.g. a migration file.
     @discardableResult
     func executeScript(_ sql: String) throws(StokerError) -> QueryResult {
-        if sql.utf8.contains(0) {
-            throw StokerError(.invalidParameter, "The SQL text contains a NUL byte.")
-        }
-        let result = PQexec(raw, sql)
-        defer { if let result { PQclear(result) } }
-        drainNotifications()
-        let value = try makeResult(result)
-        try requireHealthy()
-        return value
+        try check(sql)
+        return try finish(PQexec(raw, sql))
     }
 
     /// Sends `sql` (no parameters; several statements allowed) without waiting for the answer; collect it with
     /// ``awaitResult(until:)``.
     func send(_ sql: String) throws(StokerError) {
         if PQsendQuery(raw, sql) == 0 {
-            throw failure(sqlState: nil, serverMessage: trimmed(String(cString: PQerrorMessage(raw))))
-        }
-    }
-
-    /// Sends one statement with bound parameters (text format) without waiting for the answer; collect it with
-    /// ``awaitResult(until:)``.
-    func send(_ sql: String, _ parameters: [String?]) throws(StokerError) {
-        let sent = withCStringArray(parameters) { pointers in
-            PQsendQueryParams(raw, sql, Int32(parameters.count), nil, pointers, nil, nil, 0)
-        }
-        if sent == 0 {
             throw failure(sqlState: nil, serverMessage: trimmed(String(cString: PQerrorMessage(raw))))
         }
     }

@@ -161,6 +161,8 @@ struct ProtocolStatements: Sendable {
         // The schema's sweeper token, (namespace, -2^31): below every waiter token (-2^30 - id, id < 2^30 - 1), election
         // lock (-id) and node lock (+id). Tried only by a session without it (advisory locks stack).
         let sweeperToken = "pg_try_advisory_lock(\(ns), -2147483648)"
+        // The key of the waiter token of election `$1` (claim_waiter's: −2^30 − id).
+        let waiterToken = "\(ns), -1073741824 - ($1::int4)"
         heartbeat = """
             WITH beat AS (UPDATE \(s).nodes SET heartbeat_at = now() WHERE id = $1 RETURNING 1)
             SELECT (SELECT count(*) FROM beat)::int, CASE WHEN $2::boolean THEN \(sweeperToken) END
@@ -197,7 +199,7 @@ struct ProtocolStatements: Sendable {
               FROM \(s).wait_and_take(\(ns), $2, $3, $1, $4, $6::int4[]) AS w
             """
         claimWaiter = "SELECT \(s).claim_waiter(\(ns), $1::int4[])"
-        releaseWaiter = "SELECT pg_advisory_unlock(\(ns), -1073741824 - ($1::int4))"
+        releaseWaiter = "SELECT pg_advisory_unlock(\(waiterToken))"
         awaitPredecessor = "SELECT \(s).await_predecessor(\(ns), $1, $2, $3, $4, $5, $6)"
         beginTerm = "SELECT \(s).begin_term($1, $2, $3, $4)"
         acknowledged = "SELECT EXISTS (SELECT FROM \(s).nodes WHERE replaces = $1)"
@@ -210,7 +212,7 @@ struct ProtocolStatements: Sendable {
             SELECT $1, 'stoker join rehearsal ' || gen_random_uuid() FROM generate_series(1, 2)
             RETURNING id
             """
-        takeWaiterToken = "SELECT pg_try_advisory_lock(\(ns), -1073741824 - ($1::int4))"
+        takeWaiterToken = "SELECT pg_try_advisory_lock(\(waiterToken))"
         strandLeader = """
             UPDATE \(s).elections SET leader_node = 0, written_on = \(s).server_instance() WHERE id = ANY ($1::int4[])
             """
