@@ -134,7 +134,8 @@ struct NodeFixture {
             return (nil, 305)
         case .awaitingEvidence:
             let outcome = machine.replied(
-                .triedAndTook([(1, Self.awaiting(), nil)]), sentAt: at(10), now: at(12))
+                .triedAndTook([TakenElection(election: 1, term: Self.awaiting(), scope: nil)]), sentAt: at(10),
+                now: at(12))
             #expect(outcome.value == .proceed, sourceLocation: sourceLocation)
             #expect(machine.takeDeliveries().isEmpty, sourceLocation: sourceLocation)
             #expect(
@@ -143,7 +144,9 @@ struct NodeFixture {
             return (nil, 12)
         case .leading:
             let scope = scope("a")
-            let outcome = machine.replied(.triedAndTook([(1, Self.began(), scope)]), sentAt: at(10), now: at(12))
+            let outcome = machine.replied(
+                .triedAndTook([TakenElection(election: 1, term: Self.began(), scope: scope)]), sentAt: at(10),
+                now: at(12))
             #expect(outcome.value == .proceed, sourceLocation: sourceLocation)
             let leader = NodeStateMachine.Delivery.message(self["a"], .leader(scope, members: machine.memberList))
             #expect(machine.takeDeliveries() == [leader], sourceLocation: sourceLocation)
@@ -620,7 +623,10 @@ struct NodeStateMachineTests {
         f.join([("a", 1)])
         #expect(f.machine.nextStep(now: f.at(10)) == .tryTake([1]))
         let taken = NodeFixture.awaiting(predecessor: 20, sameServer: false, leaseMilliseconds: 3000)
-        #expect(f.machine.replied(.triedAndTook([(1, taken, nil)]), sentAt: f.at(10), now: f.at(12)).value == .proceed)
+        #expect(
+            f.machine.replied(
+                .triedAndTook([TakenElection(election: 1, term: taken, scope: nil)]), sentAt: f.at(10), now: f.at(12)
+            ).value == .proceed)
         let evidence = AwaitedEvidence(term: 5, predecessor: 20, sameServer: false, leaseRunOut: f.at(3012))
         #expect(f.machine.takeEvents() == [.awaitingEvidence(election: "a", term: 5, evidence)])
         #expect(f.machine.takeDeliveries().isEmpty)
@@ -644,7 +650,10 @@ struct NodeStateMachineTests {
         f.join([("a", 1)])
         #expect(f.machine.nextStep(now: f.at(10)) == .tryTake([1]))
         let taken = NodeFixture.awaiting(sameServer: false)
-        #expect(f.machine.replied(.triedAndTook([(1, taken, nil)]), sentAt: f.at(10), now: f.at(12)).value == .proceed)
+        #expect(
+            f.machine.replied(
+                .triedAndTook([TakenElection(election: 1, term: taken, scope: nil)]), sentAt: f.at(10), now: f.at(12)
+            ).value == .proceed)
         #expect(f.machine.nextStep(now: f.at(12)) == .checkAcknowledged(name: "a", predecessor: 20))
         #expect(f.machine.replied(.acknowledged(name: "a", true), sentAt: f.at(12), now: f.at(14)).value == .proceed)
         #expect(f.machine.nextStep(now: f.at(14)) == .beginTerm(election: 1, name: "a", term: 5))
@@ -661,7 +670,10 @@ struct NodeStateMachineTests {
         f.join([("a", 1)])
         #expect(f.machine.nextStep(now: f.at(10)) == .tryTake([1]))
         let taken = NodeFixture.awaiting(sameServer: false, leaseMilliseconds: nil)
-        #expect(f.machine.replied(.triedAndTook([(1, taken, nil)]), sentAt: f.at(10), now: f.at(12)).value == .proceed)
+        #expect(
+            f.machine.replied(
+                .triedAndTook([TakenElection(election: 1, term: taken, scope: nil)]), sentAt: f.at(10), now: f.at(12)
+            ).value == .proceed)
         #expect(f.machine.nextStep(now: f.at(12)) == .checkAcknowledged(name: "a", predecessor: 20))
         #expect(f.machine.replied(.acknowledged(name: "a", false), sentAt: f.at(12), now: f.at(14)).value == .proceed)
         // Its lease (this node's own, 2 s: the predecessor's is unknown) runs out at 12 + 2000. The idle wait is
@@ -681,7 +693,10 @@ struct NodeStateMachineTests {
         f.join([("a", 1)])
         #expect(f.machine.nextStep(now: f.at(10)) == .tryTake([1]))
         let taken = NodeFixture.awaiting(predecessor: nil, sameServer: true, leaseMilliseconds: nil)
-        #expect(f.machine.replied(.triedAndTook([(1, taken, nil)]), sentAt: f.at(10), now: f.at(12)).value == .proceed)
+        #expect(
+            f.machine.replied(
+                .triedAndTook([TakenElection(election: 1, term: taken, scope: nil)]), sentAt: f.at(10), now: f.at(12)
+            ).value == .proceed)
         #expect(f.machine.nextStep(now: f.at(12)) == .waitIdle(until: f.at(302)))
         let (step, _) = f.serveRoutine(from: f.at(12), to: f.at(2012))
         #expect(step == nil)
@@ -854,7 +869,10 @@ struct NodeStateMachineTests {
         #expect(f.machine.nextStep(now: f.at(10)) == .tryTake([1]))
         #expect(f.machine.resignRequested("a", now: f.at(11)).value == .done(nil))
         #expect(
-            f.machine.replied(.triedAndTook([(1, NodeFixture.began(), nil)]), sentAt: f.at(10), now: f.at(12)).value
+            f.machine.replied(
+                .triedAndTook([TakenElection(election: 1, term: NodeFixture.began(), scope: nil)]), sentAt: f.at(10),
+                now: f.at(12)
+            ).value
                 == .proceed)
         #expect(f.machine.takeDeliveries() == [.finish(f["a"])])
         #expect(f.machine.nextStep(now: f.at(12)) == .handOver(election: 1))
@@ -988,7 +1006,7 @@ struct NodeStateMachineTests {
         // `a` withdraws while its try runs, which wins: a stray lock.
         #expect(f.machine.resignRequested("a", now: f.at(11)).value == .done(nil))
         #expect(f.machine.takeDeliveries() == [.finish(f["a"])])
-        let won = Machine.Reply.triedAndTook([(1, NodeFixture.began(), nil)])
+        let won = Machine.Reply.triedAndTook([TakenElection(election: 1, term: NodeFixture.began(), scope: nil)])
         #expect(f.machine.replied(won, sentAt: f.at(10), now: f.at(12)).value == .proceed)
         #expect(f.machine.nextStep(now: f.at(12)) == .handOver(election: 1))
         #expect(f.machine.takeDeliveries().isEmpty)
@@ -1147,7 +1165,8 @@ struct NodeStateMachineTests {
         #expect(f.machine.nextStep(now: f.at(313)) == beat)
         let scope = f.scope("a")
         let granted = Machine.Reply.waitedAndTook(
-            election: 7, beat: true, renewed: 1, granted: true, taken: [(7, NodeFixture.began(), scope)])
+            election: 7, beat: true, renewed: 1, granted: true,
+            taken: [TakenElection(election: 7, term: NodeFixture.began(), scope: scope)])
         #expect(f.machine.replied(granted, sentAt: f.at(313), now: f.at(400)).value == .proceed)
         #expect(f.machine.takeDeliveries() == [.message(f["a"], .leader(scope, members: f.machine.memberList))])
         // The grant gave the token back: nothing to release. Its holder may have died: one sweep reports it at once
@@ -1167,7 +1186,10 @@ struct NodeStateMachineTests {
         #expect(f.machine.nextStep(now: f.at(10)) == .tryTake([7]))
         let scope = f.scope("a")
         #expect(
-            f.machine.replied(.triedAndTook([(7, NodeFixture.began(), scope)]), sentAt: f.at(10), now: f.at(12)).value
+            f.machine.replied(
+                .triedAndTook([TakenElection(election: 7, term: NodeFixture.began(), scope: scope)]), sentAt: f.at(10),
+                now: f.at(12)
+            ).value
                 == .proceed)
         #expect(f.machine.takeDeliveries() == [.message(f["a"], .leader(scope, members: f.machine.memberList))])
         f.readsNoTriggers(7, at: 12)
@@ -1221,7 +1243,8 @@ struct NodeStateMachineTests {
                 == .waitAndTake(election: 7, others: [8], wait: .milliseconds(300), beat: false))
         let scope = f.scope("b")
         let took = Machine.Reply.waitedAndTook(
-            election: 7, beat: false, renewed: 0, granted: false, taken: [(8, NodeFixture.began(), scope)])
+            election: 7, beat: false, renewed: 0, granted: false,
+            taken: [TakenElection(election: 8, term: NodeFixture.began(), scope: scope)])
         #expect(f.machine.replied(took, sentAt: f.at(13), now: f.at(100)).value == .proceed)
         #expect(f.machine.takeDeliveries() == [.message(f["b"], .leader(scope, members: f.machine.memberList))])
         #expect(f.machine.nextStep(now: f.at(100)) == .releaseWaiterToken(election: 7))
@@ -1263,7 +1286,8 @@ struct NodeStateMachineTests {
         #expect(f.machine.replied(.claimedWaiter(7), sentAt: f.at(12), now: f.at(13)).value == .proceed)
         _ = f.machine.nextStep(now: f.at(13))
         let took = Machine.Reply.waitedAndTook(
-            election: 7, beat: false, renewed: 0, granted: false, taken: [(8, NodeFixture.awaiting(), nil)])
+            election: 7, beat: false, renewed: 0, granted: false,
+            taken: [TakenElection(election: 8, term: NodeFixture.awaiting(), scope: nil)])
         #expect(f.machine.replied(took, sentAt: f.at(13), now: f.at(100)).value == .proceed)
         #expect(f.machine.nextStep(now: f.at(100)) == .releaseWaiterToken(election: 7))
     }
@@ -1277,7 +1301,10 @@ struct NodeStateMachineTests {
         #expect(f.machine.nextStep(now: f.at(10)) == .tryTake([1, 2]))
         let scope = f.scope("a")
         #expect(
-            f.machine.replied(.triedAndTook([(1, NodeFixture.began(), scope)]), sentAt: f.at(10), now: f.at(12)).value
+            f.machine.replied(
+                .triedAndTook([TakenElection(election: 1, term: NodeFixture.began(), scope: scope)]), sentAt: f.at(10),
+                now: f.at(12)
+            ).value
                 == .proceed)
         #expect(f.machine.takeDeliveries() == [.message(f["a"], .leader(scope, members: f.machine.memberList))])
         f.readsNoTriggers(1, at: 12)
@@ -1324,7 +1351,10 @@ struct NodeStateMachineTests {
         f.join([("a", 1)])
         #expect(f.machine.nextStep(now: f.at(10)) == .tryTake([1]))
         let taken = NodeFixture.awaiting(sameServer: false)
-        #expect(f.machine.replied(.triedAndTook([(1, taken, nil)]), sentAt: f.at(10), now: f.at(12)).value == .proceed)
+        #expect(
+            f.machine.replied(
+                .triedAndTook([TakenElection(election: 1, term: taken, scope: nil)]), sentAt: f.at(10), now: f.at(12)
+            ).value == .proceed)
         #expect(f.machine.nextStep(now: f.at(12)) == .checkAcknowledged(name: "a", predecessor: 20))
         #expect(f.machine.replied(.acknowledged(name: "a", false), sentAt: f.at(12), now: f.at(13)).value == .proceed)
         #expect(f.machine.nextStep(now: f.at(13)) == .waitIdle(until: f.at(302)))
@@ -1357,7 +1387,8 @@ struct NodeStateMachineTests {
                 == .waitAndTake(election: 7, others: [], wait: .milliseconds(300), beat: true))
         let scope = f.scope("a")
         let reply = Machine.Reply.waitedAndTook(
-            election: 7, beat: true, renewed: 0, granted: true, taken: [(7, NodeFixture.began(), scope)])
+            election: 7, beat: true, renewed: 0, granted: true,
+            taken: [TakenElection(election: 7, term: NodeFixture.began(), scope: scope)])
         // The session fails, as for the heartbeat's own try, before any lock won is recorded: no leader message for a
         // node whose row is gone (its locks go with the session).
         #expect(f.machine.replied(reply, sentAt: f.at(302), now: f.at(310)).value == .fail(Machine.rowDeleted))
@@ -1444,7 +1475,9 @@ struct NodeStateMachineTests {
         let scope = f.scope("a")
         f.join([("a", 1)])
         _ = f.machine.nextStep(now: f.at(10))
-        _ = f.machine.replied(.triedAndTook([(1, NodeFixture.began(), scope)]), sentAt: f.at(10), now: f.at(12))
+        _ = f.machine.replied(
+            .triedAndTook([TakenElection(election: 1, term: NodeFixture.began(), scope: scope)]), sentAt: f.at(10),
+            now: f.at(12))
         #expect(f.machine.takeDeliveries() == [.message(f["a"], .leader(scope, members: f.machine.memberList))])
         #expect(f.machine.nextStep(now: f.at(12)) == .readTriggers(election: 1, after: 0))
         let read = triggers.map { Machine.PendingTrigger(sequence: $0, payload: "p\($0)") }

@@ -465,11 +465,12 @@ struct NodeWorld {
             sweeper = true
             return true
         }
-        func take(_ id: Int) -> (election: Int, TakenTerm, scope: LeaderScope?) {
+        func take(_ id: Int) -> TakenElection {
             if locks.contains(id) { fail("the server granted election \(id)'s lock twice: it stacked") }
             locks.insert(id)
             let taken = randomTerm()
-            return (id, taken, prepare(id, term: taken.term, began: taken.began, &prepared))
+            return TakenElection(
+                election: id, term: taken, scope: prepare(id, term: taken.term, began: taken.began, &prepared))
         }
         let reply: Machine.Reply
         switch step {
@@ -488,7 +489,7 @@ struct NodeWorld {
             reply = .waiterTokenReleased(held: held)
         case .waitAndTake(let id, let others, _, let beat):
             let granted = chance(30)
-            var taken: [(election: Int, TakenTerm, scope: LeaderScope?)] = []
+            var taken: [TakenElection] = []
             if granted {
                 // The grant gives the token back in the same statement.
                 token = nil
@@ -1130,8 +1131,8 @@ extension NodeWorld {
     }
 
     func describe(_ reply: Machine.Reply) -> String {
-        func taken(_ rows: [(election: Int, TakenTerm, scope: LeaderScope?)]) -> String {
-            rows.map { "\($0.election): term \($0.1.term)\($0.1.began ? " began" : "")" }.joined(separator: ", ")
+        func taken(_ rows: [TakenElection]) -> String {
+            rows.map { "\($0.election): term \($0.term.term)\($0.term.began ? " began" : "")" }.joined(separator: ", ")
         }
         return switch reply {
         case .termTaken(let id, let term, _): "termTaken(\(id), term \(term.term), began: \(term.began))"

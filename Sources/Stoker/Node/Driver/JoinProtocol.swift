@@ -97,8 +97,10 @@ extension NodeDriver {
     /// of it: the rows are never committed (their ids are skipped, two per join), nothing is notified, and the locks
     /// it takes — the rows' waiter token and election locks; node 0's lock, which no node holds (ids start at 1), only
     /// joins rehearsing, each for an instant — are given back by the statements themselves. Should a statement fail
-    /// half-way, the join fails and its sessions end, which frees them. The results are not checked: a rehearsal
-    /// that finds node 0's lock taken by another join's has still run its statements.
+    /// half-way, the join fails and its sessions end, which frees them. The answers are read as a real takeover's are
+    /// (the node's own code, and the types it reads them into, run here first; an answer it cannot read fails the
+    /// join), but not judged: a rehearsal that finds node 0's lock taken by another join's has still run its
+    /// statements.
     func rehearseTakeovers(on connection: PGConnection, _ statements: ProtocolStatements, clusterID: Int) throws {
         try connection.rolledBack {
             let ids = try connection.execute(statements.insertRehearsal, ["\(clusterID)"]).rows.map { try $0.int(0) }
@@ -113,8 +115,10 @@ extension NodeDriver {
             for (node, stranded) in [("0", false), ("-1", true)] {
                 if stranded { try connection.execute(statements.strandLeader, ["{\(first),\(other)}"]) }
                 try connection.execute(statements.takeWaiterToken, [first])
-                try connection.executePrepared(
-                    statements.waitAndTake, [node, first, "1000", "", "false", stranded ? "{\(other)}" : "{}"])
+                let rows = try connection.executePrepared(
+                    statements.waitAndTake, [node, first, "1000", "", "false", stranded ? "{\(other)}" : "{}"]
+                ).rows
+                _ = try TakenElection.won(byWaitAndTake: rows)
                 for id in stranded ? [first, other] : [first] {
                     try connection.executePrepared(statements.handOver, [id, node])
                 }
@@ -123,7 +127,13 @@ extension NodeDriver {
     }
 
     /// The session settings of both of a node's sessions: the lease's timeouts (the server's idle timer ends a silent
-    /// session), keepalives, read committed, commits at least flushed locally.
+    /// session), keepalives, read committed, commits at least flushed locally, generic plans.
+    ///
+    /// Generic plans: PL/pgSQL plans each statement of a function anew at its first five executions (custom plans,
+    /// for statements with parameters), so the first real takeover of a session planned every statement of the term
+    /// bump again — in the middle of the failover, on a server whose CPUs the dying node's backends are busy with. With
+    /// `force_generic_plan` the join's warm-up and rehearsal plan them once, for the session's life. Every statement
+    /// these sessions run reads rows by key (or reads `pg_locks`): a generic plan is the plan a custom one would be.
     private func configure(_ connection: PGConnection, applicationName: String) throws {
         let lease = configuration.lease.roundedUpMilliseconds
         try connection.execute(
@@ -138,6 +148,7 @@ extension NodeDriver {
                    set_config('tcp_keepalives_interval', '1', false),
                    set_config('tcp_keepalives_count', '3', false),
                    set_config('tcp_user_timeout', $2, false),
+                   set_config('plan_cache_mode', 'force_generic_plan', false),
                    -- What the evidence rule trusts (terms, begins, acknowledgements) must survive a server crash.
                    set_config('synchronous_commit',
                               CASE WHEN current_setting('synchronous_commit') = 'off' THEN 'local'

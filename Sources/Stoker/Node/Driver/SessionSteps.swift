@@ -34,13 +34,14 @@ extension NodeDriver {
                 prepared.append(scope)
                 return scope
             }
-            /// The elections won and bumped, each with its scope when it began: every row is decoded before any scope
-            /// is prepared (a bad row then leaves no leadership counted).
-            func taken(_ rows: [QueryResult.Row], election: Int, from column: Int) throws -> [(
-                election: Int, TakenTerm, scope: LeaderScope?
-            )] {
-                let decoded = try rows.map { row in (try row.int(election), try TakenTerm(row, from: column)) }
-                return decoded.map { id, term in (id, term, prepare(id, term: term.term, began: term.began)) }
+            /// The elections won and bumped (`decoded`), each with its scope when it began: the caller decodes every row
+            /// before any scope is prepared (a bad row then leaves no leadership counted).
+            func scoped(_ decoded: [TakenElection]) -> [TakenElection] {
+                decoded.map {
+                    TakenElection(
+                        election: $0.election, term: $0.term,
+                        scope: prepare($0.election, term: $0.term.term, began: $0.term.began))
+                }
             }
             switch step {
             case .sendWitnessHeartbeat:
@@ -94,7 +95,7 @@ extension NodeDriver {
                 let renewed = beat ? try first.int(0) : 0
                 reply = .waitedAndTook(
                     election: id, beat: beat, renewed: renewed, granted: granted,
-                    taken: try taken(try rows.filter { try $0.bool(2) }, election: 1, from: 3))
+                    taken: scoped(try TakenElection.won(byWaitAndTake: rows)))
                 if beat { metrics.heartbeatRoundTrip.recordNanoseconds(sent.duration(to: .now).nanoseconds) }
             case .heartbeatAndTry(let others, let claim, let claimSweeper):
                 let row = try connection.executePrepared(
@@ -117,7 +118,7 @@ extension NodeDriver {
                 reply = .claimedWaiter(row.isNull(0) ? nil : try row.int(0))
             case .tryTake(let elections):
                 let rows = try connection.executePrepared(statements.tryTake, [list(elections), nodeID, nodeName]).rows
-                reply = .triedAndTook(try taken(rows, election: 0, from: 1))
+                reply = .triedAndTook(scoped(try rows.map { try TakenElection($0, election: 0, from: 1) }))
             case .awaitPredecessor(let id, let name, let predecessor, let wait, let term):
                 let began = try connection.executePrepared(
                     statements.awaitPredecessor,
@@ -288,6 +289,18 @@ extension NodeDriver {
 
     static func witnessLost(_ error: StokerError) -> StokerError {
         StokerError(.connectionLost, "The node's witness session ended: \(error.serverMessage ?? error.message)")
+    }
+}
+
+extension TakenElection {
+    /// A won election's row: its id in column `election`, `take_term`'s five columns from `column`; no scope yet.
+    init(_ row: QueryResult.Row, election: Int, from column: Int) throws(StokerError) {
+        self.init(election: try row.int(election), term: try TakenTerm(row, from: column), scope: nil)
+    }
+
+    /// The elections a `wait_and_take` answer (`ProtocolStatements/waitAndTake`'s columns) won: its granted rows.
+    static func won(byWaitAndTake rows: [QueryResult.Row]) throws -> [TakenElection] {
+        try rows.filter { try $0.bool(2) }.map { try TakenElection($0, election: 1, from: 3) }
     }
 }
 

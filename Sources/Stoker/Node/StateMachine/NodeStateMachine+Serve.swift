@@ -60,14 +60,14 @@ extension NodeStateMachine {
         /// elections won and bumped in that statement.
         case waitedAndTook(
             election: Int, beat: Bool, renewed: Int, granted: Bool,
-            taken: [(election: Int, TakenTerm, scope: LeaderScope?)])
+            taken: [TakenElection])
         /// `sweeper`: the sweeper token was claimed.
         case heartbeatAndTried(renewed: Int, won: [Int], claimed: Int?, sweeper: Bool = false)
         case heartbeat(renewed: Int, sweeper: Bool = false)
         /// How many dead members' rows the sweep deleted.
         case swept(Int)
         case claimedWaiter(Int?)
-        case triedAndTook([(election: Int, TakenTerm, scope: LeaderScope?)])
+        case triedAndTook([TakenElection])
         /// `began`: the leadership began (true), the wait timed out (false), the term moved on (nil).
         case awaitedPredecessor(name: String, term: Int64, began: Bool?, scope: LeaderScope?)
         case acknowledged(name: String, Bool)
@@ -308,9 +308,7 @@ extension NodeStateMachine {
             if beat, renewed == 0 { return .fail(Self.rowDeleted) }
             // Granted: the statement gave the waiter token back.
             if granted, session.waiterToken == id { session.waiterToken = nil }
-            for (election, term, scope) in taken {
-                lockWon(election: election, taken: term, scope: scope, now: now, &session)
-            }
+            for won in taken { lockWon(election: won.election, taken: won.term, scope: won.scope, now: now, &session) }
             // Its holder is gone: whatever else it held is likely free too; and if it died, a sweep now reports it.
             if granted {
                 session.retryNow = true
@@ -333,7 +331,7 @@ extension NodeStateMachine {
         case .claimedWaiter(let token):
             if let token { session.waiterToken = token }
         case .triedAndTook(let taken):
-            for (id, term, scope) in taken { lockWon(election: id, taken: term, scope: scope, now: now, &session) }
+            for won in taken { lockWon(election: won.election, taken: won.term, scope: won.scope, now: now, &session) }
             if taken.isEmpty, let claim = session.claimIfNoneWon { session.pendingClaim = claim }
             session.claimIfNoneWon = nil
         case .awaitedPredecessor(let name, let term, let began, let scope):

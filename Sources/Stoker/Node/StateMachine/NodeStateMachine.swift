@@ -451,3 +451,12 @@ struct TakenTerm: Sendable, Hashable {
     /// The longest lease the predecessor (or, not knowing it, any member) may have had.
     let leaseMilliseconds: Int?
 }
+
+/// An election a statement won and bumped: its term bump's answer, and the leadership's scope when it began in that
+/// statement's transaction. A named type, not a tuple: the runtime builds a tuple's type metadata at its first use, and
+/// that first use was a node's first takeover.
+struct TakenElection: Sendable {
+    let election: Int
+    let term: TakenTerm
+    let scope: LeaderScope?
+}
