@@ -22,7 +22,10 @@ struct Failover: AsyncParsableCommand {
             (crash) or SIGSTOP (freeze; SIGCONT once a successor leads) — and times, in each election it led, the \
             successor's `now_leader` (its `at`, CLOCK_MONOTONIC) from the instant just before the signal; the faulted \
             participant is then replaced by a fresh one (with --fresh: every participant is stopped and all are \
-            started anew, as after a deploy). \
+            started anew, as after a deploy). The systems take turns: both systems' participants run side by side, \
+            and each repetition faults one system's leader, then the other's (the first one alternating), so that \
+            both are measured over the same minutes of the host; --sequential runs all of one system's repetitions \
+            of a fault before the other's. \
             The floor is the same harness around bare libpq clients (`floor-client`) that wait in \
             pg_advisory_lock with lock_timeout 100 ms and hold the lock under idle_session_timeout = lease. \
             Every line is checked: per election, leaderships [now_leader.at, ended_at] never overlap and terms \
@@ -50,6 +53,13 @@ struct Failover: AsyncParsableCommand {
 
     @Flag(name: .long, help: "Start every participant anew for each repetition (as after a deploy).")
     var fresh = false
+
+    @Flag(
+        name: .long,
+        help:
+            "Run all of one system's repetitions of a fault before the next system's (default: the systems take turns)."
+    )
+    var sequential = false
 
     func validate() throws {
         guard reps >= 1 else { throw ValidationError("--reps must be at least 1 (got \(reps)).") }
@@ -82,7 +92,7 @@ struct Failover: AsyncParsableCommand {
         }
         let settings = BenchSettings(
             reps: reps, lease: lease, faults: faults.values, nodes: nodes, systems: systems.values,
-            elections: elections, fresh: fresh, stokerPath: stoker, benchPath: binary)
+            elections: elections, fresh: fresh, sequential: sequential, stokerPath: stoker, benchPath: binary)
         let commandLine = CommandLine.arguments.map(shellQuoted).joined(separator: " ")
         let outcome = try await runFailoverBenchmark(settings, commandLine: commandLine)
         print(outcome.report)

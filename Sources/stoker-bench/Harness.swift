@@ -12,6 +12,9 @@ struct BenchSettings: Sendable {
     let elections: Int
     /// Whether every participant is started anew for each repetition.
     let fresh: Bool
+    /// Whether each system runs all its repetitions of a fault before the next system starts, rather than the systems
+    /// taking turns repetition by repetition.
+    let sequential: Bool
     /// `stoker`, when `.stoker` is among the systems.
     let stokerPath: String?
     /// This bench's own binary (it runs the floor clients).
@@ -64,11 +67,26 @@ func runFailoverBenchmark(_ settings: BenchSettings, commandLine: String) async 
             }
             var results: [PhaseResult] = []
             for (index, fault) in settings.faults.enumerated() {
-                for system in settings.systems {
-                    var phase = Phase(
-                        settings: settings, system: system, fault: fault, database: database, floorKey: 4_200 + index)
-                    results.append(await phase.run())
+                var phases = settings.systems.map {
+                    Phase(settings: settings, system: $0, fault: fault, database: database, floorKey: 4_200 + index)
                 }
+                if settings.sequential {
+                    for index in phases.indices {
+                        await phases[index].begin()
+                        for rep in 1...settings.reps { await phases[index].repetition(rep) }
+                        results.append(await phases[index].end())
+                    }
+                    continue
+                }
+                // Turns: every system's participants run side by side (idle but for their heartbeats), and the
+                // systems fault theirs in turn, the first one alternating, so that each system's samples come from
+                // the same minutes of the host (a shared virtual machine drifts by milliseconds within minutes).
+                for index in phases.indices { await phases[index].begin() }
+                for rep in 1...settings.reps {
+                    let order = rep % 2 == 1 ? Array(phases.indices) : phases.indices.reversed()
+                    for index in order { await phases[index].repetition(rep) }
+                }
+                for index in phases.indices { results.append(await phases[index].end()) }
             }
             let report = Report(
                 settings: settings, results: results, machine: await Machine.current(),
@@ -99,6 +117,8 @@ struct Phase {
     private var live: [Participant] = []
     /// The SIGKILL instant of each crashed participant: the end of its leaderships, which it could not print.
     private var killedAt: [String: Double] = [:]
+    /// Election → its leader before the next repetition; nil before ``begin()`` and once the phase has aborted.
+    private var leaders: [String: Participant]?
 
     init(settings: BenchSettings, system: BenchSystem, fault: Fault, database: TestDatabase, floorKey: Int) {
         self.settings = settings
@@ -115,24 +135,42 @@ struct Phase {
     /// The elections every participant stands in, as they appear in its lines.
     private var elections: [String] { system == .floor ? ["floor"] : electionNames(settings.elections) }
 
-    /// Runs the repetitions, stops every participant, checks all lines. Never throws: failures become problems.
-    mutating func run() async -> PhaseResult {
+    /// Starts the participants. Never throws: a failure becomes a problem and aborts the phase.
+    mutating func begin() async {
         do {
-            var leaders = try await startAll()
-            for rep in 1...settings.reps {
-                leaders = try await failover(rep: rep, from: leaders)
-                result.repetitions = rep
-                if settings.fresh && rep < settings.reps {
-                    result.problems += await stopParticipants(live, when: "SIGTERM (stop before a fresh start)")
-                    live = []
-                    leaders = try await startAll()
-                }
-            }
+            leaders = try await startAll()
         } catch {
-            let message = "aborted after \(result.repetitions) of \(settings.reps) repetitions: \(error)"
-            progress("\(label): \(message)")
-            result.problems.append(message)
+            abort(error)
         }
+    }
+
+    /// Repetition `rep` (they run 1, 2, … `reps`), unless the phase has aborted. Never throws: a failure becomes a
+    /// problem and aborts the phase.
+    mutating func repetition(_ rep: Int) async {
+        guard let current = leaders else { return }
+        do {
+            var next = try await failover(rep: rep, from: current)
+            result.repetitions = rep
+            if settings.fresh && rep < settings.reps {
+                result.problems += await stopParticipants(live, when: "SIGTERM (stop before a fresh start)")
+                live = []
+                next = try await startAll()
+            }
+            leaders = next
+        } catch {
+            abort(error)
+        }
+    }
+
+    private mutating func abort(_ error: any Error) {
+        leaders = nil
+        let message = "aborted after \(result.repetitions) of \(settings.reps) repetitions: \(error)"
+        progress("\(label): \(message)")
+        result.problems.append(message)
+    }
+
+    /// Stops every participant, checks all lines. Never throws: failures become problems.
+    mutating func end() async -> PhaseResult {
         result.problems += await stopParticipants(live, when: "the final SIGTERM")
         live = []
         for participant in everyone { await participant.process.close() }

@@ -111,6 +111,14 @@ struct Report {
                     + "participant leading the most elections and times every election it led (one sample each): "
                     + "the percentiles are over every election's samples")
         }
+        if settings.systems.count > 1 {
+            out.append(
+                settings.sequential
+                    ? "- sequential: each system ran all its repetitions of a fault before the next system started"
+                    : "- turns: both systems' participants ran side by side, and each repetition faulted one system's "
+                        + "leader, then the other's (the first one alternating), so both were measured over the same "
+                        + "minutes")
+        }
         if settings.fresh {
             out.append(
                 "- fresh: every participant is started anew for each repetition (all stopped with SIGTERM, then one "
