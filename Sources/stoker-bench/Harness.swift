@@ -71,22 +71,22 @@ func runFailoverBenchmark(_ settings: BenchSettings, commandLine: String) async 
                     Phase(settings: settings, system: $0, fault: fault, database: database, floorKey: 4_200 + index)
                 }
                 if settings.sequential {
-                    for index in phases.indices {
-                        await phases[index].begin()
-                        for rep in 1...settings.reps { await phases[index].repetition(rep) }
-                        results.append(await phases[index].end())
+                    for each in phases.indices {
+                        await phases[each].begin()
+                        for rep in 1...settings.reps { await phases[each].repetition(rep) }
+                        results.append(await phases[each].end())
                     }
                     continue
                 }
                 // Turns: every system's participants run side by side (idle but for their heartbeats), and the
                 // systems fault theirs in turn, the first one alternating, so that each system's samples come from
                 // the same minutes of the host (a shared virtual machine drifts by milliseconds within minutes).
-                for index in phases.indices { await phases[index].begin() }
+                for each in phases.indices { await phases[each].begin() }
                 for rep in 1...settings.reps {
                     let order = rep % 2 == 1 ? Array(phases.indices) : phases.indices.reversed()
-                    for index in order { await phases[index].repetition(rep) }
+                    for each in order { await phases[each].repetition(rep) }
                 }
-                for index in phases.indices { results.append(await phases[index].end()) }
+                for each in phases.indices { results.append(await phases[each].end()) }
             }
             let report = Report(
                 settings: settings, results: results, machine: await Machine.current(),
