@@ -107,9 +107,12 @@ final class PGConnection {
     /// The socket to `poll` on; it changes only on reconnect, which makes a new `PGConnection`.
     var socket: Int32 { PQsocket(raw) }
 
-    /// `false` once libpq has seen the connection break.
-    /// Connected, and no FATAL notice has announced the session's end.
+    /// Connected, and no FATAL notice has announced the session's end: `false` once libpq has seen the connection break.
     var isHealthy: Bool { PQstatus(raw) == CONNECTION_OK && fatalNotice.message == nil }
+
+    /// The session stands and no transaction block is open: a failed statement can be followed by another (to
+    /// deallocate and prepare again) without a transaction's error state in the way.
+    private var isIdle: Bool { isHealthy && PQtransactionStatus(raw) == PQTRANS_IDLE }
 
     // MARK: - Statements
 
@@ -140,10 +143,7 @@ final class PGConnection {
         try check(sql, parameters)
         do {
             return try runPrepared(try preparedName(sql), parameters)
-        } catch let error
-            where error.sqlState == Self.cachedPlanChanged && isHealthy
-            && PQtransactionStatus(raw) == PQTRANS_IDLE
-        {
+        } catch let error where error.sqlState == Self.cachedPlanChanged && isIdle {
             // "cached plan must not change result type", raised when the statement is bound, before it runs: forget
             // the statement and prepare it again under a new name.
             guard let name = prepared.removeValue(forKey: sql) else { throw error }
@@ -176,10 +176,7 @@ final class PGConnection {
         let name = "stoker_\(preparedNames)"
         do {
             try prepare(sql, as: name)
-        } catch
-            where error.sqlState == Self.duplicatePreparedStatement && isHealthy
-            && PQtransactionStatus(raw) == PQTRANS_IDLE
-        {
+        } catch  where error.sqlState == Self.duplicatePreparedStatement && isIdle {
             // Left on the server connection by an earlier client of a session pool that does not reset it.
             try execute("DEALLOCATE \(name)")
             try prepare(sql, as: name)
