@@ -19,7 +19,7 @@ struct ElixirParityTests {
             #expect(snapshot.term != nil)
             try await node.stop()
             let events = history.entries.map(\.event)
-            #expect(events.count == 2)
+            #expect(events.count == 2, "events were \(events)")
             guard case .nowLeader(let term) = events.first, case .shutdown(.gracefulShutdown) = events.last else {
                 Issue.record("events were \(events)")
                 return
