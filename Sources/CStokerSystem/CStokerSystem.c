@@ -153,6 +153,13 @@ int stoker_spawn_dying_with_thread(const char *path, char *const argv[], char *c
     return 0;
 }
 
+int stoker_thread_set_name(const char *name) {
+    char truncated[16];
+    strncpy(truncated, name, sizeof truncated - 1);
+    truncated[sizeof truncated - 1] = '\0';
+    return pthread_setname_np(pthread_self(), truncated);
+}
+
 int stoker_pidfd_open(pid_t pid) {
 #ifdef SYS_pidfd_open
     return (int)syscall(SYS_pidfd_open, pid, 0U);
@@ -182,6 +189,11 @@ int stoker_pidfd_open(pid_t pid) {
     (void)pid;
     errno = ENOSYS;
     return -1;
+}
+
+int stoker_thread_set_name(const char *name) {
+    (void)name;
+    return ENOSYS;
 }
 
 #endif

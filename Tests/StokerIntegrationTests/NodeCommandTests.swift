@@ -25,7 +25,9 @@ struct NodeCommandTests {
         var testDescription: String { rawValue }
     }
 
-    @Test("3 processes × 3 elections: exactly one leader per election; SIGINT or SIGTERM: each exits 0 after shutdown")
+    @Test(
+        "3 processes × 3 elections: one leader per election, one session thread and one watchdog per process, by name; SIGINT or SIGTERM: each exits 0 after shutdown"
+    )
     func oneLeaderPerElection() async throws {
         try await withTestDatabase { database in
             let elections = ["e1", "e2", "e3"]
@@ -37,6 +39,12 @@ struct NodeCommandTests {
                 let history = group.history()
                 for election in elections {
                     #expect(history.currentLeaders(election: election).count == 1, "\(history.dump())")
+                }
+                // Whatever the number of elections: one session thread and one watchdog per process, by name.
+                for participant in group.all {
+                    let names = threadNames(of: participant.process.pid)
+                    #expect(names.filter { $0 == "stoker-session" }.count == 1, "\(participant.name): \(names)")
+                    #expect(names.filter { $0 == "stoker-watchdog" }.count == 1, "\(participant.name): \(names)")
                 }
                 try await group.stopAll()
                 let final = group.history()
@@ -264,5 +272,14 @@ struct LineHistoryTests {
         #expect(
             LineHistory(lines: [], unparsable: ["a: garbage"], killed: [:]).problems(complete: true)
                 == ["not a stoker node line: a: garbage"])
+    }
+}
+
+/// The names of process `pid`'s threads, as `top -H` and `ps -L` show them.
+func threadNames(of pid: Int32) -> [String] {
+    let tasks = (try? FileManager.default.contentsOfDirectory(atPath: "/proc/\(pid)/task")) ?? []
+    return tasks.compactMap { task in
+        (try? String(contentsOfFile: "/proc/\(pid)/task/\(task)/comm", encoding: .utf8))?
+            .trimmingCharacters(in: .whitespacesAndNewlines)
     }
 }

@@ -1,3 +1,5 @@
+import Foundation
+import Synchronization
 import Testing
 
 @_spi(Testing) @testable import Stoker
@@ -66,7 +68,7 @@ struct WakeSignalTests {
     func signalFromAnotherThread() throws {
         let signal = try WakeSignal()
         let started = ContinuousClock.now
-        try startThread {
+        try startThread(.session) {
             var pause = timespec(tv_sec: 0, tv_nsec: 50_000_000)
             _ = nanosleep(&pause, nil)
             signal.signal()
@@ -80,11 +82,27 @@ struct WakeSignalTests {
     @Test("a wait with no timeout sleeps until signalled")
     func waitForever() throws {
         let signal = try WakeSignal()
-        try startThread {
+        try startThread(.watchdog) {
             var pause = timespec(tv_sec: 0, tv_nsec: 20_000_000)
             _ = nanosleep(&pause, nil)
             signal.signal()
         }
         #expect(signal.wait(timeout: nil))
+    }
+}
+
+@Suite("Stoker's threads")
+struct StokerThreadTests {
+    @Test("each thread Stoker starts carries its name", arguments: [StokerThread.session, .watchdog, .listener])
+    func named(_ kind: StokerThread) throws {
+        let signal = try WakeSignal()
+        let seen = Mutex<String?>(nil)
+        try startThread(kind) {
+            let name = try? String(contentsOfFile: "/proc/thread-self/comm", encoding: .utf8)
+            seen.withLock { $0 = name?.trimmingCharacters(in: .whitespacesAndNewlines) }
+            signal.signal()
+        }
+        #expect(signal.wait(timeout: .seconds(30)), "the thread did not run")
+        #expect(seen.withLock { $0 } == kind.rawValue)
     }
 }

@@ -47,6 +47,10 @@ int stoker_spawn_dying_with_thread(const char *path, char *const argv[], char *c
  * set when unavailable (ENOSYS). */
 int stoker_pidfd_open(pid_t pid);
 
+/* Names the calling thread (what `top -H`, `ps -L`, gdb and perf show); Linux keeps the first 15 bytes. Returns 0
+ * or an errno value; ENOSYS off Linux. */
+int stoker_thread_set_name(const char *name);
+
 #ifdef __cplusplus
 }
 #endif

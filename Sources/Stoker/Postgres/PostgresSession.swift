@@ -1,4 +1,5 @@
 import CStokerLibPQ
+import CStokerSystem
 import Synchronization
 
 #if canImport(Glibc)
@@ -31,7 +32,7 @@ final class PostgresSession: Sendable {
         let core = try SessionCore(configuration: configuration)
         try await withCheckedThrowingContinuation { (ready: CheckedContinuation<Void, any Error>) in
             do {
-                try startThread { core.threadMain(configuration, ready: ready) }
+                try startThread(.listener) { core.threadMain(configuration, ready: ready) }
             } catch {
                 ready.resume(throwing: error)
             }
@@ -325,13 +326,27 @@ private final class SessionCore: Sendable {
     }
 }
 
-/// Starts a detached thread running `body`. Used for the threads that own a `PGconn`.
-func startThread(_ body: @escaping @Sendable () -> Void) throws(StokerError) {
+/// The threads Stoker starts, by the name each carries (what `top -H`, `ps -L`, gdb and perf show).
+enum StokerThread: String, Sendable {
+    /// A node's session thread: both of its sessions.
+    case session = "stoker-session"
+    /// A node's lease watchdog.
+    case watchdog = "stoker-watchdog"
+    /// A ``PostgresSession`` (the cluster view's listening session).
+    case listener = "stoker-listen"
+}
+
+/// Starts a detached thread running `body`, named after `kind`. Used for the threads that own or guard a `PGconn`.
+func startThread(_ kind: StokerThread, _ body: @escaping @Sendable () -> Void) throws(StokerError) {
     final class Body: Sendable {
+        let kind: StokerThread
         let run: @Sendable () -> Void
-        init(_ run: @escaping @Sendable () -> Void) { self.run = run }
+        init(_ kind: StokerThread, _ run: @escaping @Sendable () -> Void) {
+            self.kind = kind
+            self.run = run
+        }
     }
-    let context = Unmanaged.passRetained(Body(body)).toOpaque()
+    let context = Unmanaged.passRetained(Body(kind, body)).toOpaque()
     var attributes = pthread_attr_t()
     pthread_attr_init(&attributes)
     defer { pthread_attr_destroy(&attributes) }
@@ -343,6 +358,8 @@ func startThread(_ body: @escaping @Sendable () -> Void) throws(StokerError) {
         { context in
             guard let context else { return nil }
             let body = Unmanaged<Body>.fromOpaque(context).takeRetainedValue()
+            // Best effort: a name only shows in tools.
+            _ = stoker_thread_set_name(body.kind.rawValue)
             body.run()
             return nil
         },
@@ -350,7 +367,8 @@ func startThread(_ body: @escaping @Sendable () -> Void) throws(StokerError) {
     )
     guard result == 0 else {
         Unmanaged<Body>.fromOpaque(context).release()
-        throw StokerError(.connectionFailed, "Could not start the session thread (pthread_create returned \(result)).")
+        throw StokerError(
+            .connectionFailed, "Could not start the \(kind.rawValue) thread (pthread_create returned \(result)).")
     }
 }
 

@@ -207,8 +207,8 @@ final class NodeDriver: Sendable {
         do {
             // The watchdog first: a session thread must never run unguarded. If the second start fails, `finish`
             // makes the watchdog exit.
-            try startThread { self.watchdogThread() }
-            try startThread { self.sessionThread() }
+            try startThread(.watchdog) { self.watchdogThread() }
+            try startThread(.session) { self.sessionThread() }
         } catch {
             finish(failure: error)
             throw error
