@@ -45,6 +45,14 @@ public enum Files {
         return stat[stat.index(after: close)...].split(separator: " ")
     }
 
+    /// The names of process `pid`'s threads (`/proc/<pid>/task/*/comm`), as `top -H` and `ps -L` show them; empty when
+    /// the process is gone.
+    public static func threadNames(_ pid: Int32) -> [String] {
+        list("/proc/\(pid)/task").compactMap { task in
+            contents("/proc/\(pid)/task/\(task)/comm").map { String($0.prefix { $0 != "\n" }) }
+        }
+    }
+
     /// Creates or truncates `path` (mode 0644) and writes `text` to it.
     static func write(_ path: String, _ text: String) throws {
         let fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)

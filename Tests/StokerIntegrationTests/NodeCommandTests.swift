@@ -42,7 +42,7 @@ struct NodeCommandTests {
                 }
                 // Whatever the number of elections: one session thread and one watchdog per process, by name.
                 for participant in group.all {
-                    let names = threadNames(of: participant.process.pid)
+                    let names = Files.threadNames(participant.process.pid)
                     #expect(names.filter { $0 == "stoker-session" }.count == 1, "\(participant.name): \(names)")
                     #expect(names.filter { $0 == "stoker-watchdog" }.count == 1, "\(participant.name): \(names)")
                 }
@@ -272,14 +272,5 @@ struct LineHistoryTests {
         #expect(
             LineHistory(lines: [], unparsable: ["a: garbage"], killed: [:]).problems(complete: true)
                 == ["not a stoker node line: a: garbage"])
-    }
-}
-
-/// The names of process `pid`'s threads, as `top -H` and `ps -L` show them.
-func threadNames(of pid: Int32) -> [String] {
-    let tasks = (try? FileManager.default.contentsOfDirectory(atPath: "/proc/\(pid)/task")) ?? []
-    return tasks.compactMap { task in
-        (try? String(contentsOfFile: "/proc/\(pid)/task/\(task)/comm", encoding: .utf8))?
-            .trimmingCharacters(in: .whitespacesAndNewlines)
     }
 }

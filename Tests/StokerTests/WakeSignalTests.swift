@@ -1,4 +1,4 @@
-import Foundation
+import StokerHarness
 import Synchronization
 import Testing
 
@@ -93,13 +93,13 @@ struct WakeSignalTests {
 
 @Suite("Stoker's threads")
 struct StokerThreadTests {
-    @Test("each thread Stoker starts carries its name", arguments: [StokerThread.session, .watchdog, .listener])
+    @Test("each thread Stoker starts carries its name", arguments: StokerThread.allCases)
     func named(_ kind: StokerThread) throws {
         let signal = try WakeSignal()
         let seen = Mutex<String?>(nil)
         try startThread(kind) {
-            let name = try? String(contentsOfFile: "/proc/thread-self/comm", encoding: .utf8)
-            seen.withLock { $0 = name?.trimmingCharacters(in: .whitespacesAndNewlines) }
+            let name = Files.contents("/proc/thread-self/comm").map { String($0.prefix { $0 != "\n" }) }
+            seen.withLock { $0 = name }
             signal.signal()
         }
         #expect(signal.wait(timeout: .seconds(30)), "the thread did not run")

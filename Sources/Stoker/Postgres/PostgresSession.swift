@@ -327,7 +327,7 @@ private final class SessionCore: Sendable {
 }
 
 /// The threads Stoker starts, by the name each carries (what `top -H`, `ps -L`, gdb and perf show).
-enum StokerThread: String, Sendable {
+enum StokerThread: String, CaseIterable, Sendable {
     /// A node's session thread: both of its sessions.
     case session = "stoker-session"
     /// A node's lease watchdog.
