@@ -61,6 +61,16 @@ struct Failover: AsyncParsableCommand {
     )
     var sequential = false
 
+    @Flag(
+        name: .long,
+        help:
+            ArgumentHelp(
+                "VACUUM Stoker's tables nodes and elections before each of Stoker's repetitions, as autovacuum does "
+                    + "in a running cluster (it invalidates every session's plans of their statements); the fault "
+                    + "follows a heartbeat (lease / 5) and 300 ms later.")
+    )
+    var vacuum = false
+
     func validate() throws {
         guard reps >= 1 else { throw ValidationError("--reps must be at least 1 (got \(reps)).") }
         guard nodes >= 2 else {
@@ -92,7 +102,8 @@ struct Failover: AsyncParsableCommand {
         }
         let settings = BenchSettings(
             reps: reps, lease: lease, faults: faults.values, nodes: nodes, systems: systems.values,
-            elections: elections, fresh: fresh, sequential: sequential, stokerPath: stoker, benchPath: binary)
+            elections: elections, fresh: fresh, sequential: sequential, vacuum: vacuum, stokerPath: stoker,
+            benchPath: binary)
         let commandLine = CommandLine.arguments.map(shellQuoted).joined(separator: " ")
         let outcome = try await runFailoverBenchmark(settings, commandLine: commandLine)
         print(outcome.report)

@@ -15,6 +15,9 @@ struct BenchSettings: Sendable {
     /// Whether each system runs all its repetitions of a fault before the next system starts, rather than the systems
     /// taking turns repetition by repetition.
     let sequential: Bool
+    /// Whether Stoker's tables are vacuumed a heartbeat and 300 ms before each of Stoker's faults (as autovacuum does in
+    /// a running cluster), which invalidates the plans every session has of their statements.
+    let vacuum: Bool
     /// `stoker`, when `.stoker` is among the systems.
     let stokerPath: String?
     /// This bench's own binary (it runs the floor clients).
@@ -230,6 +233,12 @@ struct Phase {
         let candidateMarks = candidates.map { $0.process.lines.count }
         let timeout = fault == .freeze ? settings.lease.duration + .seconds(30) : .seconds(30)
 
+        if settings.vacuum && system == .stoker {
+            // Invalidates every session's plans of statements on these tables, as autovacuum does. The fault comes a
+            // heartbeat (lease / 5) and 300 ms later, when the nodes have seen the vacuum and could have re-planned.
+            _ = try await database.admin("VACUUM stoker.nodes, stoker.elections")
+            try await Task.sleep(for: settings.lease.duration / 5 + .milliseconds(300))
+        }
         // A server-side end: the leader's backend, found first (untimed). The timed call includes the admin session's
         // own connection, so this row's latency is an upper bound; its point is the overlap check.
         let backend = fault == .serverKill ? try await backendPID(of: leader) : nil

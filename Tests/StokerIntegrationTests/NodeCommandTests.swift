@@ -140,6 +140,34 @@ struct NodeCommandTests {
         #expect(parsed.reason == reason, "\(parsed.raw)")
     }
 
+    @Test(
+        "a VACUUM of the tables a takeover reads: the follower rehearses its takeover again, in a transaction rolled back"
+    )
+    func rehearsalAfterVacuum() async throws {
+        try await withTestDatabase { database in
+            try await withParticipants(database) { group in
+                for name in ["a", "b"] { try await group.start(name, elections: ["e"], lease: "2s") }
+                try await group.waitForCluster(election: "e", size: 2)
+                // Each rehearsal inserts two election rows it rolls back: their ids are used, never seen.
+                func lastID() async throws -> Int {
+                    let rows = try await database.admin(
+                        "SELECT pg_sequence_last_value(pg_get_serial_sequence('stoker.elections', 'id')::regclass)")
+                    return try #require(rows.first?.first.flatMap { $0.flatMap { Int($0) } })
+                }
+                let before = try await lastID()
+                _ = try await database.admin("VACUUM stoker.nodes, stoker.elections, stoker.term_band")
+                try await waitUntil("a node rehearsed its takeover again (two election ids used)") {
+                    try await lastID() >= before + 2
+                }
+                let rows = try await database.admin("SELECT name FROM stoker.elections")
+                #expect(rows.map { $0.first ?? nil } == ["e"])
+                try await group.stopAll()
+                let history = group.history()
+                #expect(history.problems(complete: true) == [], "\(history.dump())")
+            }
+        }
+    }
+
     @Test("a wrong password: non-zero exit, one line on stderr, no password in it, nothing on stdout")
     func wrongPassword() async throws {
         try await withControlledDatabase { database in

@@ -64,7 +64,7 @@ struct NodeFixture {
     /// 1 + 1800 = 1801 ms), then each election is set up, one per millisecond from 4 ms, in name order.
     mutating func join(
         _ elections: [(String, Int)], leaders: [String: String] = [:], leaderNodes: [String: Int] = [:],
-        sourceLocation: SourceLocation = #_sourceLocation
+        maintenance: Int64? = nil, sourceLocation: SourceLocation = #_sourceLocation
     ) {
         #expect(machine.runRequested() == true, sourceLocation: sourceLocation)
         for (name, _) in elections { #expect(register(name) == .registered, sourceLocation: sourceLocation) }
@@ -73,7 +73,8 @@ struct NodeFixture {
         #expect(
             machine.replied(on: .witness, sentAt: at(1), now: at(2)).value == .trusted, sourceLocation: sourceLocation)
         machine.joined(
-            nodeID: Self.nodeID, members: Self.members, deadlockTimeout: .seconds(1), now: at(2))
+            nodeID: Self.nodeID, members: Self.members, deadlockTimeout: .seconds(1), maintenance: maintenance,
+            now: at(2))
         #expect(machine.nextStep(now: at(3)) == .sendWitnessHeartbeat, sourceLocation: sourceLocation)
         machine.witnessHeartbeatSent(now: at(3))
         for (offset, (name, id)) in elections.sorted(by: { $0.0 < $1.0 }).enumerated() {
@@ -1177,6 +1178,81 @@ struct NodeStateMachineTests {
         // Then the new leadership's triggers.
         f.readsNoTriggers(7, at: 402)
         #expect(f.machine.nextStep(now: f.at(402)) == .waitIdle(until: f.at(613)))
+    }
+
+    @Test("a vacuum of the takeover's tables, seen by a heartbeat: the waiter rehearses its takeover once, then waits")
+    func rehearsalAfterVacuum() {
+        var f = NodeFixture()
+        f.join([("a", 7)])
+        #expect(f.machine.nextStep(now: f.at(10)) == .tryTake([7]))
+        #expect(f.machine.replied(.triedAndTook([]), sentAt: f.at(10), now: f.at(12)).value == .proceed)
+        #expect(f.machine.nextStep(now: f.at(12)) == .claimWaiter([7]))
+        #expect(f.machine.replied(.claimedWaiter(7), sentAt: f.at(12), now: f.at(13)).value == .proceed)
+        let wait = Machine.Step.waitAndTake(election: 7, others: [], wait: .milliseconds(300), beat: false)
+        let beat = Machine.Step.waitAndTake(election: 7, others: [], wait: .milliseconds(300), beat: true)
+        func beatReply(_ maintenance: Int64?) -> Machine.Reply {
+            .waitedAndTook(election: 7, beat: true, renewed: 1, granted: false, taken: [], maintenance: maintenance)
+        }
+        // The join read no count (a schema without statistics yet): the first one only sets the mark.
+        #expect(f.machine.nextStep(now: f.at(302)) == beat)
+        #expect(f.machine.replied(beatReply(40), sentAt: f.at(302), now: f.at(303)).value == .proceed)
+        #expect(f.machine.nextStep(now: f.at(303)) == wait)
+        let timedOut = Machine.Reply.waitedAndTook(election: 7, beat: false, renewed: 0, granted: false, taken: [])
+        #expect(f.machine.replied(timedOut, sentAt: f.at(303), now: f.at(602)).value == .proceed)
+        // The same count, or none: nothing to rehearse.
+        for (at, count) in [(602, 40), (902, nil)] as [(Int, Int64?)] {
+            #expect(f.machine.nextStep(now: f.at(at)) == beat)
+            #expect(f.machine.replied(beatReply(count), sentAt: f.at(at), now: f.at(at + 1)).value == .proceed)
+            #expect(f.machine.nextStep(now: f.at(at + 1)) == wait)
+            #expect(f.machine.replied(timedOut, sentAt: f.at(at + 1), now: f.at(at + 300)).value == .proceed)
+        }
+        // It moved (a vacuum or an analyze of nodes, elections or term_band): rehearse once, then wait again.
+        #expect(f.machine.nextStep(now: f.at(1202)) == beat)
+        #expect(f.machine.replied(beatReply(41), sentAt: f.at(1202), now: f.at(1203)).value == .proceed)
+        #expect(f.machine.nextStep(now: f.at(1203)) == .rehearse)
+        #expect(f.machine.replied(.rehearsed, sentAt: f.at(1203), now: f.at(1206)).value == .proceed)
+        #expect(f.machine.nextStep(now: f.at(1206)) == wait)
+        // Another heartbeat kind reports it too.
+        #expect(
+            f.machine.replied(.heartbeat(renewed: 1, maintenance: 43), sentAt: f.at(1206), now: f.at(1207)).value
+                == .proceed)
+        #expect(f.machine.nextStep(now: f.at(1207)) == .rehearse)
+    }
+
+    @Test("a vacuum between the join's read of the count and the first heartbeat: the first heartbeat rehearses")
+    func rehearsalAfterVacuumDuringJoin() {
+        var f = NodeFixture()
+        f.join([("a", 7)], maintenance: 40)
+        #expect(f.machine.nextStep(now: f.at(10)) == .tryTake([7]))
+        #expect(f.machine.replied(.triedAndTook([]), sentAt: f.at(10), now: f.at(12)).value == .proceed)
+        #expect(f.machine.nextStep(now: f.at(12)) == .claimWaiter([7]))
+        #expect(f.machine.replied(.claimedWaiter(nil), sentAt: f.at(12), now: f.at(13)).value == .proceed)
+        #expect(f.machine.nextStep(now: f.at(302)) == .heartbeatAndTry(others: [7], claim: true, claimSweeper: true))
+        let tried = Machine.Reply.heartbeatAndTried(renewed: 1, won: [], claimed: nil, maintenance: 41)
+        #expect(f.machine.replied(tried, sentAt: f.at(302), now: f.at(304)).value == .proceed)
+        #expect(f.machine.nextStep(now: f.at(304)) == .rehearse)
+    }
+
+    @Test("a node that leads all its elections does not rehearse: it keeps the rehearsal for when it stands again")
+    func noRehearsalWhileLeadingAll() {
+        var f = NodeFixture()
+        f.join([("a", 7)])
+        #expect(f.machine.nextStep(now: f.at(10)) == .tryTake([7]))
+        let scope = f.scope("a")
+        let won = Machine.Reply.triedAndTook([TakenElection(election: 7, term: NodeFixture.began(), scope: scope)])
+        #expect(f.machine.replied(won, sentAt: f.at(10), now: f.at(12)).value == .proceed)
+        #expect(f.machine.takeDeliveries() == [.message(f["a"], .leader(scope, members: f.machine.memberList))])
+        f.readsNoTriggers(7, at: 12)
+        #expect(f.machine.nextStep(now: f.at(302)) == .heartbeat(claimSweeper: true))
+        #expect(
+            f.machine.replied(.heartbeat(renewed: 1, maintenance: 3), sentAt: f.at(302), now: f.at(304)).value
+                == .proceed)
+        #expect(f.machine.nextStep(now: f.at(602)) == .heartbeat(claimSweeper: true))
+        #expect(
+            f.machine.replied(.heartbeat(renewed: 1, maintenance: 4), sentAt: f.at(602), now: f.at(604)).value
+                == .proceed)
+        #expect(f.machine.nextStep(now: f.at(604)) == .waitIdle(until: f.at(902)))
+        #expect(f.machine.session?.rehearsalDue == true)
     }
 
     @Test("the heartbeat claims the sweeper token: its holder sweeps at once, then every sweepInterval; others don't")

@@ -73,6 +73,7 @@ struct NodeStateMachineWalkTests {
         #expect(coverage.hardStops > Self.walkCount / 4)
         #expect(coverage.leaves > Self.walkCount / 5)
         #expect(coverage.grants > 0)
+        #expect(coverage.rehearsals > 0)
         #expect(coverage.strayLocks > 0)
         #expect(coverage.sessions > 2 * Self.walkCount)
         #expect(coverage.triggersHanded > Self.walkCount)
@@ -191,6 +192,8 @@ struct NodeWorld {
     var token: Int?
     /// The session holds the cluster's sweeper token (the simulated server's view).
     var sweeper = false
+    /// How many times the tables were vacuumed or analyzed (the server's statistics).
+    var maintenance: Int64 = 0
     var witnessAnswerAt: Instant?
     /// The latest sends of the current session trusted on each side.
     var trustedMain: Instant?
@@ -498,7 +501,8 @@ struct NodeWorld {
             }
             for other in others where chance(20) { taken.append(take(other)) }
             reply = .waitedAndTook(
-                election: id, beat: beat, renewed: beat ? renewed() : 0, granted: granted, taken: taken)
+                election: id, beat: beat, renewed: beat ? renewed() : 0, granted: granted, taken: taken,
+                maintenance: beat ? maintenanceCount() : nil)
         case .heartbeatAndTry(let others, let claim, let claimSweeper):
             let tookSweeper = trySweeper(claimSweeper)
             let won = others.filter { _ in chance(25) }
@@ -513,9 +517,14 @@ struct NodeWorld {
                 token = pick
                 claimed = pick
             }
-            reply = .heartbeatAndTried(renewed: renewed(), won: won, claimed: claimed, sweeper: tookSweeper)
+            reply = .heartbeatAndTried(
+                renewed: renewed(), won: won, claimed: claimed, sweeper: tookSweeper, maintenance: maintenanceCount())
         case .heartbeat(let claimSweeper):
-            reply = .heartbeat(renewed: renewed(), sweeper: trySweeper(claimSweeper))
+            reply = .heartbeat(
+                renewed: renewed(), sweeper: trySweeper(claimSweeper), maintenance: maintenanceCount())
+        case .rehearse:
+            coverage.rehearsals += 1
+            reply = .rehearsed
         case .sweep:
             coverage.sweeps += 1
             reply = .swept(Int(rng.next(upperBound: UInt64(3))))
@@ -1100,6 +1109,12 @@ extension NodeWorld {
 
     mutating func renewed() -> Int { windingDown || chance(97) ? 1 : 0 }
 
+    /// The tables' vacuum and analyze count a heartbeat reads: now and then a vacuum moved it.
+    mutating func maintenanceCount() -> Int64 {
+        if chance(10) { maintenance += 1 }
+        return maintenance
+    }
+
     mutating func randomTerm() -> TakenTerm {
         term += 1
         let predecessors: [Int?] = [20, 20, 20, 30, nil]
@@ -1136,7 +1151,7 @@ extension NodeWorld {
         }
         return switch reply {
         case .termTaken(let id, let term, _): "termTaken(\(id), term \(term.term), began: \(term.began))"
-        case .waitedAndTook(let id, _, let renewed, let granted, let rows):
+        case .waitedAndTook(let id, _, let renewed, let granted, let rows, _):
             "waitedAndTook(\(id), renewed: \(renewed), granted: \(granted), [\(taken(rows))])"
         case .triedAndTook(let rows): "triedAndTook([\(taken(rows))])"
         case .awaitedPredecessor(let name, let term, let began, _):
@@ -1208,7 +1223,7 @@ extension NodeWorld {
             "sendWitnessHeartbeat", "leaseExpired", "hardStop", "leave", "handOver", "takeTerm", "setUpElection",
             "releaseWaiterToken", "waitAndTake", "heartbeatAndTry", "heartbeat", "claimWaiter", "tryTake",
             "awaitPredecessor", "checkAcknowledged", "beginTerm", "waitIdle", "hold", "sweep", "readTriggers",
-            "deleteTriggers",
+            "deleteTriggers", "rehearse",
         ]
 
         var steps: Set<String> = []
@@ -1223,6 +1238,7 @@ extension NodeWorld {
         var grants = 0
         var claims = 0
         var sweeps = 0
+        var rehearsals = 0
         var strayLocks = 0
         var sessions = 0
         var triggersHanded = 0
@@ -1245,6 +1261,7 @@ extension NodeWorld {
             grants += other.grants
             claims += other.claims
             sweeps += other.sweeps
+            rehearsals += other.rehearsals
             strayLocks += other.strayLocks
             sessions += other.sessions
             triggersHanded += other.triggersHanded

@@ -37,12 +37,17 @@ struct ProtocolStatements: Sendable {
     /// `$1` node id, `$2` election ids as an int4 array literal, `$3` whether to claim a waiter token, `$4` whether to
     /// try the sweeper token: the heartbeat, the follower's retry and the claims in one statement →
     /// rows renewed (0: the row is gone), the ids whose lock this session just won (an int4 array literal), the
-    /// election whose waiter token it took (or NULL), whether it took the sweeper token (or NULL).
+    /// election whose waiter token it took (or NULL), whether it took the sweeper token (or NULL), how many times the
+    /// tables a takeover reads were vacuumed or analyzed.
     let heartbeatAndTry: String
     /// `$1` node id → whether the node lock was taken (session level: it outlives the transaction).
     let lockNode: String
+    /// → how many times the tables a takeover reads (`nodes`, `elections`, `term_band`) were vacuumed or analyzed, by
+    /// the server's statistics (NULL without any): each time invalidates every session's plans of their statements.
+    let maintenanceCount: String
     /// `$1` node id, `$2` whether to try the sweeper token: the heartbeat that renews the lease → rows renewed (0: the
-    /// row is gone), whether it took the sweeper token (or NULL).
+    /// row is gone), whether it took the sweeper token (or NULL), how many times the tables a takeover reads were
+    /// vacuumed or analyzed.
     let heartbeat: String
     /// `$1` cluster id → `id`, `name`, `host`, `pid`, `draining` of every member.
     let members: String
@@ -55,7 +60,8 @@ struct ProtocolStatements: Sendable {
     /// The lock-queue wait, the term bump when granted (with a try and a bump of the other candidates `$6`, an int4
     /// array literal), and the heartbeat when `$5` is true, in one round trip: `$1` node id, `$2` election id, `$3`
     /// milliseconds, `$4` node name → a row per election (the waited one first): rows renewed, election id, granted,
-    /// then ``takeTerm``'s columns (NULL unless granted). Never pass an id this session already holds.
+    /// then ``takeTerm``'s columns (NULL unless granted), then with the heartbeat how many times the tables a takeover
+    /// reads were vacuumed or analyzed (else NULL). Never pass an id this session already holds.
     let waitAndTake: String
     /// `$1` election ids as an int4 array literal → the first whose waiter token this session just took, or NULL
     /// (`claim_waiter`, migration 003). Never pass an election whose token this session holds.
@@ -161,18 +167,27 @@ struct ProtocolStatements: Sendable {
         // The schema's sweeper token, (namespace, -2^31): below every waiter token (-2^30 - id, id < 2^30 - 1), election
         // lock (-id) and node lock (+id). Tried only by a session without it (advisory locks stack).
         let sweeperToken = "pg_try_advisory_lock(\(ns), -2147483648)"
+        // How many times the tables a takeover reads were vacuumed or analyzed (the server's statistics): each time
+        // invalidates every session's plans of their statements, rehearsed at join (see NodeStateMachine.Step.rehearse).
+        let maintenance = """
+            (SELECT sum(pg_stat_get_vacuum_count(c.oid) + pg_stat_get_autovacuum_count(c.oid)
+                        + pg_stat_get_analyze_count(c.oid) + pg_stat_get_autoanalyze_count(c.oid))::int8
+               FROM pg_class c
+              WHERE c.relnamespace = \(ns)::oid AND c.relname IN ('nodes', 'elections', 'term_band'))
+            """
+        maintenanceCount = "SELECT \(maintenance)"
         // The key of the waiter token of election `$1` (claim_waiter's: −2^30 − id).
         let waiterToken = "\(ns), -1073741824 - ($1::int4)"
         heartbeat = """
             WITH beat AS (UPDATE \(s).nodes SET heartbeat_at = now() WHERE id = $1 RETURNING 1)
-            SELECT (SELECT count(*) FROM beat)::int, CASE WHEN $2::boolean THEN \(sweeperToken) END
+            SELECT (SELECT count(*) FROM beat)::int, CASE WHEN $2::boolean THEN \(sweeperToken) END, \(maintenance)
             """
         heartbeatAndTry = """
             WITH beat AS (UPDATE \(s).nodes SET heartbeat_at = now() WHERE id = $1 RETURNING 1),
                  won AS MATERIALIZED (\(tryLocks("$2")))
             SELECT (SELECT count(*) FROM beat)::int, ARRAY(SELECT id FROM won)::text,
                    CASE WHEN $3::boolean THEN \(s).claim_waiter(\(ns), $2::int4[]) END,
-                   CASE WHEN $4::boolean THEN \(sweeperToken) END
+                   CASE WHEN $4::boolean THEN \(sweeperToken) END, \(maintenance)
             """
         members = "SELECT id, name, host, pid, draining FROM \(s).nodes WHERE cluster_id = $1 ORDER BY id"
         ensureElection = """
@@ -195,7 +210,8 @@ struct ProtocolStatements: Sendable {
         waitAndTake = """
             WITH beat AS (UPDATE \(s).nodes SET heartbeat_at = now() WHERE id = $1 AND $5::boolean RETURNING 1)
             SELECT (SELECT count(*) FROM beat)::int, w.election, w.granted,
-                   w.term, w.began, w.previous_node, w.previous_same_server, w.previous_lease_ms
+                   w.term, w.began, w.previous_node, w.previous_same_server, w.previous_lease_ms,
+                   CASE WHEN $5::boolean THEN \(maintenance) END
               FROM \(s).wait_and_take(\(ns), $2, $3, $1, $4, $6::int4[]) AS w
             """
         claimWaiter = "SELECT \(s).claim_waiter(\(ns), $1::int4[])"

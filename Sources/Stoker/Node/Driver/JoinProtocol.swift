@@ -37,6 +37,10 @@ extension NodeDriver {
         // A wait shorter than deadlock_timeout never runs the server's deadlock check (nor, with log_lock_waits,
         // logs a line).
         let deadlockTimeout = try connection.execute(ProtocolStatements.deadlockTimeoutQuery).singleRow().int(0)
+        // Read before the rehearsal: a vacuum or an analyze from now on invalidates what it plans, and the session
+        // rehearses again once a heartbeat sees the count move.
+        let maintenance = try connection.execute(statements.maintenanceCount).singleRow()
+        let maintenanceCount = maintenance.isNull(0) ? nil : Int64(try maintenance.int(0))
         // PL/pgSQL compiles a function, and plans its statements, at its first call in a session: 5-7 ms for the term
         // bump's functions, measured. Paid here, not in the middle of a failover.
         try connection.execute(statements.warmUp)
@@ -81,7 +85,8 @@ extension NodeDriver {
         withMachine { locked in
             locked.member = member
             locked.machine.joined(
-                nodeID: nodeID, members: members, deadlockTimeout: .milliseconds(deadlockTimeout), now: .now)
+                nodeID: nodeID, members: members, deadlockTimeout: .milliseconds(deadlockTimeout),
+                maintenance: maintenanceCount, now: .now)
         }
         watchdogSignal.signal()
     }

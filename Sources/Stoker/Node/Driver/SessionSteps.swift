@@ -59,6 +59,22 @@ extension NodeDriver {
             case .leave:
                 _ = try connection.executePrepared(statements.leave, [nodeID])
                 reply = .left
+            case .rehearse:
+                // A refused statement (a timeout on a busy server, say) leaves the plans to the next takeover.
+                try refusable(
+                    "a rehearsal of a takeover", otherwise: (),
+                    then: "the next takeover plans its statements itself; it is rehearsed again after the next vacuum"
+                ) { () throws(StokerError) in
+                    try connection.execute(statements.warmUp)
+                    do {
+                        try rehearseTakeovers(on: connection, statements, clusterID: context.clusterID)
+                    } catch let error as StokerError {
+                        throw error
+                    } catch {
+                        throw StokerError(.unexpectedResult, "The rehearsal of a takeover failed: \(error)")
+                    }
+                }
+                reply = .rehearsed
             case .sweep:
                 // The next interval sweeps again.
                 reply = .swept(
@@ -95,7 +111,8 @@ extension NodeDriver {
                 let renewed = beat ? try first.int(0) : 0
                 reply = .waitedAndTook(
                     election: id, beat: beat, renewed: renewed, granted: granted,
-                    taken: scoped(try TakenElection.won(byWaitAndTake: rows)))
+                    taken: scoped(try TakenElection.won(byWaitAndTake: rows)),
+                    maintenance: beat ? try Self.count(first, 8) : nil)
                 if beat { metrics.heartbeatRoundTrip.recordNanoseconds(sent.duration(to: .now).nanoseconds) }
             case .heartbeatAndTry(let others, let claim, let claimSweeper):
                 let row = try connection.executePrepared(
@@ -105,13 +122,15 @@ extension NodeDriver {
                 reply = .heartbeatAndTried(
                     renewed: try row.int(0), won: try Self.integers(inArrayLiteral: try row.string(1)),
                     claimed: claim && !row.isNull(2) ? try row.int(2) : nil,
-                    sweeper: try row.optionalBool(3) == true)
+                    sweeper: try row.optionalBool(3) == true, maintenance: try Self.count(row, 4))
                 metrics.heartbeatRoundTrip.recordNanoseconds(sent.duration(to: .now).nanoseconds)
             case .heartbeat(let claimSweeper):
                 let row = try connection.executePrepared(
                     statements.heartbeat, [nodeID, claimSweeper ? "true" : "false"]
                 ).singleRow()
-                reply = .heartbeat(renewed: try row.int(0), sweeper: try row.optionalBool(1) == true)
+                reply = .heartbeat(
+                    renewed: try row.int(0), sweeper: try row.optionalBool(1) == true,
+                    maintenance: try Self.count(row, 2))
                 metrics.heartbeatRoundTrip.recordNanoseconds(sent.duration(to: .now).nanoseconds)
             case .claimWaiter(let elections):
                 let row = try connection.executePrepared(statements.claimWaiter, [list(elections)]).singleRow()
@@ -199,7 +218,9 @@ extension NodeDriver {
     /// every leadership of a healthy node, and a role granted what an earlier version listed (no privileges on the
     /// triggers table) still elects. Any other failure (the session is gone) is thrown.
     private func refusable<T>(
-        _ what: String, otherwise fallback: T, _ body: () throws(StokerError) -> T
+        _ what: String, otherwise fallback: T,
+        then next: String = "a sweep runs again at the next interval; triggers are read again at the next one sent",
+        _ body: () throws(StokerError) -> T
     ) throws(StokerError) -> T {
         let result: Result<T, StokerError> = Result { () throws(StokerError) -> T in try body() }
         switch result {
@@ -207,7 +228,7 @@ extension NodeDriver {
             return value
         case .failure(let error):
             guard error.code == .queryFailed, !Self.endsSession(error.sqlState) else { throw error }
-            var fix = "a sweep runs again at the next interval; triggers are read again at the next one sent"
+            var fix = next
             if error.sqlState == "42501" {
                 fix = "grant this role what `stoker migrate --grant-to ROLE` grants (triggers wait in the table)"
             }
@@ -216,6 +237,11 @@ extension NodeDriver {
                 metadata: metadata.merging(["stoker.error": "\(error)"], uniquingKeysWith: { $1 }))
             return fallback
         }
+    }
+
+    /// Column `column` of `row` as a count: nil when NULL (a schema's tables without statistics yet).
+    private static func count(_ row: QueryResult.Row, _ column: Int) throws(StokerError) -> Int64? {
+        row.isNull(column) ? nil : Int64(try row.int(column))
     }
 
     /// A statement's error that comes with the end of the session — the server terminating it (class 57, operator

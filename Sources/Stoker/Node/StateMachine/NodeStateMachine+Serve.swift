@@ -29,6 +29,10 @@ extension NodeStateMachine {
         /// Delete the rows of members whose node lock is gone (`node_down`, reason died) — the sweeper's every
         /// `sweepInterval`, and anyone's after a lock-queue grant (its holder may just have died).
         case sweep
+        /// Run the join's rehearsal of a takeover again (a transaction rolled back): the tables it reads were vacuumed
+        /// or analyzed since, which invalidates every plan of their statements, and the next takeover would plan them
+        /// again in the middle of a failover.
+        case rehearse
         /// Try to become the waiter of one of these elections.
         case claimWaiter([Int])
         /// Try the locks of these elections, bumping the term of each one won.
@@ -58,12 +62,16 @@ extension NodeStateMachine {
         case waiterTokenReleased(held: Bool)
         /// `renewed`: node rows the heartbeat renewed (when it beat); `granted`: the waited-for lock; `taken`: the
         /// elections won and bumped in that statement.
+        /// `maintenance` (with every heartbeat): how many times the tables a takeover reads were vacuumed or analyzed.
         case waitedAndTook(
             election: Int, beat: Bool, renewed: Int, granted: Bool,
-            taken: [TakenElection])
+            taken: [TakenElection], maintenance: Int64? = nil)
         /// `sweeper`: the sweeper token was claimed.
-        case heartbeatAndTried(renewed: Int, won: [Int], claimed: Int?, sweeper: Bool = false)
-        case heartbeat(renewed: Int, sweeper: Bool = false)
+        case heartbeatAndTried(
+            renewed: Int, won: [Int], claimed: Int?, sweeper: Bool = false, maintenance: Int64? = nil)
+        case heartbeat(renewed: Int, sweeper: Bool = false, maintenance: Int64? = nil)
+        /// The rehearsal ran (or the server refused it: it is not tried again until the tables' next maintenance).
+        case rehearsed
         /// How many dead members' rows the sweep deleted.
         case swept(Int)
         case claimedWaiter(Int?)
@@ -193,6 +201,11 @@ extension NodeStateMachine {
             return .tryTake(others)
         }
         session.retryNow = false
+        // Only a candidate takes over; a node that leads all its elections rehearses once it stands for one again.
+        if session.rehearsalDue, !candidates.isEmpty {
+            session.rehearsalDue = false
+            return .rehearse
+        }
 
         var until = session.nextHeartbeat
         // The witness's answer wakes the poll; with nothing outstanding, its next heartbeat is due then.
@@ -303,9 +316,10 @@ extension NodeStateMachine {
         case .waiterTokenReleased(let held):
             if !held { events.append(.strayWaiterToken) }
             session.waiterToken = nil
-        case .waitedAndTook(let id, let beat, let renewed, let granted, let taken):
+        case .waitedAndTook(let id, let beat, let renewed, let granted, let taken, let maintenance):
             // The node's row is gone: no leadership begins on this session (its locks go with it).
             if beat, renewed == 0 { return .fail(Self.rowDeleted) }
+            Self.noteMaintenance(maintenance, &session)
             // Granted: the statement gave the waiter token back.
             if granted, session.waiterToken == id { session.waiterToken = nil }
             for won in taken { lockWon(election: won.election, taken: won.term, scope: won.scope, now: now, &session) }
@@ -315,18 +329,22 @@ extension NodeStateMachine {
                 session.sweepNow = true
             }
             if beat { session.nextHeartbeat = sent + settings.heartbeat }
-        case .heartbeatAndTried(let renewed, let won, let claimed, let sweeper):
+        case .heartbeatAndTried(let renewed, let won, let claimed, let sweeper, let maintenance):
             if let claimed { session.waiterToken = claimed }
             if renewed == 0 { return .fail(Self.rowDeleted) }
+            Self.noteMaintenance(maintenance, &session)
             if sweeper { Self.becomeSweeper(&session) }
             session.nextHeartbeat = sent + settings.heartbeat
             for id in won { lockWon(election: id, taken: nil, scope: nil, now: now, &session) }
-        case .heartbeat(let renewed, let sweeper):
+        case .heartbeat(let renewed, let sweeper, let maintenance):
             if renewed == 0 { return .fail(Self.rowDeleted) }
+            Self.noteMaintenance(maintenance, &session)
             session.nextHeartbeat = sent + settings.heartbeat
             if sweeper { Self.becomeSweeper(&session) }
         case .swept:
             // Each row deleted sends its node_down; nothing else to do.
+            break
+        case .rehearsed:
             break
         case .claimedWaiter(let token):
             if let token { session.waiterToken = token }
@@ -352,6 +370,15 @@ extension NodeStateMachine {
             return .left
         }
         return .proceed
+    }
+
+    /// A heartbeat read how many times the tables a takeover reads were vacuumed or analyzed: when the count moved
+    /// since the last one (or since the join read it, before its rehearsal), every plan of their statements was
+    /// invalidated — rehearse the takeover again. Without a mark yet, the count only sets it.
+    private static func noteMaintenance(_ count: Int64?, _ session: inout Session) {
+        guard let count else { return }
+        if let seen = session.maintenanceSeen, seen != count { session.rehearsalDue = true }
+        session.maintenanceSeen = count
     }
 
     /// This session holds the schema's sweeper token now: it sweeps at once (the previous sweeper may have died

@@ -52,6 +52,11 @@ extension NodeStateMachine {
         var nextSweep: ContinuousClock.Instant
         /// Sweep at the next turn (after a lock-queue grant, or on becoming the sweeper).
         var sweepNow = false
+        /// How many times the tables a takeover reads were vacuumed or analyzed, as the last heartbeat read it.
+        var maintenanceSeen: Int64?
+        /// Rehearse a takeover again at the next idle turn of a candidate: the count above moved, and every session's
+        /// plans of statements on those tables were invalidated with it.
+        var rehearsalDue = false
     }
 
     /// A session was opened: both connections are up. Returns its generation — or nil when the node is stopping (the
@@ -67,12 +72,15 @@ extension NodeStateMachine {
     }
 
     /// The join finished: the node row (`nodeID`) is in, with its lock; `members` were read after `LISTEN`.
-    /// `deadlockTimeout`: the server's, for the longest queue wait.
+    /// `deadlockTimeout`: the server's, for the longest queue wait. `maintenance`: how many times the tables a takeover
+    /// reads had been vacuumed or analyzed when the join began its rehearsal (see ``Step/rehearse``).
     mutating func joined(
-        nodeID: Int, members: [Int: String], deadlockTimeout: Duration, now: ContinuousClock.Instant
+        nodeID: Int, members: [Int: String], deadlockTimeout: Duration, maintenance: Int64? = nil,
+        now: ContinuousClock.Instant
     ) {
         guard var session else { return }
         session.joined = true
+        session.maintenanceSeen = maintenance
         session.nodeID = nodeID
         session.members = members
         session.longestWait = max(.milliseconds(1), deadlockTimeout * 0.8)
