@@ -1212,46 +1212,46 @@ struct NodeStateMachineTests {
         #expect(f.machine.nextStep(now: f.at(1203)) == .rehearse)
         #expect(f.machine.replied(.rehearsed, sentAt: f.at(1203), now: f.at(1206)).value == .proceed)
         #expect(f.machine.nextStep(now: f.at(1206)) == wait)
-        // Another heartbeat kind reports it too.
-        #expect(
-            f.machine.replied(.heartbeat(renewed: 1, maintenance: 43), sentAt: f.at(1206), now: f.at(1207)).value
-                == .proceed)
-        #expect(f.machine.nextStep(now: f.at(1207)) == .rehearse)
     }
 
-    @Test("a vacuum between the join's read of the count and the first heartbeat: the first heartbeat rehearses")
+    @Test("a vacuum between the join's read of the count and the waiter's first heartbeat: that heartbeat rehearses")
     func rehearsalAfterVacuumDuringJoin() {
         var f = NodeFixture()
         f.join([("a", 7)], maintenance: 40)
         #expect(f.machine.nextStep(now: f.at(10)) == .tryTake([7]))
         #expect(f.machine.replied(.triedAndTook([]), sentAt: f.at(10), now: f.at(12)).value == .proceed)
         #expect(f.machine.nextStep(now: f.at(12)) == .claimWaiter([7]))
-        #expect(f.machine.replied(.claimedWaiter(nil), sentAt: f.at(12), now: f.at(13)).value == .proceed)
-        #expect(f.machine.nextStep(now: f.at(302)) == .heartbeatAndTry(others: [7], claim: true, claimSweeper: true))
-        let tried = Machine.Reply.heartbeatAndTried(renewed: 1, won: [], claimed: nil, maintenance: 41)
-        #expect(f.machine.replied(tried, sentAt: f.at(302), now: f.at(304)).value == .proceed)
+        #expect(f.machine.replied(.claimedWaiter(7), sentAt: f.at(12), now: f.at(13)).value == .proceed)
+        let beat = Machine.Step.waitAndTake(election: 7, others: [], wait: .milliseconds(300), beat: true)
+        #expect(f.machine.nextStep(now: f.at(302)) == beat)
+        let beaten = Machine.Reply.waitedAndTook(
+            election: 7, beat: true, renewed: 1, granted: false, taken: [], maintenance: 41)
+        #expect(f.machine.replied(beaten, sentAt: f.at(302), now: f.at(304)).value == .proceed)
         #expect(f.machine.nextStep(now: f.at(304)) == .rehearse)
     }
 
-    @Test("a node that leads all its elections does not rehearse: it keeps the rehearsal for when it stands again")
+    @Test(
+        "a waiter whose heartbeat saw a vacuum and was granted the lock leads everything: no rehearsal until it stands")
     func noRehearsalWhileLeadingAll() {
         var f = NodeFixture()
-        f.join([("a", 7)])
+        f.join([("a", 7)], maintenance: 40)
         #expect(f.machine.nextStep(now: f.at(10)) == .tryTake([7]))
+        #expect(f.machine.replied(.triedAndTook([]), sentAt: f.at(10), now: f.at(12)).value == .proceed)
+        #expect(f.machine.nextStep(now: f.at(12)) == .claimWaiter([7]))
+        #expect(f.machine.replied(.claimedWaiter(7), sentAt: f.at(12), now: f.at(13)).value == .proceed)
+        #expect(
+            f.machine.nextStep(now: f.at(302))
+                == .waitAndTake(election: 7, others: [], wait: .milliseconds(300), beat: true))
         let scope = f.scope("a")
-        let won = Machine.Reply.triedAndTook([TakenElection(election: 7, term: NodeFixture.began(), scope: scope)])
-        #expect(f.machine.replied(won, sentAt: f.at(10), now: f.at(12)).value == .proceed)
+        let granted = Machine.Reply.waitedAndTook(
+            election: 7, beat: true, renewed: 1, granted: true,
+            taken: [TakenElection(election: 7, term: NodeFixture.began(), scope: scope)], maintenance: 41)
+        #expect(f.machine.replied(granted, sentAt: f.at(302), now: f.at(304)).value == .proceed)
         #expect(f.machine.takeDeliveries() == [.message(f["a"], .leader(scope, members: f.machine.memberList))])
-        f.readsNoTriggers(7, at: 12)
-        #expect(f.machine.nextStep(now: f.at(302)) == .heartbeat(claimSweeper: true))
-        #expect(
-            f.machine.replied(.heartbeat(renewed: 1, maintenance: 3), sentAt: f.at(302), now: f.at(304)).value
-                == .proceed)
-        #expect(f.machine.nextStep(now: f.at(602)) == .heartbeat(claimSweeper: true))
-        #expect(
-            f.machine.replied(.heartbeat(renewed: 1, maintenance: 4), sentAt: f.at(602), now: f.at(604)).value
-                == .proceed)
-        #expect(f.machine.nextStep(now: f.at(604)) == .waitIdle(until: f.at(902)))
+        #expect(f.machine.nextStep(now: f.at(304)) == .sweep)
+        #expect(f.machine.replied(.swept(0), sentAt: f.at(304), now: f.at(305)).value == .proceed)
+        f.readsNoTriggers(7, at: 305)
+        #expect(f.machine.nextStep(now: f.at(305)) == .waitIdle(until: f.at(602)))
         #expect(f.machine.session?.rehearsalDue == true)
     }
 

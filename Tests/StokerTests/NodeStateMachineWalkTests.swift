@@ -517,11 +517,9 @@ struct NodeWorld {
                 token = pick
                 claimed = pick
             }
-            reply = .heartbeatAndTried(
-                renewed: renewed(), won: won, claimed: claimed, sweeper: tookSweeper, maintenance: maintenanceCount())
+            reply = .heartbeatAndTried(renewed: renewed(), won: won, claimed: claimed, sweeper: tookSweeper)
         case .heartbeat(let claimSweeper):
-            reply = .heartbeat(
-                renewed: renewed(), sweeper: trySweeper(claimSweeper), maintenance: maintenanceCount())
+            reply = .heartbeat(renewed: renewed(), sweeper: trySweeper(claimSweeper))
         case .rehearse:
             coverage.rehearsals += 1
             reply = .rehearsed
@@ -1109,7 +1107,7 @@ extension NodeWorld {
 
     mutating func renewed() -> Int { windingDown || chance(97) ? 1 : 0 }
 
-    /// The tables' vacuum and analyze count a heartbeat reads: now and then a vacuum moved it.
+    /// The tables' vacuum and analyze count a waiter's heartbeat reads: now and then a vacuum moved it.
     mutating func maintenanceCount() -> Int64 {
         if chance(10) { maintenance += 1 }
         return maintenance

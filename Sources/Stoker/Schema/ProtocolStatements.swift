@@ -37,8 +37,7 @@ struct ProtocolStatements: Sendable {
     /// `$1` node id, `$2` election ids as an int4 array literal, `$3` whether to claim a waiter token, `$4` whether to
     /// try the sweeper token: the heartbeat, the follower's retry and the claims in one statement →
     /// rows renewed (0: the row is gone), the ids whose lock this session just won (an int4 array literal), the
-    /// election whose waiter token it took (or NULL), whether it took the sweeper token (or NULL), how many times the
-    /// tables a takeover reads were vacuumed or analyzed.
+    /// election whose waiter token it took (or NULL), whether it took the sweeper token (or NULL).
     let heartbeatAndTry: String
     /// `$1` node id → whether the node lock was taken (session level: it outlives the transaction).
     let lockNode: String
@@ -46,8 +45,7 @@ struct ProtocolStatements: Sendable {
     /// the server's statistics (NULL without any): each time invalidates every session's plans of their statements.
     let maintenanceCount: String
     /// `$1` node id, `$2` whether to try the sweeper token: the heartbeat that renews the lease → rows renewed (0: the
-    /// row is gone), whether it took the sweeper token (or NULL), how many times the tables a takeover reads were
-    /// vacuumed or analyzed.
+    /// row is gone), whether it took the sweeper token (or NULL).
     let heartbeat: String
     /// `$1` cluster id → `id`, `name`, `host`, `pid`, `draining` of every member.
     let members: String
@@ -169,6 +167,8 @@ struct ProtocolStatements: Sendable {
         let sweeperToken = "pg_try_advisory_lock(\(ns), -2147483648)"
         // How many times the tables a takeover reads were vacuumed or analyzed (the server's statistics): each time
         // invalidates every session's plans of their statements, rehearsed at join (see NodeStateMachine.Step.rehearse).
+        // Read by the join and by the waiters' heartbeats only: a waiter is who takes over, and an idle cluster has
+        // one per election.
         let maintenance = """
             (SELECT sum(pg_stat_get_vacuum_count(c.oid) + pg_stat_get_autovacuum_count(c.oid)
                         + pg_stat_get_analyze_count(c.oid) + pg_stat_get_autoanalyze_count(c.oid))::int8
@@ -180,14 +180,14 @@ struct ProtocolStatements: Sendable {
         let waiterToken = "\(ns), -1073741824 - ($1::int4)"
         heartbeat = """
             WITH beat AS (UPDATE \(s).nodes SET heartbeat_at = now() WHERE id = $1 RETURNING 1)
-            SELECT (SELECT count(*) FROM beat)::int, CASE WHEN $2::boolean THEN \(sweeperToken) END, \(maintenance)
+            SELECT (SELECT count(*) FROM beat)::int, CASE WHEN $2::boolean THEN \(sweeperToken) END
             """
         heartbeatAndTry = """
             WITH beat AS (UPDATE \(s).nodes SET heartbeat_at = now() WHERE id = $1 RETURNING 1),
                  won AS MATERIALIZED (\(tryLocks("$2")))
             SELECT (SELECT count(*) FROM beat)::int, ARRAY(SELECT id FROM won)::text,
                    CASE WHEN $3::boolean THEN \(s).claim_waiter(\(ns), $2::int4[]) END,
-                   CASE WHEN $4::boolean THEN \(sweeperToken) END, \(maintenance)
+                   CASE WHEN $4::boolean THEN \(sweeperToken) END
             """
         members = "SELECT id, name, host, pid, draining FROM \(s).nodes WHERE cluster_id = $1 ORDER BY id"
         ensureElection = """

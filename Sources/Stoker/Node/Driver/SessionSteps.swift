@@ -122,15 +122,13 @@ extension NodeDriver {
                 reply = .heartbeatAndTried(
                     renewed: try row.int(0), won: try Self.integers(inArrayLiteral: try row.string(1)),
                     claimed: claim && !row.isNull(2) ? try row.int(2) : nil,
-                    sweeper: try row.optionalBool(3) == true, maintenance: try Self.count(row, 4))
+                    sweeper: try row.optionalBool(3) == true)
                 metrics.heartbeatRoundTrip.recordNanoseconds(sent.duration(to: .now).nanoseconds)
             case .heartbeat(let claimSweeper):
                 let row = try connection.executePrepared(
                     statements.heartbeat, [nodeID, claimSweeper ? "true" : "false"]
                 ).singleRow()
-                reply = .heartbeat(
-                    renewed: try row.int(0), sweeper: try row.optionalBool(1) == true,
-                    maintenance: try Self.count(row, 2))
+                reply = .heartbeat(renewed: try row.int(0), sweeper: try row.optionalBool(1) == true)
                 metrics.heartbeatRoundTrip.recordNanoseconds(sent.duration(to: .now).nanoseconds)
             case .claimWaiter(let elections):
                 let row = try connection.executePrepared(statements.claimWaiter, [list(elections)]).singleRow()

@@ -62,14 +62,13 @@ extension NodeStateMachine {
         case waiterTokenReleased(held: Bool)
         /// `renewed`: node rows the heartbeat renewed (when it beat); `granted`: the waited-for lock; `taken`: the
         /// elections won and bumped in that statement.
-        /// `maintenance` (with every heartbeat): how many times the tables a takeover reads were vacuumed or analyzed.
+        /// `maintenance` (with the heartbeat): how many times the tables a takeover reads were vacuumed or analyzed.
         case waitedAndTook(
             election: Int, beat: Bool, renewed: Int, granted: Bool,
             taken: [TakenElection], maintenance: Int64? = nil)
         /// `sweeper`: the sweeper token was claimed.
-        case heartbeatAndTried(
-            renewed: Int, won: [Int], claimed: Int?, sweeper: Bool = false, maintenance: Int64? = nil)
-        case heartbeat(renewed: Int, sweeper: Bool = false, maintenance: Int64? = nil)
+        case heartbeatAndTried(renewed: Int, won: [Int], claimed: Int?, sweeper: Bool = false)
+        case heartbeat(renewed: Int, sweeper: Bool = false)
         /// The rehearsal ran (or the server refused it: it is not tried again until the tables' next maintenance).
         case rehearsed
         /// How many dead members' rows the sweep deleted.
@@ -201,7 +200,8 @@ extension NodeStateMachine {
             return .tryTake(others)
         }
         session.retryNow = false
-        // Only a candidate takes over; a node that leads all its elections rehearses once it stands for one again.
+        // A waiter's heartbeat saw the count move (a waiter that stopped waiting meanwhile still rehearses: it may be
+        // one again soon); a node that stands for nothing any more keeps it for when it does.
         if session.rehearsalDue, !candidates.isEmpty {
             session.rehearsalDue = false
             return .rehearse
@@ -329,16 +329,14 @@ extension NodeStateMachine {
                 session.sweepNow = true
             }
             if beat { session.nextHeartbeat = sent + settings.heartbeat }
-        case .heartbeatAndTried(let renewed, let won, let claimed, let sweeper, let maintenance):
+        case .heartbeatAndTried(let renewed, let won, let claimed, let sweeper):
             if let claimed { session.waiterToken = claimed }
             if renewed == 0 { return .fail(Self.rowDeleted) }
-            Self.noteMaintenance(maintenance, &session)
             if sweeper { Self.becomeSweeper(&session) }
             session.nextHeartbeat = sent + settings.heartbeat
             for id in won { lockWon(election: id, taken: nil, scope: nil, now: now, &session) }
-        case .heartbeat(let renewed, let sweeper, let maintenance):
+        case .heartbeat(let renewed, let sweeper):
             if renewed == 0 { return .fail(Self.rowDeleted) }
-            Self.noteMaintenance(maintenance, &session)
             session.nextHeartbeat = sent + settings.heartbeat
             if sweeper { Self.becomeSweeper(&session) }
         case .swept:

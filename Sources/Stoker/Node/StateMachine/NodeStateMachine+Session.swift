@@ -52,7 +52,8 @@ extension NodeStateMachine {
         var nextSweep: ContinuousClock.Instant
         /// Sweep at the next turn (after a lock-queue grant, or on becoming the sweeper).
         var sweepNow = false
-        /// How many times the tables a takeover reads were vacuumed or analyzed, as the last heartbeat read it.
+        /// How many times the tables a takeover reads were vacuumed or analyzed, as the join or the last waiter's
+        /// heartbeat read it.
         var maintenanceSeen: Int64?
         /// Rehearse a takeover again at the next idle turn of a candidate: the count above moved, and every session's
         /// plans of statements on those tables were invalidated with it.
