@@ -63,7 +63,8 @@ extension NodeDriver {
                 // A refused statement (a timeout on a busy server, say) leaves the plans to the next takeover.
                 try refusable(
                     "a rehearsal of a takeover", otherwise: (),
-                    then: "the next takeover plans its statements itself; it is rehearsed again after the next vacuum"
+                    then: "the next takeover plans its statements itself; it is rehearsed again after the next vacuum",
+                    meanwhile: "the next takeover plans its statements itself"
                 ) { () throws(StokerError) in
                     try connection.execute(statements.warmUp)
                     do {
@@ -214,10 +215,12 @@ extension NodeDriver {
     /// Runs `body`; a statement the server refused (a lock timeout, a conflict, a privilege this role lacks) leaves
     /// the session fine and gives `otherwise`, with a warning — losing the session over a sweep or a trigger would end
     /// every leadership of a healthy node, and a role granted what an earlier version listed (no privileges on the
-    /// triggers table) still elects. Any other failure (the session is gone) is thrown.
+    /// triggers table) still elects. Any other failure (the session is gone) is thrown. The warning says what happens
+    /// `next`, or with a privilege missing, what is left `meanwhile`.
     private func refusable<T>(
         _ what: String, otherwise fallback: T,
         then next: String = "a sweep runs again at the next interval; triggers are read again at the next one sent",
+        meanwhile: String = "triggers wait in the table",
         _ body: () throws(StokerError) -> T
     ) throws(StokerError) -> T {
         let result: Result<T, StokerError> = Result { () throws(StokerError) -> T in try body() }
@@ -228,7 +231,7 @@ extension NodeDriver {
             guard error.code == .queryFailed, !Self.endsSession(error.sqlState) else { throw error }
             var fix = next
             if error.sqlState == "42501" {
-                fix = "grant this role what `stoker migrate --grant-to ROLE` grants (triggers wait in the table)"
+                fix = "grant this role what `stoker migrate --grant-to ROLE` grants (\(meanwhile))"
             }
             logger.warning(
                 "the server refused \(what); \(fix)",
