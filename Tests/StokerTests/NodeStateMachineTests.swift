@@ -93,6 +93,20 @@ struct NodeFixture {
             sourceLocation: sourceLocation)
     }
 
+    /// Joins with election `a` (id 7) only, and becomes its waiter as the first steps after a join do: the try at 10 ms
+    /// wins nothing, the claim at 12 ms takes the token.
+    mutating func joinAsWaiter(maintenance: Int64? = nil, sourceLocation: SourceLocation = #_sourceLocation) {
+        join([("a", 7)], maintenance: maintenance, sourceLocation: sourceLocation)
+        #expect(machine.nextStep(now: at(10)) == .tryTake([7]), sourceLocation: sourceLocation)
+        #expect(
+            machine.replied(.triedAndTook([]), sentAt: at(10), now: at(12)).value == .proceed,
+            sourceLocation: sourceLocation)
+        #expect(machine.nextStep(now: at(12)) == .claimWaiter([7]), sourceLocation: sourceLocation)
+        #expect(
+            machine.replied(.claimedWaiter(7), sentAt: at(12), now: at(13)).value == .proceed,
+            sourceLocation: sourceLocation)
+    }
+
     /// Where `phase` leaves election `a` (id 1), and when.
     enum Phase: String, CaseIterable, Sendable, CustomTestStringConvertible {
         /// Tried once and lost (12 ms), no waiter token claimed (13 ms).
@@ -1152,11 +1166,7 @@ struct NodeStateMachineTests {
     @Test("a follower leading nothing waits in its token's queue, with the heartbeat when due; a grant leads")
     func waiterToken() {
         var f = NodeFixture()
-        f.join([("a", 7)])
-        #expect(f.machine.nextStep(now: f.at(10)) == .tryTake([7]))
-        #expect(f.machine.replied(.triedAndTook([]), sentAt: f.at(10), now: f.at(12)).value == .proceed)
-        #expect(f.machine.nextStep(now: f.at(12)) == .claimWaiter([7]))
-        #expect(f.machine.replied(.claimedWaiter(7), sentAt: f.at(12), now: f.at(13)).value == .proceed)
+        f.joinAsWaiter()
         // min(deadlock_timeout × 0.8, statement timeout / 2, (lease − margin) / 6) = 300 ms.
         let wait = Machine.Step.waitAndTake(election: 7, others: [], wait: .milliseconds(300), beat: false)
         #expect(f.machine.nextStep(now: f.at(13)) == wait)
@@ -1183,11 +1193,7 @@ struct NodeStateMachineTests {
     @Test("a vacuum of the takeover's tables, seen by a heartbeat: the waiter rehearses its takeover once, then waits")
     func rehearsalAfterVacuum() {
         var f = NodeFixture()
-        f.join([("a", 7)])
-        #expect(f.machine.nextStep(now: f.at(10)) == .tryTake([7]))
-        #expect(f.machine.replied(.triedAndTook([]), sentAt: f.at(10), now: f.at(12)).value == .proceed)
-        #expect(f.machine.nextStep(now: f.at(12)) == .claimWaiter([7]))
-        #expect(f.machine.replied(.claimedWaiter(7), sentAt: f.at(12), now: f.at(13)).value == .proceed)
+        f.joinAsWaiter()
         let wait = Machine.Step.waitAndTake(election: 7, others: [], wait: .milliseconds(300), beat: false)
         let beat = Machine.Step.waitAndTake(election: 7, others: [], wait: .milliseconds(300), beat: true)
         func beatReply(_ maintenance: Int64?) -> Machine.Reply {
@@ -1217,11 +1223,7 @@ struct NodeStateMachineTests {
     @Test("a vacuum between the join's read of the count and the waiter's first heartbeat: that heartbeat rehearses")
     func rehearsalAfterVacuumDuringJoin() {
         var f = NodeFixture()
-        f.join([("a", 7)], maintenance: 40)
-        #expect(f.machine.nextStep(now: f.at(10)) == .tryTake([7]))
-        #expect(f.machine.replied(.triedAndTook([]), sentAt: f.at(10), now: f.at(12)).value == .proceed)
-        #expect(f.machine.nextStep(now: f.at(12)) == .claimWaiter([7]))
-        #expect(f.machine.replied(.claimedWaiter(7), sentAt: f.at(12), now: f.at(13)).value == .proceed)
+        f.joinAsWaiter(maintenance: 40)
         let beat = Machine.Step.waitAndTake(election: 7, others: [], wait: .milliseconds(300), beat: true)
         #expect(f.machine.nextStep(now: f.at(302)) == beat)
         let beaten = Machine.Reply.waitedAndTook(
@@ -1234,11 +1236,7 @@ struct NodeStateMachineTests {
         "a waiter whose heartbeat saw a vacuum and was granted the lock leads everything: no rehearsal until it stands")
     func noRehearsalWhileLeadingAll() {
         var f = NodeFixture()
-        f.join([("a", 7)], maintenance: 40)
-        #expect(f.machine.nextStep(now: f.at(10)) == .tryTake([7]))
-        #expect(f.machine.replied(.triedAndTook([]), sentAt: f.at(10), now: f.at(12)).value == .proceed)
-        #expect(f.machine.nextStep(now: f.at(12)) == .claimWaiter([7]))
-        #expect(f.machine.replied(.claimedWaiter(7), sentAt: f.at(12), now: f.at(13)).value == .proceed)
+        f.joinAsWaiter(maintenance: 40)
         #expect(
             f.machine.nextStep(now: f.at(302))
                 == .waitAndTake(election: 7, others: [], wait: .milliseconds(300), beat: true))
@@ -1336,11 +1334,7 @@ struct NodeStateMachineTests {
     @Test("a waiter gives its token back before a freeze holds the thread; a token not held is reported")
     func tokenReleasedBeforeFreeze() {
         var f = NodeFixture()
-        f.join([("a", 7)])
-        #expect(f.machine.nextStep(now: f.at(10)) == .tryTake([7]))
-        #expect(f.machine.replied(.triedAndTook([]), sentAt: f.at(10), now: f.at(12)).value == .proceed)
-        #expect(f.machine.nextStep(now: f.at(12)) == .claimWaiter([7]))
-        #expect(f.machine.replied(.claimedWaiter(7), sentAt: f.at(12), now: f.at(13)).value == .proceed)
+        f.joinAsWaiter()
         f.machine.freezeRequested(session: .seconds(1), watchdog: .milliseconds(1100))
         #expect(f.machine.nextStep(now: f.at(14)) == .releaseWaiterToken(election: 7))
         #expect(f.machine.replied(.waiterTokenReleased(held: false), sentAt: f.at(14), now: f.at(15)).value == .proceed)
@@ -1453,11 +1447,7 @@ struct NodeStateMachineTests {
     @Test("a wait whose heartbeat found the node's row deleted begins no leadership")
     func waitWithDeletedRowBeginsNothing() {
         var f = NodeFixture()
-        f.join([("a", 7)])
-        #expect(f.machine.nextStep(now: f.at(10)) == .tryTake([7]))
-        #expect(f.machine.replied(.triedAndTook([]), sentAt: f.at(10), now: f.at(12)).value == .proceed)
-        #expect(f.machine.nextStep(now: f.at(12)) == .claimWaiter([7]))
-        #expect(f.machine.replied(.claimedWaiter(7), sentAt: f.at(12), now: f.at(13)).value == .proceed)
+        f.joinAsWaiter()
         #expect(
             f.machine.nextStep(now: f.at(302))
                 == .waitAndTake(election: 7, others: [], wait: .milliseconds(300), beat: true))
