@@ -55,6 +55,11 @@ struct QueryResult: Sendable {
         func optionalBool(_ column: Int) throws(StokerError) -> Bool? {
             isNull(column) ? nil : try bool(column)
         }
+
+        /// The integer, or `nil` for NULL.
+        func optionalInt(_ column: Int) throws(StokerError) -> Int? {
+            isNull(column) ? nil : try int(column)
+        }
     }
 
     /// The only row, or an error naming how many there were.

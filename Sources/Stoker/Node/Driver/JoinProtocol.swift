@@ -39,8 +39,8 @@ extension NodeDriver {
         let deadlockTimeout = try connection.execute(ProtocolStatements.deadlockTimeoutQuery).singleRow().int(0)
         // Read before the rehearsal: a vacuum or an analyze from now on invalidates what it plans, and the session
         // rehearses again once a heartbeat sees the count move.
-        let maintenance = try connection.execute(statements.maintenanceCount).singleRow()
-        let maintenanceCount = maintenance.isNull(0) ? nil : Int64(try maintenance.int(0))
+        let maintenanceCount = try connection.execute(statements.maintenanceCount).singleRow().optionalInt(0)
+            .map(Int64.init)
         // PL/pgSQL compiles a function, and plans its statements, at its first call in a session: 5-7 ms for the term
         // bump's functions, measured. Paid here, not in the middle of a failover.
         try connection.execute(statements.warmUp)

@@ -113,7 +113,7 @@ extension NodeDriver {
                 reply = .waitedAndTook(
                     election: id, beat: beat, renewed: renewed, granted: granted,
                     taken: scoped(try TakenElection.won(byWaitAndTake: rows)),
-                    maintenance: beat ? try Self.count(first, 8) : nil)
+                    maintenance: beat ? try first.optionalInt(8).map(Int64.init) : nil)
                 if beat { metrics.heartbeatRoundTrip.recordNanoseconds(sent.duration(to: .now).nanoseconds) }
             case .heartbeatAndTry(let others, let claim, let claimSweeper):
                 let row = try connection.executePrepared(
@@ -133,7 +133,7 @@ extension NodeDriver {
                 metrics.heartbeatRoundTrip.recordNanoseconds(sent.duration(to: .now).nanoseconds)
             case .claimWaiter(let elections):
                 let row = try connection.executePrepared(statements.claimWaiter, [list(elections)]).singleRow()
-                reply = .claimedWaiter(row.isNull(0) ? nil : try row.int(0))
+                reply = .claimedWaiter(try row.optionalInt(0))
             case .tryTake(let elections):
                 let rows = try connection.executePrepared(statements.tryTake, [list(elections), nodeID, nodeName]).rows
                 reply = .triedAndTook(scoped(try rows.map { try TakenElection($0, election: 0, from: 1) }))
@@ -240,11 +240,6 @@ extension NodeDriver {
         }
     }
 
-    /// Column `column` of `row` as a count: nil when NULL (a schema's tables without statistics yet).
-    private static func count(_ row: QueryResult.Row, _ column: Int) throws(StokerError) -> Int64? {
-        row.isNull(column) ? nil : Int64(try row.int(column))
-    }
-
     /// A statement's error that comes with the end of the session — the server terminating it (class 57, operator
     /// intervention, but for a statement cancelled by its timeout) or a connection exception (class 08) — read before
     /// libpq noticed the connection closed.
@@ -337,8 +332,8 @@ extension TakenTerm {
         self.init(
             term: Int64(try row.int(column)),
             began: try row.bool(column + 1),
-            predecessor: row.isNull(column + 2) ? nil : try row.int(column + 2),
+            predecessor: try row.optionalInt(column + 2),
             sameServer: try row.optionalBool(column + 3) ?? false,
-            leaseMilliseconds: row.isNull(column + 4) ? nil : try row.int(column + 4))
+            leaseMilliseconds: try row.optionalInt(column + 4))
     }
 }
