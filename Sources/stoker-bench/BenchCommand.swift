@@ -27,7 +27,8 @@ struct Failover: AsyncParsableCommand {
             both are measured over the same minutes of the host; --sequential runs all of one system's repetitions \
             of a fault before the other's. \
             The floor is the same harness around bare libpq clients (`floor-client`) that wait in \
-            pg_advisory_lock with lock_timeout 100 ms and hold the lock under idle_session_timeout = lease. \
+            pg_advisory_lock with lock_timeout 100 ms and hold the lock under idle_session_timeout = lease (with \
+            --floor-sessions 2, each holds a lock on each of two sessions, and a successor waits for both). \
             Every line is checked: per election, leaderships [now_leader.at, ended_at] never overlap and terms \
             increase. Prints a markdown report; exits 1 on any overlap or other correctness problem.
             """
@@ -71,7 +72,20 @@ struct Failover: AsyncParsableCommand {
     )
     var vacuum = false
 
+    @Option(
+        name: .customLong("floor-sessions"),
+        help:
+            ArgumentHelp(
+                "Sessions per floor participant: 1 (one lock, the floor of any lock-based election), or 2 (a lock on "
+                    + "each session; a successor needs both, as Stoker's needs its predecessor's main session and "
+                    + "witness gone: the floor of evidence carried by two sessions).")
+    )
+    var floorSessions: Int = 1
+
     func validate() throws {
+        guard (1...2).contains(floorSessions) else {
+            throw ValidationError("--floor-sessions must be 1 or 2 (got \(floorSessions)).")
+        }
         guard reps >= 1 else { throw ValidationError("--reps must be at least 1 (got \(reps)).") }
         guard nodes >= 2 else {
             throw ValidationError("--nodes must be at least 2 (got \(nodes)): a failover needs a successor.")
@@ -102,7 +116,8 @@ struct Failover: AsyncParsableCommand {
         }
         let settings = BenchSettings(
             reps: reps, lease: lease, faults: faults.values, nodes: nodes, systems: systems.values,
-            elections: elections, fresh: fresh, sequential: sequential, vacuum: vacuum, stokerPath: stoker,
+            elections: elections, fresh: fresh, sequential: sequential, vacuum: vacuum, floorSessions: floorSessions,
+            stokerPath: stoker,
             benchPath: binary)
         let commandLine = CommandLine.arguments.map(shellQuoted).joined(separator: " ")
         let outcome = try await runFailoverBenchmark(settings, commandLine: commandLine)

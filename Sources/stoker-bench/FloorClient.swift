@@ -13,6 +13,11 @@ import Synchronization
 /// frozen. SIGTERM/SIGINT: unlock, print `shutdown` with `ended_at`, exit 0. A lost session while leading: print
 /// `now_follower` with `ended_at` (when it noticed), exit 1.
 ///
+/// With `--sessions 2`, a second session holds `key + 1` while this one leads, and a successor takes `key + 1` (on its
+/// first session, then moves it to its second) once it holds `key`: it begins only when both of its predecessor's
+/// sessions are gone, as a Stoker successor needs its predecessor's main session and witness gone. Nothing else: no
+/// term, no row, no notification — the floor of evidence carried by two sessions.
+///
 /// Single-purpose and synchronous: every libpq call blocks the main thread, which is all this process does.
 struct FloorClient: ParsableCommand {
     static let configuration = CommandConfiguration(
@@ -36,39 +41,73 @@ struct FloorClient: ParsableCommand {
     @Option(name: .long, help: "Keep-alive interval while holding the lock (default: idle timeout / 5).")
     var heartbeat: BenchDuration?
 
+    @Option(
+        name: .long,
+        help: "Sessions: 1, or 2 (the second holds key + 1, and a successor waits for both keys: both sessions gone).")
+    var sessions: Int = 1
+
+    func validate() throws {
+        guard (1...2).contains(sessions) else { throw ValidationError("--sessions must be 1 or 2 (got \(sessions)).") }
+    }
+
     func run() throws {
         let stop = try TerminationPipe()
         let node = "floor-\(getpid())"
-        guard let connection = PQconnectdb(url) else { fail("could not connect: out of memory") }
-        defer { PQfinish(connection) }
-        guard PQstatus(connection) == CONNECTION_OK else {
-            fail("could not connect: \(String(cString: PQerrorMessage(connection)))")
+        // The first session waits for `key`; a second one holds `key + 1`, which a successor takes (on its first
+        // session) once it holds `key`: it begins only when both of its predecessor's sessions are gone.
+        let connections = (0..<sessions).map { _ in PQconnectdb(url) }
+        defer { for connection in connections { PQfinish(connection) } }
+        var all: [FloorSession] = []
+        for (index, connection) in connections.enumerated() {
+            guard let connection else { fail("could not connect: out of memory") }
+            guard PQstatus(connection) == CONNECTION_OK else {
+                fail("could not connect: \(String(cString: PQerrorMessage(connection)))")
+            }
+            PQsetNoticeProcessor(connection, { _, _ in }, nil)
+            let session = FloorSession(connection: connection)
+            try session.command("SET application_name = '\(node)\(index == 0 ? "" : "/w")'")
+            try session.command("SET lock_timeout = '\(lockTimeout.milliseconds)ms'")
+            // The second session idles while the first waits in the queue: its timeout starts once it holds its key.
+            if index == 0 { try session.command("SET idle_session_timeout = '\(idleTimeout.milliseconds)ms'") }
+            all.append(session)
         }
-        PQsetNoticeProcessor(connection, { _, _ in }, nil)
-        let session = FloorSession(connection: connection)
-        try session.command("SET application_name = '\(node)'")
-        try session.command("SET lock_timeout = '\(lockTimeout.milliseconds)ms'")
-        try session.command("SET idle_session_timeout = '\(idleTimeout.milliseconds)ms'")
+        let session = all[0]
+        let second = key + 1
 
-        guard let grantedAt = waitInQueue(session, stop: stop) else {
+        guard var grantedAt = waitInQueue(session, key: key, stop: stop) else {
             emit(["\"event\":\"shutdown\"", "\"reason\":\"graceful_shutdown\""], node: node)
             return
         }
+        if all.count == 2 {
+            // The predecessor's second session holds it until it is gone too; then it moves to ours (nobody else
+            // waits for it: the other candidates wait for `key`, which this session holds).
+            guard let both = waitInQueue(session, key: second, stop: stop) else {
+                emit(["\"event\":\"shutdown\"", "\"reason\":\"graceful_shutdown\""], node: node)
+                return
+            }
+            grantedAt = both
+        }
         let term = (try? session.value("SELECT nextval('stoker_bench_floor_term')")).flatMap { Int($0) } ?? 0
         emit(["\"event\":\"now_leader\"", "\"term\":\(term)"], node: node, at: grantedAt)
+        if all.count == 2 {
+            try session.command("SELECT pg_advisory_unlock(\(second))")
+            try all[1].command("SELECT pg_advisory_lock(\(second))")
+            try all[1].command("SET idle_session_timeout = '\(idleTimeout.milliseconds)ms'")
+        }
 
         // Hold it.
         let interval = Int32(clamping: (heartbeat ?? idleTimeout).milliseconds / (heartbeat == nil ? 5 : 1))
         while true {
-            var descriptors = [
-                pollfd(fd: stop.descriptor, events: Int16(POLLIN), revents: 0),
-                pollfd(fd: PQsocket(connection), events: Int16(POLLIN), revents: 0),
-            ]
-            let ready = poll(&descriptors, 2, interval)
+            var descriptors =
+                [pollfd(fd: stop.descriptor, events: Int16(POLLIN), revents: 0)]
+                + all.map { pollfd(fd: PQsocket($0.connection), events: Int16(POLLIN), revents: 0) }
+            let ready = poll(&descriptors, nfds_t(descriptors.count), interval)
             if ready < 0 && errno != EINTR { fail("poll failed: \(String(cString: strerror(errno)))") }
             if descriptors[0].revents != 0 {
                 // Leadership ends before the unlock is sent: the server may grant the successor before we read the reply.
                 let endedAt = monotonicSeconds()
+                // The second key first: a successor granted `key` then finds it free.
+                if all.count == 2 { _ = all[1].execute("SELECT pg_advisory_unlock(\(second))") }
                 _ = session.execute("SELECT pg_advisory_unlock(\(key))")
                 emit(
                     [
@@ -78,11 +117,13 @@ struct FloorClient: ParsableCommand {
                 return
             }
             var lost = false
-            if descriptors[1].revents != 0 {
-                // Readable while idle: the server is closing the session (idle_session_timeout, termination).
-                lost = PQconsumeInput(connection) == 0 || PQstatus(connection) != CONNECTION_OK
-            } else if ready == 0 {
-                if case .failed = session.execute("SELECT 1") { lost = true }
+            for (index, each) in all.enumerated() where !lost {
+                if descriptors[index + 1].revents != 0 {
+                    // Readable while idle: the server is closing the session (idle_session_timeout, termination).
+                    lost = PQconsumeInput(each.connection) == 0 || PQstatus(each.connection) != CONNECTION_OK
+                } else if ready == 0 {
+                    if case .failed = each.execute("SELECT 1") { lost = true }
+                }
             }
             if lost {
                 emit(
@@ -97,7 +138,7 @@ struct FloorClient: ParsableCommand {
 
     /// Waits in the lock's queue, one `lock_timeout` at a time; returns the instant the grant arrived, or nil when
     /// SIGTERM/SIGINT came first (checked between two waits).
-    private func waitInQueue(_ session: FloorSession, stop: TerminationPipe) -> Double? {
+    private func waitInQueue(_ session: FloorSession, key: Int64, stop: TerminationPipe) -> Double? {
         while !stop.isRequested {
             let outcome = session.execute("SELECT pg_advisory_lock(\(key))")
             let at = monotonicSeconds()

@@ -18,6 +18,8 @@ struct BenchSettings: Sendable {
     /// Whether Stoker's tables are vacuumed a heartbeat and 300 ms before each of Stoker's faults (as autovacuum does in
     /// a running cluster), which invalidates the plans every session has of their statements.
     let vacuum: Bool
+    /// Sessions per floor participant (1, or 2: a lock on each, and a successor needs both).
+    let floorSessions: Int
     /// `stoker`, when `.stoker` is among the systems.
     let stokerPath: String?
     /// This bench's own binary (it runs the floor clients).
@@ -209,7 +211,7 @@ struct Phase {
         case .floor:
             arguments = [
                 settings.benchPath, "floor-client", "--url", database.conninfo, "--key", String(floorKey),
-                "--idle-timeout", settings.lease.text,
+                "--idle-timeout", settings.lease.text, "--sessions", String(settings.floorSessions),
             ]
         }
         let participant = Participant(name: name, process: try await NodeProcess.start(arguments))

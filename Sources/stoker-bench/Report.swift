@@ -133,7 +133,10 @@ struct Report {
                 + "included); percentiles by nearest rank")
         out.append(
             "- floor: bare libpq clients waiting in `pg_advisory_lock` with `lock_timeout` 100ms, holding under "
-                + "`idle_session_timeout` = lease (no Stoker)")
+                + "`idle_session_timeout` = lease (no Stoker)"
+                + (settings.floorSessions == 2
+                    ? "; two sessions per client, a lock on each, and a successor waits for both (the floor of "
+                        + "evidence carried by two sessions)" : ""))
         out.append("")
         out.append(
             "| fault | signal | Stoker p50 | Stoker p99 | Stoker max | floor p50 | floor p99 | floor max "
