@@ -95,6 +95,13 @@ public final class StokerNode: Service, Sendable {
         core.freezeThreads(for: duration)
     }
 
+    /// Test hook: ends the holds of a freeze under way — the session loop's at once, the watchdog's 100 ms later — so a
+    /// test can hold a node for as long as it needs to look at the cluster, within a bound, rather than for a time
+    /// guessed in advance.
+    @_spi(Testing) public func releaseFreeze() {
+        core.releaseFreeze()
+    }
+
     /// Test hook: a freeze asked for by ``freezeLoop(for:)`` or ``freezeThreads(for:)`` is pending or under way.
     @_spi(Testing) public var isFrozen: Bool { core.isFrozen }
 

@@ -18,7 +18,7 @@ extension NodeDriver {
             case .exit:
                 return
             case .hold(let duration):
-                Self.hold(duration)
+                hold(duration, releasedAfter: .milliseconds(100), waitingOn: watchdogSignal)
                 state.withLock { $0.holding -= 1 }
             case .sleep(let deadline, let generation):
                 watchdogSignal.wait(timeout: deadline.map { ContinuousClock.now.duration(to: $0) })

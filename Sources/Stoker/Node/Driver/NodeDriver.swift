@@ -41,9 +41,11 @@ final class NodeDriver: Sendable {
         var witnessBackendPID: Int32?
         var exitWaiters: [CheckedContinuation<Void, Never>] = []
         var resignWaiters: [String: CheckedContinuation<Void, Never>] = [:]
-        /// Test hooks: threads held right now, and holds of the session thread begun so far.
+        /// Test hooks: threads held right now, holds of the session thread begun so far, and when holds were last
+        /// released early (``NodeDriver/releaseFreeze()``).
         var holding = 0
         var sessionHolds = 0
+        var freezeReleasedAt: ContinuousClock.Instant?
     }
 
     let state: Mutex<Locked>
@@ -348,6 +350,14 @@ final class NodeDriver: Sendable {
         watchdogSignal.signal()
     }
 
+    /// Ends the holds under way now: the session thread's at once, the watchdog's 100 ms later (the order of
+    /// ``freezeThreads(for:)``). A hold that begins after this call lasts its whole duration.
+    func releaseFreeze() {
+        state.withLock { $0.freezeReleasedAt = .now }
+        sessionSignal.signal()
+        watchdogSignal.signal()
+    }
+
     /// A freeze is pending or under way.
     var isFrozen: Bool {
         state.withLock { $0.machine.freeze != nil || $0.machine.watchdogFreeze != nil || $0.holding > 0 }
@@ -360,13 +370,23 @@ final class NodeDriver: Sendable {
     var backendPID: Int32? { state.withLock { $0.backendPID } }
     var witnessBackendPID: Int32? { state.withLock { $0.witnessBackendPID } }
 
-    /// Blocks the calling thread for `duration`, touching nothing (a test hook's hold).
-    static func hold(_ duration: Duration) {
-        var remaining = timespec(
-            tv_sec: Int(duration.components.seconds),
-            tv_nsec: Int(duration.components.attoseconds / 1_000_000_000))
-        var left = timespec()
-        while nanosleep(&remaining, &left) != 0 && errno == EINTR { remaining = left }
+    /// Blocks the calling thread for `duration`, touching nothing of the node (a test hook's hold) — or until `lag`
+    /// after ``releaseFreeze()``, when that comes first. Waits on `signal`, which anything may raise: only the
+    /// deadline or a release ends the hold, and a signal it took is raised again for the thread's next wait (as if it
+    /// had slept through it).
+    func hold(_ duration: Duration, releasedAfter lag: Duration, waitingOn signal: WakeSignal) {
+        let start = ContinuousClock.now
+        var signalled = false
+        defer { if signalled { signal.signal() } }
+        while true {
+            var end = start + duration
+            if let released = state.withLock({ $0.freezeReleasedAt }), released >= start {
+                end = min(end, released + lag)
+            }
+            let now = ContinuousClock.now
+            if now >= end { return }
+            if signal.wait(timeout: now.duration(to: end)) { signalled = true }
+        }
     }
 
     /// This machine's host name (`nil` if `gethostname(2)` failed): the nodes table's `host`, and the default node

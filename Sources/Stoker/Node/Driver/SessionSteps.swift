@@ -178,7 +178,7 @@ extension NodeDriver {
                 continue
             case .hold(let duration):
                 // Held where the thread would sleep in poll(2), so on resuming it reads the socket first.
-                Self.hold(duration)
+                hold(duration, releasedAfter: .zero, waitingOn: sessionSignal)
                 state.withLock { $0.holding -= 1 }
                 continue
             }
