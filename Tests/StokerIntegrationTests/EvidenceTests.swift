@@ -148,7 +148,9 @@ struct EvidenceTests {
     func restartWhileHeld() async throws {
         try await TestPostgres.withPrivate { postgres in
             try await postgres.withDatabase { database in
-                try await withThreeNodes(database) { history, all, leader in
+                // A lease far above the time a restart takes on a loaded host (15 s was outrun once), so that beginning
+                // within the bound below can only be the acknowledgement's doing.
+                try await withThreeNodes(database, lease: .seconds(60)) { history, all, leader in
                     // Every session ends with the restart, the witness too: a free node lock proves nothing on the new
                     // server. The others re-join at once; the held leader re-joins (its acknowledgement) only after.
                     let hold = Duration.seconds(2)
@@ -168,8 +170,8 @@ struct EvidenceTests {
                         entries.first { $0.node == leader.name && $0.isDemotion && $0.at > restarted })
                     let ended = try #require(demotion.endedAt)
                     #expect(next.at >= ended, "the successor began \(ended - next.at) before the old leader ended")
-                    // The acknowledgement, not the lease (20 s), let it begin.
-                    #expect(next.at - restarted < .seconds(15), "began \(next.at - restarted) after the restart")
+                    // The acknowledgement, not the lease (60 s), let it begin.
+                    #expect(next.at - restarted < .seconds(40), "began \(next.at - restarted) after the restart")
                     for node in all { try await node.stop() }
                     history.check(complete: true)
                 }
@@ -202,7 +204,9 @@ struct EvidenceTests {
     @Test("a predecessor that joined another server instance and re-joins: its acknowledgement is the evidence")
     func otherServerAcknowledged() async throws {
         try await withTestDatabase { database in
-            try await withThreeNodes(database) { history, all, leader in
+            // A lease far above the time a re-join takes on a loaded host, so that beginning within the bound below can
+            // only be the acknowledgement's doing.
+            try await withThreeNodes(database, lease: .seconds(60)) { history, all, leader in
                 let incarnation = try #require(leader.node.member?.id)
                 try await Self.joinedAnotherInstance(incarnation, in: database)
                 let killed = ContinuousClock.now
@@ -215,7 +219,7 @@ struct EvidenceTests {
                 let acknowledged = try await database.admin(
                     "SELECT count(*) FROM stoker.nodes WHERE replaces = \(incarnation)")
                 #expect(acknowledged == [["1"]])
-                #expect(next.at - killed < .seconds(10), "began \(next.at - killed) after the kill, not on the ack")
+                #expect(next.at - killed < .seconds(40), "began \(next.at - killed) after the kill, not on the ack")
                 for node in all { try await node.stop() }
                 history.check(complete: true)
             }
