@@ -140,7 +140,9 @@ struct ActivatorTests {
                 let history = History()
                 try await withNodes { nodes in
                     let a = nodes.add(
-                        try TestNode("a", database: database, elections: ["e"], history: history, validity: validity))
+                        try TestNode(
+                            "a", database: database, elections: ["e"], history: history, validity: validity,
+                            configure: TestNode.steady))
                     // A witness election on the same node, always valid: once it has seen b come and go, the
                     // election under test has been told too (one thread queues both), so "nothing" is observed.
                     let witness = try Activator(
@@ -150,7 +152,9 @@ struct ActivatorTests {
                         History.leaders(entries, election: "e") == ["a"]
                             && History.leaders(entries, election: "witness") == ["a"]
                     }
-                    let b = nodes.add(try TestNode("b", database: database, elections: [], history: history))
+                    let b = nodes.add(
+                        try TestNode(
+                            "b", database: database, elections: [], history: history, configure: TestNode.steady))
                     try await waitForMembers(2, in: database)
                     try await b.stop()
                     try await history.wait("the witness saw b come and go") { entries in

@@ -254,6 +254,12 @@ final class TestNode: Sendable {
         return configuration
     }
 
+    /// For tests that check exact event sequences and wait for no lease: a lease far above any stall of a loaded test
+    /// host (seen: several seconds in a parallel suite with a busy loop per core). Under the 2 s lease such a stall
+    /// loses a session — a legitimate re-join, reported as a new incarnation's `node_down` and `node_up`, and a lease
+    /// expiry as a demotion — which changes the sequence those tests expect.
+    static func steady(_ configuration: inout StokerNode.Configuration) { configuration.lease = .seconds(30) }
+
     init(
         _ name: String,
         database: TestDatabase,

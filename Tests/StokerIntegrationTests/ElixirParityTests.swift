@@ -7,16 +7,12 @@ import Testing
 /// sees on one and two nodes.
 @Suite("Parity with the Elixir library stoker")
 struct ElixirParityTests {
-    /// A lease far above any stall of a loaded test host (seen: 9 s in a parallel suite with a busy loop per core): these
-    /// tests check the Elixir library's exact event sequences, which a session lost to a stall (a legitimate re-join,
-    /// reported as a new incarnation) would change. Nothing here waits for a lease.
-    static func steady(_ configuration: inout StokerNode.Configuration) { configuration.lease = .seconds(30) }
-
     @Test("a lone node's behaviour sees [nowLeader], then shutdown appended")
     func loneNode() async throws {
         try await withTestDatabase { database in
             let history = History()
-            let node = try TestNode("a", database: database, elections: ["e"], history: history, configure: Self.steady)
+            let node = try TestNode(
+                "a", database: database, elections: ["e"], history: history, configure: TestNode.steady)
             try await history.wait("a leads") { History.count($0, .nowLeader) == 1 }
             let snapshot = node.activators[0].dump()
             #expect(snapshot.role == .leader)
@@ -45,9 +41,11 @@ struct ElixirParityTests {
             let history = History()
             try await withNodes { nodes in
                 let a = nodes.add(
-                    try TestNode("a", database: database, elections: ["e"], history: history, configure: Self.steady))
+                    try TestNode(
+                        "a", database: database, elections: ["e"], history: history, configure: TestNode.steady))
                 let b = nodes.add(
-                    try TestNode("b", database: database, elections: ["e"], history: history, configure: Self.steady))
+                    try TestNode(
+                        "b", database: database, elections: ["e"], history: history, configure: TestNode.steady))
                 try await history.wait("one leads") { History.count($0, .nowLeader) == 1 }
                 let first = try #require(History.leaders(history.entries, election: "e").first)
                 let (leader, other) = first == "a" ? (a, b) : (b, a)
@@ -73,9 +71,9 @@ struct ElixirParityTests {
                 // is the follower leaving (in the Elixir library's tests the nodes were connected before the
                 // activators started).
                 let a = nodes.add(
-                    try TestNode("a", database: database, elections: [], history: history, configure: Self.steady))
+                    try TestNode("a", database: database, elections: [], history: history, configure: TestNode.steady))
                 let b = nodes.add(
-                    try TestNode("b", database: database, elections: [], history: history, configure: Self.steady))
+                    try TestNode("b", database: database, elections: [], history: history, configure: TestNode.steady))
                 try await waitForMembers(2, in: database)
                 let activators = try [a, b].map { node in
                     try Activator(election: "e", node: node.node, behaviour: RecordingBehaviour(history: history))
@@ -115,11 +113,11 @@ struct ElixirParityTests {
                 let a = nodes.add(
                     try TestNode(
                         "a", database: database, elections: ["e"], history: history, timer: .milliseconds(20),
-                        configure: Self.steady))
+                        configure: TestNode.steady))
                 let b = nodes.add(
                     try TestNode(
                         "b", database: database, elections: ["e"], history: history, timer: .milliseconds(20),
-                        configure: Self.steady))
+                        configure: TestNode.steady))
                 try await history.wait("one node leads and both get timers") { entries in
                     History.count(entries, .nowLeader) == 1
                         && History.count(entries, .timer, node: "a") >= 5
