@@ -41,9 +41,6 @@ struct ProtocolStatements: Sendable {
     let heartbeatAndTry: String
     /// `$1` node id → whether the node lock was taken (session level: it outlives the transaction).
     let lockNode: String
-    /// → how many times the tables a takeover reads (`nodes`, `elections`, `term_band`) were vacuumed or analyzed, by
-    /// the server's statistics (NULL without any): each time invalidates every session's plans of their statements.
-    let maintenanceCount: String
     /// `$1` node id, `$2` whether to try the sweeper token: the heartbeat that renews the lease → rows renewed (0: the
     /// row is gone), whether it took the sweeper token (or NULL).
     let heartbeat: String
@@ -81,7 +78,9 @@ struct ProtocolStatements: Sendable {
     let acknowledged: String
     /// Calls the term bump's functions for election 0 and node 0, which never exist (ids start at 1): no row is
     /// touched, no lock is left held (`await_predecessor` takes and gives back lock 0 at once), and the session has
-    /// them compiled and planned before its first takeover.
+    /// them compiled and planned before its first takeover. Its first column, read before anything is planned: how many
+    /// times the tables a takeover reads (`nodes`, `elections`, `term_band`) were vacuumed or analyzed, by the server's
+    /// statistics (NULL without any) — each time invalidates every session's plans of their statements.
     let warmUp: String
     /// `$1` cluster id → the `id`s of two new election rows for the join's rehearsal of a takeover (see
     /// ``NodeDriver/rehearseTakeovers(on:_:clusterID:)``); run only inside a transaction that is rolled back.
@@ -167,7 +166,7 @@ struct ProtocolStatements: Sendable {
         let sweeperToken = "pg_try_advisory_lock(\(ns), -2147483648)"
         // How many times the tables a takeover reads were vacuumed or analyzed (the server's statistics): each time
         // invalidates every session's plans of their statements, rehearsed at join (see NodeStateMachine.Step.rehearse).
-        // Read by the join and by the waiters' heartbeats only: a waiter is who takes over, and an idle cluster has
+        // Read by the warm-up and by the waiters' heartbeats only: a waiter is who takes over, and an idle cluster has
         // one per election.
         let maintenance = """
             (SELECT sum(pg_stat_get_vacuum_count(c.oid) + pg_stat_get_autovacuum_count(c.oid)
@@ -175,7 +174,6 @@ struct ProtocolStatements: Sendable {
                FROM pg_class c
               WHERE c.relnamespace = \(ns)::oid AND c.relname IN ('nodes', 'elections', 'term_band'))
             """
-        maintenanceCount = "SELECT \(maintenance)"
         // The key of the waiter token of election `$1` (claim_waiter's: −2^30 − id).
         let waiterToken = "\(ns), -1073741824 - ($1::int4)"
         heartbeat = """
@@ -219,9 +217,10 @@ struct ProtocolStatements: Sendable {
         awaitPredecessor = "SELECT \(s).await_predecessor(\(ns), $1, $2, $3, $4, $5, $6)"
         beginTerm = "SELECT \(s).begin_term($1, $2, $3, $4)"
         acknowledged = "SELECT EXISTS (SELECT FROM \(s).nodes WHERE replaces = $1)"
+        // The count first: it is read before anything is planned.
         warmUp = """
-            SELECT (SELECT count(*) FROM \(s).take_term(\(ns), 0, 0, '', 0)), \(s).begin_term(0, 0, 0, ''),
-                   \(s).await_predecessor(\(ns), 0, 1, 0, 0, 0, '')
+            SELECT \(maintenance), (SELECT count(*) FROM \(s).take_term(\(ns), 0, 0, '', 0)),
+                   \(s).begin_term(0, 0, 0, ''), \(s).await_predecessor(\(ns), 0, 1, 0, 0, 0, '')
             """
         insertRehearsal = """
             INSERT INTO \(s).elections (cluster_id, name)

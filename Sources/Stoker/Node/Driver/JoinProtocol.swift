@@ -5,7 +5,7 @@
 #endif
 
 /// Joining the cluster on a new session: migrations, both sessions' settings, the cluster row, `LISTEN`, the node row
-/// and its lock on the witness, the members — then the machine is told (``NodeStateMachine/joined(nodeID:members:deadlockTimeout:now:)``).
+/// and its lock on the witness, the members — then the machine is told (``NodeStateMachine/joined(nodeID:members:deadlockTimeout:maintenance:now:)``).
 extension NodeDriver {
     func join(_ context: inout SessionContext) throws {
         let connection = context.connection
@@ -37,16 +37,9 @@ extension NodeDriver {
         // A wait shorter than deadlock_timeout never runs the server's deadlock check (nor, with log_lock_waits,
         // logs a line).
         let deadlockTimeout = try connection.execute(ProtocolStatements.deadlockTimeoutQuery).singleRow().int(0)
-        // Read before the rehearsal: a vacuum or an analyze from now on invalidates what it plans, and the session
-        // rehearses again once a heartbeat sees the count move.
-        let maintenanceCount = try connection.execute(statements.maintenanceCount).singleRow().optionalInt(0)
-            .map(Int64.init)
-        // PL/pgSQL compiles a function, and plans its statements, at its first call in a session: 5-7 ms for the term
-        // bump's functions, measured. Paid here, not in the middle of a failover.
-        try connection.execute(statements.warmUp)
         for statement in statements.servingStatements { try connection.prepare(statement) }
         try context.witness.prepare(statements.witnessHeartbeat)
-        try rehearseTakeovers(on: connection, statements, clusterID: context.clusterID)
+        let maintenanceCount = try warmUpAndRehearse(on: connection, statements, clusterID: context.clusterID)
         let clusterID = context.clusterID
         let witness = context.witness
         let mainPID = connection.protocolBackendPID
@@ -89,6 +82,26 @@ extension NodeDriver {
                 maintenance: maintenanceCount, now: .now)
         }
         watchdogSignal.signal()
+    }
+
+    /// The warm-up and the rehearsal of a takeover, on a session whose serving statements are prepared: at the join,
+    /// and again after a vacuum (``NodeStateMachine/Step/rehearse``). Returns how many times the tables a takeover
+    /// reads had been vacuumed or analyzed, read by the warm-up before it planned anything: a vacuum or an analyze from
+    /// then on invalidates what these plan, and the session rehearses again once a heartbeat sees the count move.
+    func warmUpAndRehearse(
+        on connection: PGConnection, _ statements: ProtocolStatements, clusterID: Int
+    ) throws(StokerError) -> Int64? {
+        // PL/pgSQL compiles a function, and plans its statements, at its first call in a session: 5-7 ms for the term
+        // bump's functions, measured. Paid here, not in the middle of a failover.
+        let maintenance = try connection.execute(statements.warmUp).singleRow().optionalInt(0).map(Int64.init)
+        do {
+            try rehearseTakeovers(on: connection, statements, clusterID: clusterID)
+        } catch let error as StokerError {
+            throw error
+        } catch {
+            throw StokerError(.unexpectedResult, "The rehearsal of a takeover failed: \(error)")
+        }
+        return maintenance
     }
 
     /// Runs both kinds of takeover once, start to end, on election rows of the rehearsal's own, in a transaction that

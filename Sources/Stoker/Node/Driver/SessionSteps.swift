@@ -66,14 +66,8 @@ extension NodeDriver {
                     then: "the next takeover plans its statements itself; it is rehearsed again after the next vacuum",
                     meanwhile: "the next takeover plans its statements itself"
                 ) { () throws(StokerError) in
-                    try connection.execute(statements.warmUp)
-                    do {
-                        try rehearseTakeovers(on: connection, statements, clusterID: context.clusterID)
-                    } catch let error as StokerError {
-                        throw error
-                    } catch {
-                        throw StokerError(.unexpectedResult, "The rehearsal of a takeover failed: \(error)")
-                    }
+                    // The heartbeat that made it due has set the mark already.
+                    _ = try warmUpAndRehearse(on: connection, statements, clusterID: context.clusterID)
                 }
                 reply = .rehearsed
             case .sweep:
