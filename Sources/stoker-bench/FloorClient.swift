@@ -74,18 +74,16 @@ struct FloorClient: ParsableCommand {
         let session = all[0]
         let second = key + 1
 
-        guard var grantedAt = waitInQueue(session, key: key, stop: stop) else {
+        // With two sessions, the predecessor's second one holds `second` until it is gone too; then it moves to ours
+        // (nobody else waits for it: the other candidates wait for `key`, which this session holds).
+        var granted: Double?
+        for each in all.count == 2 ? [key, second] : [key] {
+            granted = waitInQueue(session, key: each, stop: stop)
+            if granted == nil { break }
+        }
+        guard let grantedAt = granted else {
             emit(["\"event\":\"shutdown\"", "\"reason\":\"graceful_shutdown\""], node: node)
             return
-        }
-        if all.count == 2 {
-            // The predecessor's second session holds it until it is gone too; then it moves to ours (nobody else
-            // waits for it: the other candidates wait for `key`, which this session holds).
-            guard let both = waitInQueue(session, key: second, stop: stop) else {
-                emit(["\"event\":\"shutdown\"", "\"reason\":\"graceful_shutdown\""], node: node)
-                return
-            }
-            grantedAt = both
         }
         let term = (try? session.value("SELECT nextval('stoker_bench_floor_term')")).flatMap { Int($0) } ?? 0
         emit(["\"event\":\"now_leader\"", "\"term\":\(term)"], node: node, at: grantedAt)
