@@ -45,3 +45,13 @@ func pauseBriefly() async {
         _ = try? await onDedicatedThread { usleep(25_000) }
     }
 }
+
+/// Runs CPU-bound `work` (a test's thousands of state-machine steps) on a thread of its own and returns its result.
+///
+/// The cooperative pool has one thread per core: a synchronous test that computes for seconds on it delays every
+/// other test's timers and continuations by as long, and on a loaded host that turned other tests' generous
+/// wall-clock bounds into failures. Run the computation here and make the test's assertions on what it returns:
+/// `#expect` and `Issue.record` need the test's task, which this thread does not have.
+public func computedOnOwnThread<T: Sendable>(_ work: @escaping @Sendable () -> T) async throws -> T {
+    try await onDedicatedThread(work)
+}

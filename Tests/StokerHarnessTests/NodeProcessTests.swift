@@ -38,7 +38,8 @@ struct NodeProcessTests {
 
     @Test("waitForLine and waitForExit time out loudly, with the output so far; the process keeps running")
     func timeouts() async throws {
-        let process = try await NodeProcess.start(["/bin/sh", "-c", "echo begun; echo oops >&2; exec sleep 30"])
+        // The process outlives any stall of a loaded host by far, so "still running" below is the property itself.
+        let process = try await NodeProcess.start(["/bin/sh", "-c", "echo begun; echo oops >&2; exec sleep 600"])
         _ = try await process.waitForLine(timeout: .seconds(30)) { $0.text == "begun" }
         let clock = ContinuousClock()
         let begun = clock.now
@@ -46,7 +47,9 @@ struct NodeProcessTests {
             try await process.waitForLine(timeout: .milliseconds(300)) { $0.text == "never" }
         }
         #expect(clock.now - begun >= .milliseconds(300))
-        #expect(clock.now - begun < .seconds(10))
+        // A wait that ignored its timeout would end with the process, 600 s on, and as `.exited`: the reason below is
+        // what tells them apart; this bound only fails such a wait loudly, far above any stall of a loaded host.
+        #expect(clock.now - begun < .seconds(120))
         #expect(error?.reason == .timedOut)
         #expect(error?.message.contains("begun") == true)
         #expect(error?.message.contains("still running") == true)

@@ -33,6 +33,22 @@ struct ConnectionConfigurationTests {
         #expect(configuration.redactedDescription.contains("dbname='my db'"))
     }
 
+    @Test("a default is added only where the string sets nothing: its connect_timeout wins over the default 10 s")
+    func defaultsKeepTheString() throws {
+        let defaults: [(keyword: String, value: String, environment: String?)] = [
+            ("connect_timeout", "10", "STOKER_TEST_VARIABLE_NEVER_SET"),
+            ("keepalives_idle", "5", nil),
+        ]
+        let set = try ConnectionConfiguration("host=h connect_timeout=2").addingDefaults(defaults)
+        #expect(set.value(for: "connect_timeout") == "2")
+        #expect(set.value(for: "keepalives_idle") == "5")
+        #expect(set.options.filter { $0.keyword == "connect_timeout" }.count == 1)
+        let unset = try ConnectionConfiguration("host=h").addingDefaults(defaults)
+        #expect(unset.value(for: "connect_timeout") == "10")
+        // What the user wrote is what a description shows.
+        #expect(!unset.redactedDescription.contains("connect_timeout"))
+    }
+
     @Test("an empty string is valid: libpq takes everything from PG* variables")
     func empty() throws {
         let configuration = try ConnectionConfiguration("")

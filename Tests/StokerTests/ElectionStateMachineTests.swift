@@ -524,32 +524,39 @@ struct ElectionStateMachineTests {
         }
     }
 
-    @Test("random walks from follower keep every invariant")
-    func randomWalks() {
+    /// What the walks found: the pairs of state shape and input reached, how leaders began, the walks that broke an
+    /// invariant, and the first three of those with their traces.
+    struct WalkResults: Sendable {
         var covered: Set<String> = []
         var totalStarts = 0
         var evidenceStarts = 0
         var walksWithdrawn = 0
         var failedWalks = 0
-        for walk in 0..<Self.walkCount {
+        var reports: [String] = []
+    }
+
+    /// Runs every walk, off the cooperative pool (see `computedOnOwnThread`).
+    static func walkAll() -> WalkResults {
+        var results = WalkResults()
+        for walk in 0..<walkCount {
             let seed = 0x5EED_0000 &+ UInt64(walk)
             var rng = SplitMix64(seed: seed)
             var machine = Machine()
             var checker = WalkChecker()
             var nextTerm: Int64 = 0
             var trace: [String] = []
-            for step in 0..<Self.walkLength {
-                let input = Self.randomInput(&rng, nextTerm: &nextTerm)
+            for step in 0..<walkLength {
+                let input = randomInput(&rng, nextTerm: &nextTerm)
                 let before = machine
                 let action = input.apply(to: &machine)
-                trace.append("\(before.state) + \(input) → \(Self.describe(action)), \(machine.state)")
-                covered.insert("\(Self.shape(before.state)) + \(Self.shape(input))")
+                trace.append("\(before.state) + \(input) → \(describe(action)), \(machine.state)")
+                results.covered.insert("\(shape(before.state)) + \(shape(input))")
                 let broken = checker.check(before: before, input: input, action: action, after: machine)
                 if !broken.isEmpty {
                     // Stop this walk at its first violation; report the first few walks in full.
-                    failedWalks += 1
-                    if failedWalks <= 3 {
-                        Issue.record(
+                    results.failedWalks += 1
+                    if results.failedWalks <= 3 {
+                        results.reports.append(
                             """
                             seed \(seed), step \(step): \(broken.joined(separator: "; "))
                             \(trace.joined(separator: "\n"))
@@ -559,10 +566,19 @@ struct ElectionStateMachineTests {
                     break
                 }
             }
-            totalStarts += checker.startCount
-            evidenceStarts += checker.evidenceStartCount
-            if machine.state == .withdrawn { walksWithdrawn += 1 }
+            results.totalStarts += checker.startCount
+            results.evidenceStarts += checker.evidenceStartCount
+            if machine.state == .withdrawn { results.walksWithdrawn += 1 }
         }
+        return results
+    }
+
+    @Test("random walks from follower keep every invariant")
+    func randomWalks() async throws {
+        let results = try await computedOnOwnThread { Self.walkAll() }
+        let (covered, totalStarts, evidenceStarts) = (results.covered, results.totalStarts, results.evidenceStarts)
+        let (walksWithdrawn, failedWalks) = (results.walksWithdrawn, results.failedWalks)
+        for report in results.reports { Issue.record("\(report)") }
         #expect(failedWalks == 0, "\(failedWalks) of \(Self.walkCount) walks broke an invariant")
         // The walks really explore the machine: every state shape meets every input, leaders come and go, by either
         // way in.
@@ -573,8 +589,8 @@ struct ElectionStateMachineTests {
     }
 
     @Test("a walk is reproducible from its seed")
-    func walksAreDeterministic() {
-        func run(_ seed: UInt64) -> [Action] {
+    func walksAreDeterministic() async throws {
+        @Sendable func run(_ seed: UInt64) -> [Action] {
             var rng = SplitMix64(seed: seed)
             var machine = Machine()
             var nextTerm: Int64 = 0
@@ -582,8 +598,9 @@ struct ElectionStateMachineTests {
                 Self.randomInput(&rng, nextTerm: &nextTerm).apply(to: &machine)
             }
         }
-        #expect(run(42) == run(42))
-        #expect(run(42) != run(43))
+        let runs = try await computedOnOwnThread { [run(42), run(42), run(43)] }
+        #expect(runs[0] == runs[1])
+        #expect(runs[0] != runs[2])
     }
 
     /// The state with its term forgotten, to count pairs reached in walks against the table's 9 × 10.

@@ -29,22 +29,29 @@ struct NodeStateMachineWalkTests {
     static let walkCount = 200
     static let walkLength = 400
 
-    @Test("random walks with a simulated driver keep every invariant, and every walk stops cleanly")
-    func randomWalks() {
+    /// What the walks found: their coverage, the seeds that broke an invariant, and the first three of those
+    /// replayed with their traces.
+    struct Results: Sendable {
         var coverage = NodeWorld.Coverage()
         var failedSeeds: [UInt64] = []
-        for walk in 0..<Self.walkCount {
+        var reports: [String] = []
+    }
+
+    /// Runs every walk: thousands of steps, computed off the cooperative pool (see `computedOnOwnThread`).
+    static func walkAll() -> Results {
+        var results = Results()
+        for walk in 0..<walkCount {
             let seed = 0x4E0D_0000 &+ UInt64(walk)
             var world = NodeWorld(seed: seed)
-            world.run(steps: Self.walkLength)
-            coverage.add(world.coverage)
+            world.run(steps: walkLength)
+            results.coverage.add(world.coverage)
             guard let violation = world.violation else { continue }
-            failedSeeds.append(seed)
-            if failedSeeds.count <= 3 {
+            results.failedSeeds.append(seed)
+            if results.failedSeeds.count <= 3 {
                 // Replay the seed with its trace (the walk is deterministic).
                 var replay = NodeWorld(seed: seed, tracing: true)
-                replay.run(steps: Self.walkLength)
-                Issue.record(
+                replay.run(steps: walkLength)
+                results.reports.append(
                     """
                     seed 0x\(String(seed, radix: 16)): \(violation)
                     last steps:
@@ -53,6 +60,14 @@ struct NodeStateMachineWalkTests {
                 )
             }
         }
+        return results
+    }
+
+    @Test("random walks with a simulated driver keep every invariant, and every walk stops cleanly")
+    func randomWalks() async throws {
+        let results = try await computedOnOwnThread { Self.walkAll() }
+        let (coverage, failedSeeds) = (results.coverage, results.failedSeeds)
+        for report in results.reports { Issue.record("\(report)") }
         #expect(
             failedSeeds.isEmpty,
             """
@@ -81,15 +96,16 @@ struct NodeStateMachineWalkTests {
     }
 
     @Test("a walk is reproducible from its seed")
-    func walksAreDeterministic() {
-        func trace(_ seed: UInt64) -> [String] {
+    func walksAreDeterministic() async throws {
+        @Sendable func trace(_ seed: UInt64) -> [String] {
             var world = NodeWorld(seed: seed, tracing: true)
             world.run(steps: 100)
             // Instants print as offsets from the walk's base instant, so two runs compare.
             return world.trace
         }
-        #expect(trace(42) == trace(42))
-        #expect(trace(42) != trace(43))
+        let traces = try await computedOnOwnThread { [trace(42), trace(42), trace(43)] }
+        #expect(traces[0] == traces[1])
+        #expect(traces[0] != traces[2])
     }
 }
 
