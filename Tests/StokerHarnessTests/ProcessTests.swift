@@ -43,9 +43,9 @@ struct ProcessTests {
     func timeout() async throws {
         let started = ContinuousClock.now
         let error = await #expect(throws: TestPostgresError.self) {
-            try await runProcess(["/bin/sh", "-c", "echo begun; exec sleep 600"], timeout: .milliseconds(300))
+            try await runProcess(["/bin/sh", "-c", "echo begun; exec sleep 300"], timeout: .milliseconds(300))
         }
-        // Killed, not waited for: back long before the 600 s the process would have run (a loaded host can take
+        // Killed, not waited for: back long before the 300 s the process would have run (a loaded host can take
         // seconds to schedule the kill and the reads; the property is that it did not wait).
         #expect(ContinuousClock.now - started < .seconds(120))
         #expect(error?.message.contains("SIGKILL") == true)
@@ -55,11 +55,11 @@ struct ProcessTests {
     @Test("cancelling the task kills the process")
     func cancellation() async throws {
         let started = ContinuousClock.now
-        let task = Task { try await runProcess(["/bin/sleep", "600"]) }
+        let task = Task { try await runProcess(["/bin/sleep", "300"]) }
         try await Task.sleep(for: .milliseconds(200))
         task.cancel()
         await #expect(throws: CancellationError.self) { try await task.value }
-        // Killed, not waited for: back long before the 600 s the process would have run.
+        // Killed, not waited for: back long before the 300 s the process would have run.
         #expect(ContinuousClock.now - started < .seconds(120))
     }
 

@@ -54,9 +54,9 @@ struct ConnectionTests {
         let elapsed = start.duration(to: clock.now)
         #expect(error?.code == .connectionTimeout)
         expectNoSecret(error, Self.secret)
-        // Without connect_timeout libpq would wait for the silent host forever; the bound fails a wait far longer than
-        // the 2 s asked for, loudly, and leaves room for a stall of a loaded host (one took 13.9 s). That the string's
-        // connect_timeout wins over the default of 10 s is a unit test of the configuration, not a timing.
+        // The bound fails a wait far longer than the 2 s asked for, loudly, and leaves room for a stall of a loaded host
+        // (one took 13.9 s). It cannot tell the string's 2 s from the default a session adds when the string sets none
+        // (10 s): that the string's value wins is a unit test of the configuration (`addingDefaults`), not a timing.
         #expect(elapsed < .seconds(60), "took \(elapsed)")
         withExtendedLifetime(silent) {}
     }
