@@ -26,7 +26,12 @@ func startDetachedThread(_ body: @escaping @Sendable () -> Void) throws {
 
 /// Runs blocking `work` (libpq, waitpid, usleep) on a dedicated thread and resumes the caller with its
 /// result, so the two-thread cooperative pool is never blocked.
-func onDedicatedThread<T: Sendable>(_ work: @escaping @Sendable () throws -> T) async throws -> T {
+///
+/// CPU-bound test work (thousands of state-machine steps) belongs here too: computing for seconds on the pool, which
+/// has one thread per core, delays every other test's timers and continuations by as long, and on a loaded host that
+/// turned other tests' generous wall-clock bounds into failures. Make the test's assertions on what `work` returns:
+/// `#expect` and `Issue.record` need the test's task, which this thread does not have.
+public func onDedicatedThread<T: Sendable>(_ work: @escaping @Sendable () throws -> T) async throws -> T {
     try await withCheckedThrowingContinuation { continuation in
         do {
             try startDetachedThread { continuation.resume(with: Result { try work() }) }
@@ -44,14 +49,4 @@ func pauseBriefly() async {
     } catch {
         _ = try? await onDedicatedThread { usleep(25_000) }
     }
-}
-
-/// Runs CPU-bound `work` (a test's thousands of state-machine steps) on a thread of its own and returns its result.
-///
-/// The cooperative pool has one thread per core: a synchronous test that computes for seconds on it delays every
-/// other test's timers and continuations by as long, and on a loaded host that turned other tests' generous
-/// wall-clock bounds into failures. Run the computation here and make the test's assertions on what it returns:
-/// `#expect` and `Issue.record` need the test's task, which this thread does not have.
-public func computedOnOwnThread<T: Sendable>(_ work: @escaping @Sendable () -> T) async throws -> T {
-    try await onDedicatedThread(work)
 }

@@ -535,7 +535,7 @@ struct ElectionStateMachineTests {
         var reports: [String] = []
     }
 
-    /// Runs every walk, off the cooperative pool (see `computedOnOwnThread`).
+    /// Runs every walk, off the cooperative pool (see `onDedicatedThread`).
     static func walkAll() -> WalkResults {
         var results = WalkResults()
         for walk in 0..<walkCount {
@@ -575,7 +575,7 @@ struct ElectionStateMachineTests {
 
     @Test("random walks from follower keep every invariant")
     func randomWalks() async throws {
-        let results = try await computedOnOwnThread { Self.walkAll() }
+        let results = try await onDedicatedThread { Self.walkAll() }
         let (covered, totalStarts, evidenceStarts) = (results.covered, results.totalStarts, results.evidenceStarts)
         let (walksWithdrawn, failedWalks) = (results.walksWithdrawn, results.failedWalks)
         for report in results.reports { Issue.record("\(report)") }
@@ -598,7 +598,7 @@ struct ElectionStateMachineTests {
                 Self.randomInput(&rng, nextTerm: &nextTerm).apply(to: &machine)
             }
         }
-        let runs = try await computedOnOwnThread { [run(42), run(42), run(43)] }
+        let runs = try await onDedicatedThread { [run(42), run(42), run(43)] }
         #expect(runs[0] == runs[1])
         #expect(runs[0] != runs[2])
     }

@@ -37,7 +37,7 @@ struct NodeStateMachineWalkTests {
         var reports: [String] = []
     }
 
-    /// Runs every walk: thousands of steps, computed off the cooperative pool (see `computedOnOwnThread`).
+    /// Runs every walk: thousands of steps, computed off the cooperative pool (see `onDedicatedThread`).
     static func walkAll() -> Results {
         var results = Results()
         for walk in 0..<walkCount {
@@ -65,7 +65,7 @@ struct NodeStateMachineWalkTests {
 
     @Test("random walks with a simulated driver keep every invariant, and every walk stops cleanly")
     func randomWalks() async throws {
-        let results = try await computedOnOwnThread { Self.walkAll() }
+        let results = try await onDedicatedThread { Self.walkAll() }
         let (coverage, failedSeeds) = (results.coverage, results.failedSeeds)
         for report in results.reports { Issue.record("\(report)") }
         #expect(
@@ -103,7 +103,7 @@ struct NodeStateMachineWalkTests {
             // Instants print as offsets from the walk's base instant, so two runs compare.
             return world.trace
         }
-        let traces = try await computedOnOwnThread { [trace(42), trace(42), trace(43)] }
+        let traces = try await onDedicatedThread { [trace(42), trace(42), trace(43)] }
         #expect(traces[0] == traces[1])
         #expect(traces[0] != traces[2])
     }
