@@ -53,8 +53,6 @@ struct FloorClient: ParsableCommand {
     func run() throws {
         let stop = try TerminationPipe()
         let node = "floor-\(getpid())"
-        // The first session waits for `key`; a second one holds `key + 1`, which a successor takes (on its first
-        // session) once it holds `key`: it begins only when both of its predecessor's sessions are gone.
         let connections = (0..<sessions).map { _ in PQconnectdb(url) }
         defer { for connection in connections { PQfinish(connection) } }
         var all: [FloorSession] = []
